@@ -1,0 +1,145 @@
+"""Builders for the audit events the gateway emits (PS3.15 A.5.3.x), one function per message
+type so that every part records the same event the same way."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+
+from audit.events import (
+    Action,
+    ActiveParticipant,
+    AuditEvent,
+    AuditSource,
+    Code,
+    EventId,
+    EventType,
+    NetworkAccessPointType,
+    ObjectIdType,
+    Outcome,
+    ParticipantObject,
+    RoleId,
+)
+
+
+def _nap_type(address: str | None) -> NetworkAccessPointType | None:
+    if not address:
+        return None
+    stripped = address.strip("[]")
+    looks_ip = stripped.replace(".", "").isdigit() or ":" in stripped
+    return NetworkAccessPointType.IP_ADDRESS if looks_ip else NetworkAccessPointType.MACHINE_NAME
+
+
+def application(source: AuditSource, ae_title: str, host: str | None, *, requestor: bool, role: Code | None = RoleId.APPLICATION) -> ActiveParticipant:
+    return ActiveParticipant(
+        user_id=ae_title,
+        alternative_user_id=f"AETITLES={ae_title}",
+        user_is_requestor=requestor,
+        role_id=role,
+        network_access_point_id=host,
+        network_access_point_type=_nap_type(host),
+    )
+
+
+def patient_object(patient_id: str, patient_name: str | None) -> ParticipantObject:
+    return ParticipantObject(
+        object_id=patient_id, id_type=ObjectIdType.PATIENT_NUMBER, type_code=1, role=1, name=patient_name
+    )
+
+
+def study_object(study_uid: str, sop_classes: dict[str, int], instances: Sequence[str] = (), accession: str | None = None) -> ParticipantObject:
+    details = {"Accession Number": accession} if accession else {}
+    return ParticipantObject(
+        object_id=study_uid,
+        id_type=ObjectIdType.STUDY_INSTANCE_UID,
+        type_code=2,
+        role=3,
+        sop_classes=dict(sop_classes),
+        instances=tuple(instances),
+        details=details,
+    )
+
+
+def application_activity(
+    source: AuditSource, *, started: bool, process_name: str, host: str | None, when: dt.datetime, user: str | None = None
+) -> AuditEvent:
+    """A.5.3.1 Application Activity: the gateway started or stopped."""
+    participants = [ActiveParticipant(user_id=process_name, user_is_requestor=False, role_id=RoleId.APPLICATION,
+                                      network_access_point_id=host, network_access_point_type=_nap_type(host))]
+    if user:
+        participants.append(ActiveParticipant(user_id=user, user_is_requestor=True, role_id=RoleId.APPLICATION_LAUNCHER))
+    return AuditEvent(
+        event_id=EventId.APPLICATION_ACTIVITY,
+        event_types=(EventType.APPLICATION_START if started else EventType.APPLICATION_STOP,),
+        action=Action.EXECUTE,
+        outcome=Outcome.SUCCESS,
+        occurred_at=when,
+        source=source,
+        participants=tuple(participants),
+    )
+
+
+def security_alert(
+    source: AuditSource,
+    *,
+    event_type: Code,
+    reporter_ae: str,
+    offender_id: str,
+    offender_host: str | None,
+    description: str,
+    when: dt.datetime,
+    outcome: Outcome = Outcome.MINOR_FAILURE,
+) -> AuditEvent:
+    """A.5.3.11 Security Alert, e.g. an association attempt from an unknown node."""
+    return AuditEvent(
+        event_id=EventId.SECURITY_ALERT,
+        event_types=(event_type,),
+        action=Action.EXECUTE,
+        outcome=outcome,
+        outcome_description=description,
+        occurred_at=when,
+        source=source,
+        participants=(
+            ActiveParticipant(user_id=reporter_ae, user_is_requestor=False, role_id=RoleId.APPLICATION),
+            ActiveParticipant(
+                user_id=offender_id,
+                user_is_requestor=True,
+                network_access_point_id=offender_host,
+                network_access_point_type=_nap_type(offender_host),
+            ),
+        ),
+        objects=(
+            ParticipantObject(
+                object_id=offender_host or offender_id, id_type=ObjectIdType.NODE_ID, type_code=2, details={"Alert Description": description}
+            ),
+        ),
+    )
+
+
+def instances_transferred(
+    source: AuditSource,
+    *,
+    action: Action,
+    outcome: Outcome,
+    source_participant: ActiveParticipant,
+    destination_participant: ActiveParticipant,
+    study_uid: str,
+    sop_classes: dict[str, int],
+    instances: Iterable[str],
+    patient_id: str,
+    patient_name: str | None,
+    when: dt.datetime,
+    description: str | None = None,
+    accession: str | None = None,
+) -> AuditEvent:
+    """A.5.3.5 DICOM Instances Transferred (C = first receipt, U = replaced, R = re-sent)."""
+    return AuditEvent(
+        event_id=EventId.INSTANCES_TRANSFERRED,
+        action=action,
+        outcome=outcome,
+        outcome_description=description,
+        occurred_at=when,
+        source=source,
+        participants=(source_participant, destination_participant),
+        objects=(study_object(study_uid, sop_classes, tuple(instances), accession), patient_object(patient_id, patient_name)),
+    )

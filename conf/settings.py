@@ -1,0 +1,195 @@
+"""The one settings object of a Pneumo Gateway process.
+
+Read from a TOML file (``pneumo.toml`` by default) with ``PNEUMO_*`` environment variables on top
+(nested keys with ``__``: ``PNEUMO_DICOM__PORT=11112``). Built once by the CLI and passed down
+explicitly: nothing in the code base reads the environment or the file on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("pneumo.toml")
+
+
+class _Section(BaseModel):
+    """Sections reject unknown keys so that a typo in the TOML file fails loudly at start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    """PS3.5 §6.2: AE titles are 1-16 characters of the default repertoire, no backslash."""
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or not stripped.isascii():
+        raise ValueError(f"not a valid AE title: {value!r}")
+    return stripped
+
+
+class DicomPeer(_Section):
+    """A remote application entity allowed to associate with us (and a C-MOVE destination)."""
+
+    ae_title: str
+    host: str | None = Field(
+        default=None,
+        description="Host name or IP the peer connects from; None accepts the AE title from any host.",
+    )
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class DicomDestination(_Section):
+    """A Storage SCP that receives the reports we create (used by the results workflow)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class DicomSettings(_Section):
+    ae_title: str = "PNEUMO"
+    bind: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    peers: list[DicomPeer] = Field(default_factory=list)
+    destinations: list[DicomDestination] = Field(default_factory=list)
+    max_associations: int = Field(default=32, ge=1)
+    max_pdu: int = Field(
+        default=262144,
+        ge=0,
+        description="Maximum PDU length we advertise (bytes, 0 = unlimited). Large PDUs cut per-PDU "
+        "overhead: the default 16 KiB keeps a Python SCP CPU-bound.",
+    )
+    require_called_ae_title: bool = True
+    on_conflict: Literal["keep", "replace"] = Field(
+        default="keep",
+        description="Same SOP Instance UID with different bytes: keep the first copy or replace it.",
+    )
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> DicomSettings:
+        titles = [p.ae_title for p in self.peers]
+        if len(titles) != len(set(titles)):
+            raise ValueError("dicom.peers: each ae_title may appear only once")
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("dicom.destinations: each name may appear only once")
+        return self
+
+
+class HttpSettings(_Section):
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class StorageSettings(_Section):
+    fsync: bool = Field(
+        default=True,
+        description="fsync files and directories before acknowledging; turn off only for throwaway test data.",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class WorkerSettings(_Section):
+    enabled: bool = Field(default=True, description="Run the job workers inside `pneumo serve`.")
+    threads: int = Field(default=1, ge=0)
+    poll_interval: float = Field(default=0.5, gt=0)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON when stderr is not a terminal."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything a process needs to know, validated at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PNEUMO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path("var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/pneumo.db"
+    )
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    fhir: HttpSettings = Field(default_factory=HttpSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'pneumo.db').as_posix()}"
+
+    @property
+    def dicom_dir(self) -> Path:
+        return self.data_dir / "dicom"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from *config_file* (if given or ``./pneumo.toml`` exists) and env.
+
+    Precedence, highest first: *overrides* (CLI flags), ``PNEUMO_*`` environment, the TOML file,
+    defaults. An explicitly named file that does not exist is an error; the implicit default is
+    optional so that ``pneumo serve`` runs on embedded defaults in an empty folder.
+    """
+    if config_file is None:
+        config_file = DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    elif not config_file.is_file():
+        raise FileNotFoundError(f"configuration file not found: {config_file}")
+
+    toml_path = config_file
+
+    class _Configured(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            return tuple(sources)
+
+    built = _Configured(**dict(overrides or {}))
+    return Settings.model_validate(built.model_dump())

@@ -1,0 +1,285 @@
+"""Durable ingest of one received instance: the C-STORE guarantee of DESIGN.md §3 step 2.
+
+Order of work, chosen so that a crash at any point never leaves an acknowledged instance
+missing and never acknowledges one that is not safe:
+
+1. parse the header and check it matches the request (nothing written yet);
+2. look the SOP Instance UID up (read-only, no lock) to spot duplicates early;
+3. stage the received file next to the store, fsync it, rename it into place, fsync the
+   directory — outside any database lock, so slow disks do not serialise associations;
+4. one transaction: index rows + ``infer`` job + audit record; commit;
+5. only then does the caller answer Success.
+
+A crash after 3 and before 4 leaves a file with no row; the peer got no Success and will resend,
+which overwrites it. A crash after 4 loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from audit.builders import application, instances_transferred
+from audit.events import Action, AuditEvent, AuditSource, Outcome, RoleId
+from audit.store import append as append_audit
+from dicom_node.errors import (
+    CannotUnderstandError,
+    MissingIdentifiersError,
+    OutOfResourcesError,
+    SopClassMismatchError,
+    SopInstanceMismatchError,
+    StoreError,
+)
+from storage.db import Database
+from storage.filestore import FileStore, FileStoreError, StagedFile, StoredFile
+from storage.index import add_instance, find_instance
+from storage.jobs import enqueue, requeue
+from storage.metadata import InstanceMetadata, MetadataError, extract_metadata
+from storage.models import InstanceOrigin, utcnow
+
+log = structlog.get_logger(__name__)
+
+INFER_JOB = "infer"
+
+
+def infer_job_key(sop_instance_uid: str) -> str:
+    return f"{INFER_JOB}:{sop_instance_uid}"
+
+
+class IngestResult(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same UID, same bytes: nothing to do
+    KEPT_EXISTING = "kept-existing"  # same UID, different bytes, policy "keep"
+    REPLACED = "replaced"  # same UID, different bytes, policy "replace"
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What arrived: the Part 10 file written by the network layer and the request's claims."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling: Peer
+    called_ae: str
+
+
+class Ingestor:
+    """Turns a received file into an indexed, queued, audited instance — or a typed error."""
+
+    def __init__(
+        self,
+        database: Database,
+        store: FileStore,
+        audit_source: AuditSource,
+        *,
+        local_host: str | None,
+        on_conflict: str = "keep",
+    ) -> None:
+        self._db = database
+        self._store = store
+        self._audit_source = audit_source
+        self._local_host = local_host
+        self._on_conflict = on_conflict
+
+    def ingest(self, received: ReceivedInstance) -> IngestResult:
+        """Store *received* durably; raises a :class:`StoreError` (already audited) otherwise."""
+        try:
+            return self._ingest(received)
+        except StoreError as exc:
+            self._audit_failure(received, exc)
+            raise
+
+    def _ingest(self, received: ReceivedInstance) -> IngestResult:
+        meta = self._read_header(received)
+        relative_path = self._store.relative_path(
+            meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+        )
+        try:
+            with self._db.read_session() as session:
+                existing = find_instance(session, meta.sop_instance_uid)
+                existing_sha = existing.sha256 if existing is not None else None
+        except SQLAlchemyError as exc:
+            raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
+
+        try:
+            staged = self._store.stage_copy(received.path)
+        except OSError as exc:
+            raise OutOfResourcesError(f"cannot stage file: {exc.strerror}") from exc
+        try:
+            if existing_sha is not None:
+                return self._handle_existing(received, meta, staged, existing_sha, relative_path)
+            return self._store_new(received, meta, staged, relative_path)
+        finally:
+            self._store.discard(staged)  # no-op once committed (renamed away)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _read_header(self, received: ReceivedInstance) -> InstanceMetadata:
+        try:
+            ds = dcmread(received.path, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise CannotUnderstandError(f"dataset cannot be decoded: {exc.__class__.__name__}") from exc
+        try:
+            meta = extract_metadata(ds)
+        except MetadataError as exc:
+            raise MissingIdentifiersError(str(exc)) from exc
+        except Exception as exc:  # a damaged element discovered while reading values
+            raise CannotUnderstandError(f"dataset cannot be decoded: {exc.__class__.__name__}") from exc
+        if meta.sop_class_uid != received.sop_class_uid:
+            raise SopClassMismatchError("SOP Class UID in the dataset differs from the request")
+        if meta.sop_instance_uid != received.sop_instance_uid:
+            raise SopInstanceMismatchError("SOP Instance UID in the dataset differs from the request")
+        return meta
+
+    def _store_new(
+        self, received: ReceivedInstance, meta: InstanceMetadata, staged: StagedFile, relative_path: str
+    ) -> IngestResult:
+        stored = self._commit_file(staged, relative_path)
+        now = utcnow()
+        try:
+            with self._db.session() as session:
+                instance = add_instance(
+                    session,
+                    meta,
+                    transfer_syntax_uid=received.transfer_syntax_uid,
+                    relative_path=stored.relative_path,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    origin=InstanceOrigin.RECEIVED,
+                    calling_ae=received.calling.ae_title,
+                    received_at=now,
+                )
+                enqueue(session, INFER_JOB, infer_job_key(meta.sop_instance_uid), instance_pk=instance.id)
+                append_audit(session, self._transfer_event(received, meta, Action.CREATE, Outcome.SUCCESS, now))
+        except IntegrityError:
+            # Another association stored the same SOP Instance UID between our lookup and insert.
+            with self._db.read_session() as session:
+                winner = find_instance(session, meta.sop_instance_uid)
+            if winner is not None and winner.sha256 == stored.sha256:
+                return IngestResult.DUPLICATE
+            raise OutOfResourcesError("concurrent store of the same SOP Instance UID with other content")
+        except (OperationalError, SQLAlchemyError) as exc:
+            # The row never committed: the file we placed must not masquerade as stored.
+            with contextlib.suppress(OSError):
+                self._store.absolute(relative_path).unlink()
+            raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
+        return IngestResult.STORED
+
+    def _handle_existing(
+        self,
+        received: ReceivedInstance,
+        meta: InstanceMetadata,
+        staged: StagedFile,
+        existing_sha: str,
+        relative_path: str,
+    ) -> IngestResult:
+        now = utcnow()
+        if staged.sha256 == existing_sha:
+            result, action, outcome, note = IngestResult.DUPLICATE, Action.READ, Outcome.SUCCESS, "duplicate of a stored instance"
+        elif self._on_conflict == "replace":
+            result, action, outcome, note = IngestResult.REPLACED, Action.UPDATE, Outcome.SUCCESS, "replaced stored instance with different content"
+        else:
+            result, action, outcome, note = (
+                IngestResult.KEPT_EXISTING, Action.READ, Outcome.MINOR_FAILURE,
+                "different content for a stored SOP Instance UID; kept the stored copy (policy keep)",
+            )
+        stored = self._commit_file(staged, relative_path) if result is IngestResult.REPLACED else None
+        try:
+            with self._db.session() as session:
+                if stored is not None:
+                    instance = find_instance(session, meta.sop_instance_uid)
+                    if instance is not None:
+                        instance.sha256 = stored.sha256
+                        instance.size = stored.size
+                        instance.transfer_syntax_uid = received.transfer_syntax_uid
+                        instance.calling_ae = received.calling.ae_title
+                        instance.updated_at = now
+                        requeue(session, infer_job_key(meta.sop_instance_uid))
+                append_audit(session, self._transfer_event(received, meta, action, outcome, now, note))
+        except SQLAlchemyError as exc:
+            raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
+        log.info("dicom.store.existing", result=str(result), sop_class_uid=meta.sop_class_uid)
+        return result
+
+    def _audit_failure(self, received: ReceivedInstance, exc: StoreError) -> None:
+        """Record a refused C-STORE. Best effort: when the database itself is the problem the
+        record cannot be written, and the failure status to the peer is what matters."""
+        study_uid = "unknown"
+        with contextlib.suppress(Exception):
+            ds = dcmread(received.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            study_uid = str(ds.get("StudyInstanceUID", "unknown"))[:64] or "unknown"
+        event = instances_transferred(
+            self._audit_source,
+            action=Action.CREATE,
+            outcome=Outcome.SERIOUS_FAILURE,
+            source_participant=application(
+                self._audit_source, received.calling.ae_title, received.calling.address, requestor=True, role=RoleId.SOURCE
+            ),
+            destination_participant=application(
+                self._audit_source, received.called_ae, self._local_host, requestor=False, role=RoleId.DESTINATION
+            ),
+            study_uid=study_uid,
+            sop_classes={received.sop_class_uid: 1},
+            instances=(received.sop_instance_uid,),
+            patient_id="",
+            patient_name=None,
+            when=utcnow(),
+            description=f"refused with status 0x{exc.status:04X}: {exc}"[:500],
+        )
+        try:
+            with self._db.session() as session:
+                append_audit(session, event)
+        except SQLAlchemyError:
+            log.error("audit.write_failed", event_id=event.event_id.code)
+
+    def _commit_file(self, staged: StagedFile, relative_path: str) -> StoredFile:
+        try:
+            return self._store.commit(staged, relative_path)
+        except FileStoreError as exc:
+            raise OutOfResourcesError(str(exc)) from exc
+
+    def _transfer_event(
+        self,
+        received: ReceivedInstance,
+        meta: InstanceMetadata,
+        action: Action,
+        outcome: Outcome,
+        when: dt.datetime,
+        description: str | None = None,
+    ) -> AuditEvent:
+        return instances_transferred(
+            self._audit_source,
+            action=action,
+            outcome=outcome,
+            source_participant=application(
+                self._audit_source, received.calling.ae_title, received.calling.address, requestor=True, role=RoleId.SOURCE
+            ),
+            destination_participant=application(
+                self._audit_source, received.called_ae, self._local_host, requestor=False, role=RoleId.DESTINATION
+            ),
+            study_uid=meta.study_instance_uid,
+            sop_classes={meta.sop_class_uid: 1},
+            instances=(meta.sop_instance_uid,),
+            patient_id=meta.patient_id,
+            patient_name=meta.patient_name,
+            accession=meta.accession_number,
+            when=when,
+            description=description,
+        )

@@ -1,0 +1,44 @@
+"""Storage SCP (PS3.4 Annex B): a thin adapter from EVT_C_STORE to :class:`Ingestor`.
+
+pynetdicom runs with ``STORE_RECV_CHUNKED_DATASET``: the dataset arrives as a Part 10 file
+written while the PDUs came in, so a 7 MB radiograph is never decoded or held in memory here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+from pynetdicom.events import Event
+
+from dicom_node.errors import status_for
+from dicom_node.ingest import Ingestor, Peer, ReceivedInstance
+
+log = structlog.get_logger(__name__)
+
+
+def handle_store(event: Event, ingestor: Ingestor) -> int:
+    request = event.request
+    assoc = event.assoc
+    received = ReceivedInstance(
+        path=Path(event.dataset_path),
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        calling=Peer(assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port),
+        called_ae=assoc.acceptor.ae_title,
+    )
+    try:
+        result = ingestor.ingest(received)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status, never success
+        status = status_for(exc)
+        log.warning(
+            "dicom.store.failed",
+            status=f"0x{status:04X}",
+            error=exc.__class__.__name__,
+            detail=str(exc)[:200],
+            sop_class_uid=received.sop_class_uid,
+        )
+        return status
+    log.debug("dicom.store.ok", result=str(result), sop_class_uid=received.sop_class_uid)
+    return 0x0000

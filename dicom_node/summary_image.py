@@ -1,0 +1,343 @@
+"""Build the Secondary Capture "summary image": the radiograph, the heat map and a result banner.
+
+Why a Secondary Capture at all: many PACS viewers cannot render a TID 1500 SR, but every viewer
+shows an image. The SC (PS3.3 A.8.1, SOP Class 1.2.840.10008.5.1.4.1.1.7) repeats the SR's result
+as burned-in text, so a radiologist sees the finding, the certainty, the model and its intended
+use whatever the viewer (DESIGN.md §4). It is secondary: the SR is the machine-readable result.
+
+Design choices:
+
+* The banner is drawn on a strip *above* the image, never over anatomy.
+* The class activation map is min-max scaled, upsampled bilinearly, colour-mapped with a jet-like
+  ramp and blended only where the scaled activation is high (≥ ``HEAT_FLOOR``), so low-activation
+  areas keep their original grey values.
+* By default the heat map is drawn only for a POSITIVE result. A min-max scaled CAM always has a
+  "hottest" region, even when the model says "no pneumonia"; painting it red on a negative study
+  invites reading a finding into it. ``overlay_when_negative=True`` overrides this.
+* The object is uncompressed RGB (Explicit VR Little Endian), the most widely displayable form.
+* UIDs are derived from the source and the model (DESIGN.md §3 step 4) and date/times come from
+  ``result.completed_at`` when set, so rebuilding gives the same object.
+"""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from dicom_node.ai_result import AiResult, ResultObjectError
+from dicom_node.sr import (
+    check_source,
+    content_datetime,
+    contributing_equipment_item,
+    evidence_header,
+    source_utc_offset,
+)
+from storage.uids import derive_uid
+
+#: Largest accepted side of the display image: the SC is a summary, not a diagnostic copy.
+MAX_DISPLAY_SIDE = 1024
+MIN_DISPLAY_SIDE = 64
+#: Scaled activation below which no colour is blended (keeps the anatomy readable).
+HEAT_FLOOR = 0.5
+#: Opacity of the heat map at maximal activation.
+HEAT_MAX_ALPHA = 0.5
+#: PS3.16 CID 7202 "Source Image Purposes of Reference".
+SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+SERIES_DESCRIPTION = "AI pneumonia summary (SC)"
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+_FALLBACKS = {"\u2014": "-", "\u2013": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'}
+
+
+class SummaryImageError(ResultObjectError):
+    """The display image or the source cannot produce a summary image; the message says why."""
+
+
+# --------------------------------------------------------------------------------------- UIDs
+
+
+def sc_series_uid(study_instance_uid: str, result: AiResult) -> str:
+    """Series Instance UID of the summary series: one per study and model version."""
+    return derive_uid("sc-series", study_instance_uid, result.model_id, result.model_version)
+
+
+def sc_instance_uid(source_sop_instance_uid: str, result: AiResult) -> str:
+    """SOP Instance UID of the summary image: a pure function of (source, model id, version)."""
+    return derive_uid("sc", source_sop_instance_uid, result.model_id, result.model_version)
+
+
+# ------------------------------------------------------------------------------------ pixels
+
+
+def check_display_image(image: object) -> npt.NDArray[np.float32]:
+    """A finite 2-D float image in [0, 1] with sides in [64, 1024], returned as float32."""
+    if not isinstance(image, np.ndarray):
+        raise SummaryImageError(
+            f'Argument "display_image" must be a numpy array, got {type(image).__name__}.'
+        )
+    if image.ndim != 2:
+        raise SummaryImageError(f'Argument "display_image" must be 2-D [H, W], got shape {image.shape}.')
+    if not np.issubdtype(image.dtype, np.floating):
+        raise SummaryImageError(f'Argument "display_image" must be floating point, got {image.dtype}.')
+    if min(image.shape) < MIN_DISPLAY_SIDE or max(image.shape) > MAX_DISPLAY_SIDE:
+        raise SummaryImageError(
+            f'Argument "display_image" sides must be within [{MIN_DISPLAY_SIDE}, {MAX_DISPLAY_SIDE}] '
+            f"pixels, got {image.shape}."
+        )
+    if not bool(np.all(np.isfinite(image))):
+        raise SummaryImageError('Argument "display_image" must contain only finite values.')
+    if float(image.min()) < 0.0 or float(image.max()) > 1.0:
+        raise SummaryImageError('Argument "display_image" values must be within [0, 1] (windowed).')
+    return image.astype(np.float32, copy=False)
+
+
+def scale_activation(cam: npt.NDArray[np.float32], shape: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """Min-max scale *cam* to [0, 1] and upsample it bilinearly to *shape* (rows, columns).
+
+    A constant map carries no localisation, so it scales to all zeros (nothing is drawn).
+    """
+    low, high = float(cam.min()), float(cam.max())
+    if high - low <= 1e-12:
+        return np.zeros(shape, dtype=np.float32)
+    scaled = ((cam - low) / (high - low)).astype(np.float32)
+    resized = Image.fromarray(scaled).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.asarray(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0), dtype=np.float32)
+
+
+def jet(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Jet-like colour map: blue -> cyan -> yellow -> red for values in [0, 1], as [.., 3] RGB."""
+    x = values[..., None] * 4.0
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # red, green, blue peaks
+    colours: npt.NDArray[np.float32] = np.clip(1.5 - np.abs(x - centres), 0.0, 1.0).astype(np.float32)
+    return colours
+
+
+def blend_heat_map(
+    gray: npt.NDArray[np.float32], activation: npt.NDArray[np.float32] | None
+) -> npt.NDArray[np.uint8]:
+    """RGB uint8 image: *gray* with the jet-coloured *activation* blended where it is high."""
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if activation is not None:
+        ramp = np.clip((activation - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0)
+        alpha = np.where(activation >= HEAT_FLOOR, 0.15 + (HEAT_MAX_ALPHA - 0.15) * ramp, 0.0)
+        alpha = alpha.astype(np.float32)[..., None]
+        rgb = (1.0 - alpha) * rgb + alpha * jet(activation)
+    return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ banner
+
+
+def banner_lines(result: AiResult, heat_map_drawn: bool) -> list[str]:
+    """The banner text as logical lines (result, then overlay note), before wrapping.
+
+    The intended use is always shown; a research-only model also gets "NOT FOR DIAGNOSTIC USE"
+    unless the statement already says so, because burned-in text is all some viewers will show.
+    """
+    verdict = "POSITIVE" if result.present else "NEGATIVE"
+    head = (
+        f"AI: pneumonia {result.probability_percent:.1f}% ({verdict} at threshold "
+        f"{result.threshold:.2f}) \u2014 {result.model_name} {result.model_version}"
+    )
+    use = result.intended_use.strip()
+    if "research" in use.lower() and NOT_FOR_DIAGNOSTIC_USE.lower() not in use.lower():
+        use = f"{NOT_FOR_DIAGNOSTIC_USE} \u2014 {use}"
+    if result.cam is None:
+        overlay = "No heat map available."
+    elif heat_map_drawn:
+        overlay = "Colour overlay: model attention (class activation map), not a lesion outline."
+    else:
+        overlay = "No heat map shown for a negative result."
+    return [f"{head} \u2014 {use}", overlay]
+
+
+def _glyph(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, char: str) -> bytes:
+    """The rendered bitmap of one character, for comparing glyphs."""
+    canvas = Image.new("L", (64, 64))
+    ImageDraw.Draw(canvas).text((0, 0), char, font=font, fill=255)
+    return canvas.tobytes()
+
+
+def _renderable(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> str:
+    """Replace characters the font has no glyph for (they would render as boxes).
+
+    Pillow's built-in font lacks the em dash, for one; a missing glyph renders exactly like an
+    unassigned code point, which is how it is detected.
+    """
+    missing = _glyph(font, "\uffff")
+    out = []
+    for char in text:
+        if char.isascii() or _glyph(font, char) != missing:
+            out.append(char)
+        else:
+            out.append(_FALLBACKS.get(char, "?"))
+    return "".join(out)
+
+
+def render_banner(lines: list[str], width: int) -> npt.NDArray[np.uint8]:
+    """Draw *lines* wrapped to *width* pixels, white on black, as an RGB uint8 strip.
+
+    Font size scales with the image width (≈ 1/45 of it, at least 12 px) so the text stays
+    legible on both a 512 px and a 1024 px summary.
+    """
+    size = max(12, width // 45)
+    font = ImageFont.load_default(size=size)
+    char_width = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz0123456789") / 36.0)
+    margin = max(4, size // 2)
+    columns = max(10, int((width - 2 * margin) / char_width))
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(_renderable(line, font), width=columns) or [""])
+    line_height = int(size * 1.3)
+    height = 2 * margin + line_height * len(wrapped)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(wrapped):
+        draw.text((margin, margin + index * line_height), line, font=font, fill=(255, 255, 255))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def compose(
+    display_image: npt.NDArray[np.float32], result: AiResult, *, overlay_when_negative: bool = False
+) -> npt.NDArray[np.uint8]:
+    """The full summary raster: banner strip on top of the (heat-mapped) image, RGB uint8."""
+    cam = result.cam if (result.present or overlay_when_negative) else None
+    draw_heat = cam is not None
+    rows, columns = display_image.shape
+    activation = None if cam is None else scale_activation(cam, (rows, columns))
+    picture = blend_heat_map(display_image, activation)
+    banner = render_banner(banner_lines(result, draw_heat), display_image.shape[1])
+    return np.ascontiguousarray(np.concatenate([banner, picture], axis=0))
+
+
+# --------------------------------------------------------------------------------- public API
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2:
+        return None
+    try:
+        return (
+            hd.PatientOrientationValuesBiped(value[0]).value,
+            hd.PatientOrientationValuesBiped(value[1]).value,
+        )
+    except ValueError:
+        return None
+
+
+def _source_image_item(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(SOURCE_FOR_PROCESSING)]
+    return item
+
+
+def build_summary_image(
+    source: Dataset,
+    display_image: npt.NDArray[np.floating],
+    result: AiResult,
+    *,
+    institution_name: str | None = None,
+    series_number: int = 9902,
+    instance_number: int = 1,
+    overlay_when_negative: bool = False,
+) -> Dataset:
+    """Build the Secondary Capture summary of *result* for *source* (PS3.3 A.8.1).
+
+    *display_image* is the source radiograph as the classifier saw it for display: MONOCHROME2
+    orientation (white = dense), windowed to [0, 1], at most 1024 px a side.
+
+    The SC joins the source's study in its own series (Modality OT), references the source in
+    Source Image Sequence (PS3.3 C.7.6.1.1.4) with a Derivation Description, is marked Burned In
+    Annotation YES (the banner is burned in; the conservative value for de-identification tools,
+    even though the banner holds no patient identity) and carries the same single Contributing
+    Equipment item as the SR.
+
+    Raises:
+        SrBuildError: the source cannot be referenced.
+        SummaryImageError: the display image is not usable.
+    """
+    if not isinstance(result, AiResult):
+        raise SummaryImageError(f'Argument "result" must be an AiResult, got {type(result).__name__}.')
+    check_source(source)
+    for name, number in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise SummaryImageError(f'Argument "{name}" must be a positive int, got {number!r}.')
+    gray = check_display_image(display_image)
+    pixels = compose(gray, result, overlay_when_negative=overlay_when_negative)
+
+    header = evidence_header(source)
+    when = content_datetime(source, result)
+    orientation = _patient_orientation(header)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=header.StudyInstanceUID,
+        series_instance_uid=sc_series_uid(header.StudyInstanceUID, result),
+        series_number=series_number,
+        sop_instance_uid=sc_instance_uid(header.SOPInstanceUID, result),
+        instance_number=instance_number,
+        manufacturer=result.manufacturer,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate,
+        study_time=header.StudyTime,
+        referring_physician_name=header.ReferringPhysicianName,
+        # highdicom insists on a value for the PATIENT coordinate system; an unknown orientation
+        # is written empty below, which PS3.3 C.7.6.1 (Type 2C) allows.
+        patient_orientation=orientation or ("L", "F"),
+        manufacturer_model_name=result.model_name,
+        software_versions=result.model_version,
+        series_description=SERIES_DESCRIPTION,
+        institution_name=institution_name,
+        specific_character_set=header.get("SpecificCharacterSet"),
+        content_date=None if when is None else when.date(),
+        content_time=None if when is None else when.time(),
+    )
+    if orientation is None:
+        sc.add_new(0x00200020, "CS", None)  # Patient Orientation, Type 2C, present and empty
+    sc.copy_patient_and_study_information(header)
+    # General Series (PS3.3 C.7.3.1): Laterality is Type 2C for paired body parts; naming the body
+    # part tells readers (and dciodvfy) that none is needed. The result only exists for chest
+    # radiographs (DESIGN.md §3 step 3), so CHEST is the fallback when the source omitted it.
+    sc.BodyPartExamined = header.get("BodyPartExamined") or "CHEST"
+    sc.BurnedInAnnotation = "YES"
+    sc.ConversionType = "WSD"
+    sc.DerivationDescription = (
+        f"Chest radiograph with {result.model_name} {result.model_version} pneumonia result "
+        "burned in (class activation map overlay and text banner)"
+    )
+    sc.SourceImageSequence = [_source_image_item(header)]
+    sc.DeviceUID = result.device_uid
+    sc.ContributingEquipmentSequence = [contributing_equipment_item(result, when)]
+    if when is not None:
+        date, time = pydicom.valuerep.DA(when.date()), pydicom.valuerep.TM(when.time())
+        sc.InstanceCreationDate, sc.InstanceCreationTime = date, time
+        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
+        sc.SeriesDate, sc.SeriesTime = date, time
+        if when.tzinfo is not None and source_utc_offset(header) is not None:
+            sc.TimezoneOffsetFromUTC = copy.deepcopy(header.TimezoneOffsetFromUTC)
+    return sc
+
+
+__all__ = [
+    "SummaryImageError",
+    "build_summary_image",
+    "sc_instance_uid",
+    "sc_series_uid",
+]

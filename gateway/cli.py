@@ -1,0 +1,152 @@
+"""``pneumo``: the command line of Pneumo Gateway.
+
+Every command takes ``--config PATH`` (default ``./pneumo.toml`` when present) and builds the one
+Settings object from it and the ``PNEUMO_*`` environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import and_, select
+
+from audit.store import verify_chain
+from conf.logging import configure_logging
+from conf.settings import Settings, load_settings
+from gateway.app import Gateway, open_runtime
+from storage.models import Instance, Job, Series, Study
+
+log = structlog.get_logger(__name__)
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the DICOM node and the HTTP server until SIGTERM/SIGINT."""
+    runtime = open_runtime(settings)
+    gateway = Gateway(runtime)
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: Any) -> None:
+        log.info("gateway.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    try:
+        gateway.start()
+        print(
+            json.dumps({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port}),
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+    finally:
+        gateway.stop()
+        runtime.close()
+    return 0
+
+
+def _instance_rows(settings: Settings) -> list[dict[str, Any]]:
+    runtime = open_runtime(settings)
+    try:
+        with runtime.database.read_session() as session:
+            rows = session.execute(
+                select(Instance, Series.series_instance_uid, Study.study_instance_uid, Job.state)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .outerjoin(Job, and_(Job.instance_pk == Instance.id, Job.kind == "infer"))
+                .order_by(Instance.id)
+            ).all()
+            return [
+                {
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "sop_class_uid": inst.sop_class_uid,
+                    "study_instance_uid": study_uid,
+                    "series_instance_uid": series_uid,
+                    "transfer_syntax_uid": inst.transfer_syntax_uid,
+                    "size": inst.size,
+                    "sha256": inst.sha256,
+                    "received_at": inst.received_at.isoformat(),
+                    "calling_ae": inst.calling_ae,
+                    "origin": inst.origin,
+                    "path": str(runtime.store.absolute(inst.path)),
+                    "job_state": job_state,
+                }
+                for inst, series_uid, study_uid, job_state in rows
+            ]
+    finally:
+        runtime.close()
+
+
+def cmd_instances(args: argparse.Namespace, settings: Settings) -> int:
+    """List stored instances (JSON lines with --json)."""
+    rows = _instance_rows(settings)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(f"{'SOP Instance UID':<66} {'AE':<16} {'size':>10} job")
+        for row in rows:
+            print(f"{row['sop_instance_uid']:<66} {row['calling_ae'] or '-':<16} {row['size']:>10} {row['job_state'] or '-'}")
+        print(f"{len(rows)} instance(s)")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Recompute the audit hash chain; exit 1 if any record was edited, removed or reordered."""
+    runtime = open_runtime(settings)
+    try:
+        with runtime.database.read_session() as session:
+            result = verify_chain(session)
+    finally:
+        runtime.close()
+    print(json.dumps({"ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem}))
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumo",
+        description="Pneumo Gateway: DICOM in, pneumonia classifier, SR / FHIR / HL7 out, audited.",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (default ./pneumo.toml if present)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the DICOM node and HTTP server (health, readiness)")
+    serve.set_defaults(handler=cmd_serve)
+
+    instances = commands.add_parser("instances", help="list stored instances")
+    instances.add_argument("--json", action="store_true", help="one JSON object per line")
+    instances.set_defaults(handler=cmd_instances)
+
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_commands.add_parser("verify", help="verify the hash chain of the audit log")
+    verify.set_defaults(handler=cmd_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pneumo: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log)
+    handler: Command = args.handler
+    return handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""One file in, one outcome out: what ``pneumo infer FILE.dcm`` and the worker call.
+
+Not applicable is an outcome, not an exception (DESIGN.md §3 step 3); unreadable files and
+undecodable pixel data raise the typed errors of :mod:`inference.errors` so the caller can
+record them.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from types import MappingProxyType
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from inference.applicability import ApplicabilityRules, assess
+from inference.engine import InferenceEngine, Prediction
+from inference.errors import CorruptPixelDataError, UnsupportedImageError
+from inference.preprocess import prepare_tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ClassificationOutcome:
+    """The result for one instance. ``prediction`` is None when not applicable.
+
+    ``timings_ms``: read (file parse), decode, preprocess, infer, total — each present when the
+    stage ran.
+    """
+
+    sop_instance_uid: str
+    applicable: bool
+    reason: str | None
+    prediction: Prediction | None
+    timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def classify_file(
+    path: str | PathLike[str],
+    engine: InferenceEngine,
+    rules: ApplicabilityRules | None = None,
+) -> ClassificationOutcome:
+    """Read *path*, check applicability, preprocess and predict.
+
+    Raises :class:`UnsupportedImageError` for a file that is not DICOM,
+    :class:`CorruptPixelDataError` for a truncated/malformed one, the other
+    :class:`~inference.errors.PreprocessingError` subclasses for pixel data that cannot be used,
+    and ``OSError`` when the file cannot be opened at all.
+    """
+    t0 = time.perf_counter()
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise UnsupportedImageError(f"not a DICOM file: {exc}") from exc
+    except (EOFError, ValueError, struct.error) as exc:  # truncated or malformed data set
+        raise CorruptPixelDataError(
+            f"unreadable DICOM data set: {type(exc).__name__}: {exc}"
+        ) from exc
+    t_read = (time.perf_counter() - t0) * 1e3
+    sop_uid = str(ds.get("SOPInstanceUID", ""))
+    verdict = assess(ds, rules, pixels_loaded=True)
+    if not verdict.applicable:
+        total = (time.perf_counter() - t0) * 1e3
+        return ClassificationOutcome(
+            sop_instance_uid=sop_uid,
+            applicable=False,
+            reason=verdict.reason,
+            prediction=None,
+            timings_ms=MappingProxyType({"read": t_read, "total": total}),
+        )
+    prepared = prepare_tensor(ds, engine.manifest.preprocessing)
+    prediction = engine.predict(prepared.tensor, prepared.timings_ms)
+    timings = {"read": t_read, **prediction.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
+    return ClassificationOutcome(
+        sop_instance_uid=sop_uid,
+        applicable=True,
+        reason=None,
+        prediction=prediction,
+        timings_ms=MappingProxyType(timings),
+    )

@@ -1,0 +1,94 @@
+"""Engine and session factory: one :class:`Database` per process (DESIGN.md §6.6).
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a commit is on
+disk when it returns, and every write transaction starts with ``BEGIN IMMEDIATE``: SQLite allows
+one writer at a time, and taking the write lock up front turns would-be deadlocks between
+concurrent associations into a short wait. Read-only sessions use a deferred BEGIN so that
+readers never queue behind writers. PostgreSQL (psycopg 3) needs none of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+class Database:
+    """Owns the engines and hands out sessions; pass it explicitly to whoever needs the DB."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", echo: bool = False) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = self._sqlite_engine(url, immediate=True, synchronous=sqlite_synchronous, echo=echo)
+            self.read_engine = self._sqlite_engine(url, immediate=False, synchronous=sqlite_synchronous, echo=echo)
+        else:
+            self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.read_engine = self.engine
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+
+    @staticmethod
+    def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, echo: bool) -> Engine:
+        engine = create_engine(
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 60},
+            pool_size=20,
+            max_overflow=20,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Hand transaction control to SQLAlchemy's BEGIN below (pysqlite's own is broken).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql(begin)
+
+        return engine
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A write transaction: committed when the block exits normally, rolled back otherwise."""
+        with self._sessions.begin() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only unit of work (never blocks on, nor blocks, the single SQLite writer)."""
+        # close() (at the end of the with) releases the connection, rolling back its transaction,
+        # and detaches the loaded objects without expiring them, so callers may still read them.
+        with self._read_sessions() as session:
+            yield session
+
+    def ping(self) -> bool:
+        try:
+            with self.read_engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()

@@ -1,0 +1,164 @@
+"""The durable job queue (DESIGN.md §3 steps 2, 4 and 6).
+
+A job is enqueued in the same transaction as the thing that causes it, so "acknowledged" always
+implies "queued". Workers claim jobs with a lease: on PostgreSQL with
+``SELECT ... FOR UPDATE SKIP LOCKED`` so that workers on several hosts never take the same job;
+on SQLite the single-writer ``BEGIN IMMEDIATE`` gives the same exclusion. A worker that dies
+leaves a running job whose lease expires, and the next claim takes it again: at-least-once
+execution, which the job handlers make idempotent (deterministic UIDs, unique result rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.index import insert_ignore
+from storage.models import Job, JobState, utcnow
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A detached snapshot of a claimed job; the worker reports back by id."""
+
+    id: int
+    kind: str
+    instance_pk: int | None
+    payload: dict[str, Any]
+    attempts: int
+
+
+def enqueue(
+    session: Session,
+    kind: str,
+    dedup_key: str,
+    *,
+    instance_pk: int | None = None,
+    payload: dict[str, Any] | None = None,
+    run_after: dt.datetime | None = None,
+) -> None:
+    """Queue a job unless one with *dedup_key* already exists (idempotent)."""
+    now = utcnow()
+    insert_ignore(
+        session,
+        Job,
+        {
+            "kind": kind,
+            "dedup_key": dedup_key,
+            "instance_pk": instance_pk,
+            "payload": payload or {},
+            "state": JobState.PENDING,
+            "attempts": 0,
+            "run_after": run_after or now,
+            "created_at": now,
+            "updated_at": now,
+        },
+        ["dedup_key"],
+    )
+
+
+def requeue(session: Session, dedup_key: str) -> None:
+    """Put an existing job back to pending (e.g. its input was replaced)."""
+    job = session.execute(select(Job).where(Job.dedup_key == dedup_key)).scalar_one_or_none()
+    if job is not None:
+        job.state = JobState.PENDING
+        job.attempts = 0
+        job.run_after = utcnow()
+        job.lease_expires_at = None
+        job.locked_by = None
+        job.last_error = None
+
+
+def claim(
+    database: Database, kinds: Iterable[str], worker_id: str, lease: dt.timedelta
+) -> ClaimedJob | None:
+    """Take the oldest runnable job of *kinds*, or one whose previous holder's lease expired."""
+    now = utcnow()
+    with database.session() as session:
+        job = session.execute(
+            select(Job)
+            .where(
+                Job.kind.in_(list(kinds)),
+                or_(
+                    and_(Job.state == JobState.PENDING, Job.run_after <= now),
+                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+                ),
+            )
+            .order_by(Job.run_after, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if job is None:
+            return None
+        job.state = JobState.RUNNING
+        job.attempts += 1
+        job.locked_by = worker_id
+        job.lease_expires_at = now + lease
+        return ClaimedJob(job.id, job.kind, job.instance_pk, dict(job.payload), job.attempts)
+
+
+def complete(session: Session, job_id: int, worker_id: str) -> bool:
+    """Mark done in the caller's transaction (together with the job's result rows).
+
+    Returns False when the lease was lost to another worker meanwhile; the caller must then
+    roll back, because the other worker owns the job now.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.locked_by != worker_id or job.state != JobState.RUNNING:
+        return False
+    job.state = JobState.DONE
+    job.lease_expires_at = None
+    job.last_error = None
+    return True
+
+
+def backoff_delay(attempt: int, *, base: float = 2.0, cap: float = 600.0) -> float:
+    """Exponential backoff with full jitter (seconds) for retry number *attempt* (1-based)."""
+    return random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
+
+
+def fail(
+    database: Database,
+    job_id: int,
+    worker_id: str,
+    error: str,
+    *,
+    permanent: bool,
+    max_attempts: int,
+) -> str:
+    """Record a failed attempt: retry later with backoff, or dead-letter. Returns the new state."""
+    with database.session() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.locked_by != worker_id:
+            return "lost"
+        job.last_error = error[:4000]
+        job.lease_expires_at = None
+        job.locked_by = None
+        if permanent or job.attempts >= max_attempts:
+            job.state = JobState.FAILED
+        else:
+            job.state = JobState.PENDING
+            job.run_after = utcnow() + dt.timedelta(seconds=backoff_delay(job.attempts))
+        return job.state
+
+
+def retry_failed(session: Session, job_ids: Iterable[int] | None = None) -> int:
+    """Operator action: put dead-lettered jobs back in the queue."""
+    query = select(Job).where(Job.state == JobState.FAILED)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(list(job_ids)))
+    count = 0
+    for job in session.execute(query).scalars():
+        job.state = JobState.PENDING
+        job.attempts = 0
+        job.run_after = utcnow()
+        job.last_error = None
+        count += 1
+    return count

@@ -1,0 +1,165 @@
+"""SQLAlchemy 2.0 typed models: the index of what we hold and the durable job queue.
+
+The schema itself is owned by the Alembic migrations in ``storage/migrations``; these classes
+describe it for the ORM. Tables of other parts (the audit log) declare themselves on the same
+:class:`Base` so that one transaction can cover an action and its audit record (DESIGN.md §6.8).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC timestamps on every backend (SQLite stores no zone; we restore it)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC timestamps")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Patient(Base):
+    """A patient as identified by PatientID within its issuer (PS3.3 C.7.1.1)."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_id_issuer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class InstanceOrigin(enum.StrEnum):
+    RECEIVED = "received"
+    GENERATED = "generated"
+
+
+class Instance(Base):
+    """One stored SOP instance: where its file is and how it arrived."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(300))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str] = mapped_column(String(16), default=InstanceOrigin.RECEIVED)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # dead-lettered: attempts exhausted or a permanent error
+
+
+class Job(Base):
+    """A unit of durable work. ``dedup_key`` makes enqueueing idempotent (one infer job per
+    instance and model, however often the instance arrives)."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_claim", "state", "run_after"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    dedup_key: Mapped[str] = mapped_column(String(200), unique=True)
+    instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column()
+    locked_by: Mapped[str | None] = mapped_column(String(100))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    instance: Mapped[Instance | None] = relationship()
