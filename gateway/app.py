@@ -45,6 +45,7 @@ class Runtime:
             append_audit(session, event)
 
     def close(self) -> None:
+        self.store.close()
         self.database.dispose()
 
 

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,14 @@ class FileStoreError(OSError):
 
 @dataclass(frozen=True)
 class StagedFile:
-    """Bytes in the staging area, hashed, not yet part of the store."""
+    """Bytes in the staging area, hashed, not yet part of the store.
+
+    ``synced`` is the fsync already under way (started while the file was being hashed: the
+    two overlap, the disk writing back what the CPU reads from the page cache)."""
 
     path: Path
     sha256: str
+    synced: Future[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class FileStore:
-    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True, sync_threads: int = 8) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
         self.fsync = fsync
+        self._syncer = ThreadPoolExecutor(max_workers=sync_threads, thread_name_prefix="fsync")
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -85,7 +99,9 @@ class FileStore:
         staged = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             os.link(source, staged)
+            synced = self._syncer.submit(_fsync_file, staged) if self.fsync else None
             digest = sha256_file(staged)
+            return StagedFile(staged, digest, synced)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
@@ -108,12 +124,10 @@ class FileStore:
         staged = staged_file.path
         target = self.absolute(relative_path)
         try:
-            if self.fsync:
-                fd = os.open(staged, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if staged_file.synced is not None:
+                staged_file.synced.result()
+            elif self.fsync:
+                _fsync_file(staged)
             self._ensure_dir(target.parent)
             size = staged.stat().st_size
             os.replace(staged, target)
@@ -124,6 +138,9 @@ class FileStore:
                 staged.unlink()
             raise FileStoreError(exc.errno or errno.EIO, f"could not store file: {exc.strerror}") from exc
         return StoredFile(relative_path, size, staged_file.sha256)
+
+    def close(self) -> None:
+        self._syncer.shutdown(wait=True)
 
     def discard(self, staged_file: StagedFile) -> None:
         with contextlib.suppress(FileNotFoundError):

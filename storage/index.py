@@ -33,7 +33,18 @@ def _update_if_given(row: Any, values: dict[str, Any]) -> None:
 
 
 def upsert_hierarchy(session: Session, meta: InstanceMetadata) -> Series:
-    """Make sure the patient, study and series of *meta* exist; return the series row."""
+    """Make sure the patient, study and series of *meta* exist; return the series row.
+
+    Fast path: most instances belong to a series we already hold (a CR study is a handful of
+    images; a CT series hundreds), and re-upserting three parents per instance would triple
+    the statements on the hot C-STORE path. Demographics are refreshed when a new series of
+    the study arrives.
+    """
+    known = session.execute(
+        select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
+    ).scalar_one_or_none()
+    if known is not None:
+        return known
     now = utcnow()
     insert_ignore(
         session,

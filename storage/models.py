@@ -163,3 +163,32 @@ class Job(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     instance: Mapped[Instance | None] = relationship()
+
+
+class ResultStatus(enum.StrEnum):
+    OK = "ok"
+    NOT_APPLICABLE = "not-applicable"
+    FAILED = "failed"
+
+
+class InferenceResult(Base):
+    """The classifier's verdict on one instance for one model version (idempotent per pair)."""
+
+    __tablename__ = "inference_result"
+    __table_args__ = (UniqueConstraint("instance_pk", "model_id", "model_version", name="uq_result_instance_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    probability: Mapped[float | None] = mapped_column()
+    label: Mapped[str | None] = mapped_column(String(32))
+    threshold: Mapped[float | None] = mapped_column()
+    timings_ms: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    sr_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
+    sc_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+    instance: Mapped[Instance] = relationship(foreign_keys=[instance_pk])

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_config(path: Path, data_dir: Path, *, database_url: str | None = None, extra: str = "") -> Path:
+def write_config(
+    path: Path, data_dir: Path, *, database_url: str | None = None, dicom_extra: str = "", extra: str = ""
+) -> Path:
     lines = [
         f'data_dir = "{data_dir}"',
         *([f'database_url = "{database_url}"'] if database_url else []),
@@ -19,6 +21,7 @@ def write_config(path: Path, data_dir: Path, *, database_url: str | None = None,
         'ae_title = "PNEUMO"',
         'bind = "127.0.0.1"',
         "port = 0",
+        dicom_extra,
         "[[dicom.peers]]",
         'ae_title = "STORESCU"',
         'host = "127.0.0.1"',

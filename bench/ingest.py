@@ -1,0 +1,213 @@
+"""Ingest benchmark: DCMTK ``storescu`` pushes N fresh copies of the 7 MB CR chest radiograph.
+
+Targets, each measured in the same run with the same max PDU (128 KiB) and TCP_NODELAY:
+
+* ``pneumo``      — ``pneumo serve`` doing all its durable work (fsync, index, job, audit);
+* ``storescp``    — DCMTK's storage SCP writing files (``--fork`` for several associations);
+* ``pynetdicom``  — a bare pynetdicom Storage SCP receiving straight to a file.
+
+Not a test: it prints a table and a JSON document. Run: ``python bench/ingest.py --count 200``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.gateway.serve_process import ServeProcess, write_config  # noqa: E402
+
+MAX_PDU = 131072
+
+
+@dataclass
+class Measurement:
+    target: str
+    associations: int
+    instances: int
+    seconds: float
+    megabytes: float
+
+    @property
+    def per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def make_copies(count: int, directory: Path) -> list[Path]:
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        source.SOPInstanceUID = generate_uid()
+        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        if i % 50 == 0:  # a few studies, as a PACS would send them
+            source.StudyInstanceUID = generate_uid()
+            source.SeriesInstanceUID = generate_uid()
+        path = directory / f"{i:05d}.dcm"
+        source.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def send(port: int, files: list[Path], associations: int, called: str) -> float:
+    """Run *associations* storescu processes in parallel; returns wall seconds."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    chunks = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "--max-pdu", str(MAX_PDU), "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, chunk)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for chunk in chunks
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+@contextmanager
+def pneumo_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    data = work / "pneumo"
+    # Workers off: this measures ingest alone (the e2e benchmark measures the whole loop).
+    config = write_config(
+        work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}", extra="[worker]\nenabled = false"
+    )
+    server = ServeProcess(config, work / "pneumo.log").start()
+    try:
+        yield server.dicom_port, "PNEUMO"
+    finally:
+        server.terminate()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextmanager
+def storescp_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    args = ["storescp", "--max-pdu", str(MAX_PDU), "-aet", "STORESCP", "-od", str(out)]
+    if associations > 1:
+        args.append("--fork")
+    proc = subprocess.Popen([*args, str(port)], env={**os.environ, "TCP_NODELAY": "1"}, start_new_session=True)
+    wait_for_port(port)
+    try:
+        yield port, "STORESCP"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextmanager
+def pynetdicom_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    out = work / "pynetdicom"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_pynetdicom_scp.py")), str(port), str(out), str(MAX_PDU)])
+    wait_for_port(port)
+    try:
+        yield port, "BARE"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+TARGETS: dict[str, Callable[[Path, int], object]] = {
+    "pneumo": pneumo_target,
+    "storescp": storescp_target,
+    "pynetdicom": pynetdicom_target,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        print("storescu not found: apt-get install dcmtk", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="pneumo-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        files = make_copies(args.count, work / "input")
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        results: list[Measurement] = []
+        for associations in args.associations:
+            for name in args.targets:
+                run_dir = work / f"{name}-{associations}"
+                run_dir.mkdir()
+                with TARGETS[name](run_dir, associations) as (port, called):  # type: ignore[attr-defined]
+                    seconds = send(port, files, associations, called)
+                results.append(Measurement(name, associations, len(files), seconds, megabytes))
+                m = results[-1]
+                print(f"{name:<11} assoc={associations} {m.per_second:7.1f} inst/s {m.mb_per_second:7.1f} MB/s", flush=True)
+
+    print()
+    print(f"{'target':<11} {'assoc':>5} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
+    for m in results:
+        reference = next(r for r in results if r.target == "storescp" and r.associations == m.associations) if "storescp" in args.targets else m
+        print(f"{m.target:<11} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {m.per_second / reference.per_second:>11.2f}x")
+    document = {
+        "benchmark": "ingest",
+        "image": "RG1_UNCR.dcm (CR chest, 1955x1841, 7.2 MB)",
+        "max_pdu": MAX_PDU,
+        "results": [{**asdict(m), "per_second": m.per_second, "mb_per_second": m.mb_per_second} for m in results],
+    }
+    print(json.dumps(document))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
