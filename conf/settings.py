@@ -116,6 +116,25 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=5, ge=1)
 
 
+class DeliverySettings(_Section):
+    """Sending our reports to ``dicom.destinations`` (the outbox)."""
+
+    max_attempts: int = Field(default=10, ge=1, description="Attempts before a delivery is dead-lettered.")
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    calling_ae_title: str | None = Field(default=None, description="Calling AE for deliveries; default dicom.ae_title.")
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class InferenceSettings(_Section):
+    model_dir: Path | None = Field(default=None, description="Model package directory; default the bundled model.")
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per inference (0 = ORT default).")
+    max_batch: int = Field(default=8, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    allow_cuda: bool = True
+    summary_image: bool = Field(default=True, description="Also produce the Secondary Capture summary image.")
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = Field(
@@ -141,6 +160,8 @@ class Settings(BaseSettings):
     fhir: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @property

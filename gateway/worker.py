@@ -37,6 +37,8 @@ class WorkerOptions:
     poll_interval: float = 0.5
     lease_seconds: float = 300.0
     max_attempts: int = 5
+    backoff_base: float = 2.0
+    backoff_cap: float = 600.0
 
 
 JobHandler = Callable[[ClaimedJob, str], None]
@@ -94,6 +96,7 @@ class JobWorker:
             state = jobs.fail(
                 self._db, job.id, worker_id, "".join(traceback.format_exception_only(exc)).strip(),
                 permanent=False, max_attempts=self._options.max_attempts,
+                backoff_base=self._options.backoff_base, backoff_cap=self._options.backoff_cap,
             )
             log.warning("job.failed", error=exc.__class__.__name__, detail=str(exc)[:200], state=state, attempts=job.attempts)
         finally:

@@ -132,6 +132,8 @@ def fail(
     *,
     permanent: bool,
     max_attempts: int,
+    backoff_base: float = 2.0,
+    backoff_cap: float = 600.0,
 ) -> str:
     """Record a failed attempt: retry later with backoff, or dead-letter. Returns the new state."""
     with database.session() as session:
@@ -145,7 +147,8 @@ def fail(
             job.state = JobState.FAILED
         else:
             job.state = JobState.PENDING
-            job.run_after = utcnow() + dt.timedelta(seconds=backoff_delay(job.attempts))
+            delay = backoff_delay(job.attempts, base=backoff_base, cap=backoff_cap)
+            job.run_after = utcnow() + dt.timedelta(seconds=delay)
         return job.state
 
 
