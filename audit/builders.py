@@ -131,8 +131,11 @@ def instances_transferred(
     when: dt.datetime,
     description: str | None = None,
     accession: str | None = None,
+    other_participants: Sequence[ActiveParticipant] = (),
 ) -> AuditEvent:
-    """A.5.3.5 DICOM Instances Transferred (C = first receipt, U = replaced, R = re-sent)."""
+    """A.5.3.5 DICOM Instances Transferred (C = first receipt, U = replaced, R = re-sent).
+
+    *other_participants*: e.g. the C-MOVE requestor, who is neither source nor destination."""
     return AuditEvent(
         event_id=EventId.INSTANCES_TRANSFERRED,
         action=action,
@@ -140,6 +143,109 @@ def instances_transferred(
         outcome_description=description,
         occurred_at=when,
         source=source,
-        participants=(source_participant, destination_participant),
+        participants=(source_participant, destination_participant, *other_participants),
+        objects=(study_object(study_uid, sop_classes, tuple(instances), accession), patient_object(patient_id, patient_name)),
+    )
+
+
+def ai_processing(
+    source: AuditSource,
+    *,
+    application_id: str,
+    action: Action,
+    outcome: Outcome,
+    study_uid: str,
+    sop_classes: dict[str, int],
+    instances: Iterable[str],
+    patient_id: str,
+    patient_name: str | None,
+    description: str,
+    when: dt.datetime,
+    accession: str | None = None,
+) -> AuditEvent:
+    """A.5.3.4 DICOM Instances Accessed: the classifier read an image (Action R) and, when it
+    produced a report, created the SR/SC objects (Action C) listed as instances."""
+    return AuditEvent(
+        event_id=EventId.INSTANCES_ACCESSED,
+        action=action,
+        outcome=outcome,
+        outcome_description=description,
+        occurred_at=when,
+        source=source,
+        participants=(
+            ActiveParticipant(user_id=application_id, user_is_requestor=True, role_id=RoleId.APPLICATION),
+        ),
+        objects=(study_object(study_uid, sop_classes, tuple(instances), accession), patient_object(patient_id, patient_name)),
+    )
+
+
+def query(
+    source: AuditSource,
+    *,
+    requestor: ActiveParticipant,
+    responder: ActiveParticipant,
+    sop_class_uid: str,
+    query_base64: str,
+    transfer_syntax_uid: str,
+    outcome: Outcome,
+    when: dt.datetime,
+    patient_id: str | None = None,
+    description: str | None = None,
+) -> AuditEvent:
+    """A.5.3.12 Query: a C-FIND was received (Action E).
+
+    The participant object is the SOP Class queried (ID type 110181, role 3 "Report") carrying
+    the query identifier itself, base64-encoded, with the transfer syntax it is encoded in as
+    the "TransferSyntax" detail, so that an auditor can decode exactly what was asked. When the
+    query names one patient, the patient is recorded too.
+    """
+    objects = [
+        ParticipantObject(
+            object_id=sop_class_uid,
+            id_type=ObjectIdType.SOP_CLASS_UID,
+            type_code=2,
+            role=3,
+            query=query_base64,
+            details={"TransferSyntax": transfer_syntax_uid},
+        )
+    ]
+    if patient_id:
+        objects.append(patient_object(patient_id, None))
+    return AuditEvent(
+        event_id=EventId.QUERY,
+        action=Action.EXECUTE,
+        outcome=outcome,
+        outcome_description=description,
+        occurred_at=when,
+        source=source,
+        participants=(requestor, responder),
+        objects=tuple(objects),
+    )
+
+
+def begin_transferring(
+    source: AuditSource,
+    *,
+    source_participant: ActiveParticipant,
+    destination_participant: ActiveParticipant,
+    study_uid: str,
+    sop_classes: dict[str, int],
+    instances: Iterable[str],
+    patient_id: str,
+    patient_name: str | None,
+    when: dt.datetime,
+    accession: str | None = None,
+    other_participants: Sequence[ActiveParticipant] = (),
+) -> AuditEvent:
+    """A.5.3.2 Begin Transferring DICOM Instances (Action E): written before the first C-STORE
+    sub-operation of a C-MOVE / C-GET, so a transfer that dies half-way still left a trace;
+    :func:`instances_transferred` records how it ended."""
+    return AuditEvent(
+        event_id=EventId.BEGIN_TRANSFERRING,
+        action=Action.EXECUTE,
+        outcome=Outcome.SUCCESS,
+        occurred_at=when,
+        source=source,
+        participants=(source_participant, destination_participant, *other_participants),
         objects=(study_object(study_uid, sop_classes, tuple(instances), accession), patient_object(patient_id, patient_name)),
     )

@@ -116,7 +116,7 @@ def pneumo_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
     data = work / "pneumo"
     # Workers off: this measures ingest alone (the e2e benchmark measures the whole loop).
     config = write_config(
-        work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}", extra="[worker]\nenabled = false"
+        work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}"
     )
     server = ServeProcess(config, work / "pneumo.log").start()
     try:

@@ -17,6 +17,7 @@ which overwrites it. A crash after 4 loses nothing.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import datetime as dt
 import enum
 from dataclasses import dataclass
@@ -91,12 +92,14 @@ class Ingestor:
         *,
         local_host: str | None,
         on_conflict: str = "keep",
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self._db = database
         self._store = store
         self._audit_source = audit_source
         self._local_host = local_host
         self._on_conflict = on_conflict
+        self._on_queued = on_queued or (lambda: None)
 
     def ingest(self, received: ReceivedInstance) -> IngestResult:
         """Store *received* durably; raises a :class:`StoreError` (already audited) otherwise."""
@@ -180,6 +183,7 @@ class Ingestor:
             with contextlib.suppress(OSError):
                 self._store.absolute(relative_path).unlink()
             raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
+        self._on_queued()
         return IngestResult.STORED
 
     def _handle_existing(
@@ -215,6 +219,8 @@ class Ingestor:
                 append_audit(session, self._transfer_event(received, meta, action, outcome, now, note))
         except SQLAlchemyError as exc:
             raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
+        if stored is not None:
+            self._on_queued()
         log.info("dicom.store.existing", result=str(result), sop_class_uid=meta.sop_class_uid)
         return result
 

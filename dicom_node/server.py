@@ -17,7 +17,12 @@ import structlog
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from audit.builders import security_alert
@@ -25,6 +30,8 @@ from audit.events import AuditEvent, AuditSource, EventType
 from conf.settings import DicomSettings
 from dicom_node.ingest import Ingestor
 from dicom_node.peers import PeerPolicy
+from dicom_node.qr_scp import handle_find, handle_get, handle_move
+from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.storage_scp import handle_store
 from dicom_node.verification import handle_echo
 
@@ -56,8 +63,23 @@ AuditSink = Callable[[AuditEvent], None]
 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
 
 
+#: Study Root Query/Retrieve (PS3.4 C.6.2); identifiers are small, so the native syntaxes do.
+QUERY_RETRIEVE_SOP_CLASSES: tuple[str, ...] = (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
 def build_ae(settings: DicomSettings) -> AE:
-    """An AE offering Verification and Storage for every storage SOP class pynetdicom knows."""
+    """An AE offering Verification, Storage for every storage SOP class pynetdicom knows, and
+    Study Root Query/Retrieve.
+
+    Storage contexts accept SCP/SCU role selection (PS3.7 D.3.3.4) both ways: a requestor that
+    proposes no roles gets the default (it is the SCU, we store), and a C-GET requestor that
+    proposes the SCP role for itself gets it, so that C-STORE sub-operations can flow back on
+    its association (PS3.4 C.4.3).
+    """
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
@@ -67,7 +89,11 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(
+            context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+        )
+    for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
     return ae
 
 
@@ -80,8 +106,10 @@ class DicomNode:
         ingestor: Ingestor,
         audit: AuditSink,
         audit_source: AuditSource,
+        query_retrieve: QueryRetrieveService | None = None,
     ) -> None:
         self._settings = settings
+        self._query_retrieve = query_retrieve
         self._ingestor = ingestor
         self._audit = audit
         self._audit_source = audit_source
@@ -111,6 +139,12 @@ class DicomNode:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self._ingestor]),
         ]
+        if self._query_retrieve is not None:
+            handlers += [
+                (evt.EVT_C_FIND, handle_find, [self._query_retrieve]),
+                (evt.EVT_C_MOVE, handle_move, [self._query_retrieve]),
+                (evt.EVT_C_GET, handle_get, [self._query_retrieve]),
+            ]
         self._server = self._ae.start_server(
             (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
         )

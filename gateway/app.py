@@ -19,9 +19,15 @@ from audit.builders import application_activity
 from audit.events import AuditEvent, AuditSource
 from audit.store import append as append_audit
 from conf.settings import Settings
-from dicom_node.ingest import Ingestor
+from dicom_node.ingest import INFER_JOB, Ingestor
+from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.server import DicomNode
+from gateway.delivery import DELIVER_JOB, DeliveryHandler
 from gateway.http import HttpServer, build_app
+from gateway.worker import JobWorker, WorkerOptions
+from gateway.workflow import InferenceWorkflow
+from inference.engine import EngineOptions, InferenceEngine
+from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.migrate import is_current, upgrade
@@ -65,12 +71,81 @@ def open_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
     )
 
 
+def build_engine(settings: Settings) -> InferenceEngine:
+    """Load and verify the model package (refuses a package whose ONNX hash does not match)."""
+    manifest = load_manifest(settings.inference.model_dir or BUNDLED_MODEL_DIR)
+    options = EngineOptions(
+        intra_op_threads=settings.inference.intra_op_threads,
+        allow_cuda=settings.inference.allow_cuda,
+        max_batch=settings.inference.max_batch,
+        max_wait_ms=settings.inference.max_wait_ms,
+    )
+    return InferenceEngine(manifest, options)
+
+
+class Workers:
+    """The job workers of a process: ``infer`` (classifier + reports) and ``deliver`` (outbox)."""
+
+    def __init__(self, runtime: Runtime, engine: InferenceEngine) -> None:
+        settings = runtime.settings
+        self.engine = engine
+        base = WorkerOptions(
+            poll_interval=settings.worker.poll_interval,
+            lease_seconds=settings.worker.lease_seconds,
+            max_attempts=settings.worker.max_attempts,
+        )
+        delivery_options = WorkerOptions(
+            poll_interval=settings.worker.poll_interval,
+            lease_seconds=settings.worker.lease_seconds,
+            max_attempts=settings.delivery.max_attempts,
+            backoff_base=settings.delivery.backoff_base_seconds,
+            backoff_cap=settings.delivery.backoff_cap_seconds,
+        )
+        self.deliverers = [
+            JobWorker(
+                runtime.database, [DELIVER_JOB],
+                DeliveryHandler(runtime.database, runtime.store, settings, runtime.audit_source),
+                delivery_options, "deliver-0",
+            )
+        ]
+        workflow = InferenceWorkflow(
+            runtime.database, runtime.store, engine, settings,
+            audit_source=runtime.audit_source, on_reports_queued=self.wake_deliverers,
+        )
+        self.inferers = [
+            JobWorker(runtime.database, [INFER_JOB], workflow, base, f"infer-{i}")
+            for i in range(max(1, settings.worker.threads))
+        ]
+
+    def wake_inferers(self) -> None:
+        for worker in self.inferers:
+            worker.wake()
+
+    def wake_deliverers(self) -> None:
+        for worker in self.deliverers:
+            worker.wake()
+
+    @property
+    def running(self) -> bool:
+        return all(w.running for w in (*self.inferers, *self.deliverers))
+
+    def start(self) -> None:
+        for worker in (*self.inferers, *self.deliverers):
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in (*self.inferers, *self.deliverers):
+            worker.stop()
+        self.engine.close()
+
+
 class Gateway:
-    """``pneumo serve``: the DICOM node, the HTTP server and (later) the workers, in one process."""
+    """``pneumo serve``: the DICOM node, the HTTP server and the workers, in one process."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         settings = runtime.settings
+        self.workers = Workers(runtime, build_engine(settings)) if settings.worker.enabled else None
         # pynetdicom writes each incoming dataset to a temporary file; placing those files on
         # the store's file system lets the store adopt them with a hard link instead of a copy.
         tempfile.tempdir = str(settings.tmp_dir)
@@ -83,8 +158,14 @@ class Gateway:
             runtime.audit_source,
             local_host=runtime.host_name,
             on_conflict=settings.dicom.on_conflict,
+            on_queued=self.workers.wake_inferers if self.workers else None,
         )
-        self.dicom = DicomNode(settings.dicom, self.ingestor, runtime.audit, runtime.audit_source)
+        self.query_retrieve = QueryRetrieveService(
+            runtime.database, runtime.store, runtime.audit_source, settings.dicom, local_host=runtime.host_name
+        )
+        self.dicom = DicomNode(
+            settings.dicom, self.ingestor, runtime.audit, runtime.audit_source, query_retrieve=self.query_retrieve
+        )
         self.http = HttpServer(build_app(self.readiness), settings.fhir.bind, settings.fhir.port)
         self._stopped = threading.Event()
         self._started = False
@@ -95,6 +176,7 @@ class Gateway:
             "database": database_ok,
             "migrations": database_ok and is_current(self.runtime.database),
             "dicom": self.dicom.running,
+            "workers": self.workers.running if self.workers else True,
         }
 
     def start(self) -> None:
@@ -105,6 +187,8 @@ class Gateway:
             )
         )
         self._started = True
+        if self.workers:
+            self.workers.start()
         self.dicom.start()
         self.http.start()
         log.info("gateway.started", dicom_port=self.dicom.port, http_port=self.http.port)
@@ -115,6 +199,8 @@ class Gateway:
         self._stopped.set()
         self.dicom.stop()
         self.http.stop()
+        if self.workers:
+            self.workers.stop()
         if not self._started:
             return
         self.runtime.audit(

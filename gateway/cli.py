@@ -21,7 +21,11 @@ from sqlalchemy import and_, select
 from audit.store import verify_chain
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
-from gateway.app import Gateway, open_runtime
+from gateway.app import Gateway, Workers, build_engine, open_runtime
+from inference.engine import InferenceEngine
+from inference.errors import ModelPackageError, PreprocessingError
+from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
+from inference.pipeline import ClassificationOutcome, classify_file
 from storage.models import Instance, Job, Series, Study
 
 log = structlog.get_logger(__name__)
@@ -33,14 +37,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the DICOM node and the HTTP server until SIGTERM/SIGINT."""
     runtime = open_runtime(settings)
     gateway = Gateway(runtime)
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: Any) -> None:
-        log.info("gateway.signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    stop = _stop_on_signals()
     try:
         gateway.start()
         print(
@@ -53,6 +50,104 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         gateway.stop()
         runtime.close()
     return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run only the job workers (inference, delivery), e.g. on extra hosts sharing PostgreSQL."""
+    runtime = open_runtime(settings)
+    workers = Workers(runtime, build_engine(settings))
+    stop = _stop_on_signals()
+    try:
+        workers.start()
+        print(json.dumps({"event": "ready", "workers": len(workers.inferers) + len(workers.deliverers)}), flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        workers.stop()
+        runtime.close()
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace, settings: Settings) -> int:
+    """Classify DICOM files directly (no database): one JSON line per file."""
+    engine = build_engine(settings if args.model is None else _with_model(settings, args.model))
+    unreadable = 0
+    try:
+        for path in args.files:
+            try:
+                outcome = classify_file(path, engine)
+            except (PreprocessingError, OSError) as exc:
+                unreadable += 1
+                print(json.dumps({"file": str(path), "error": f"{exc.__class__.__name__}: {exc}"}))
+                continue
+            print(json.dumps(infer_record(str(path), outcome, engine)))
+    finally:
+        engine.close()
+    return 1 if unreadable else 0
+
+
+def infer_record(path: str, outcome: ClassificationOutcome, engine: InferenceEngine) -> dict[str, Any]:
+    """The documented ``pneumo infer`` output shape (pure)."""
+    prediction = outcome.prediction
+    timings = prediction.timings_ms if prediction is not None else outcome.timings_ms
+    return {
+        "file": path,
+        "sop_instance_uid": outcome.sop_instance_uid,
+        "applicable": outcome.applicable,
+        "reason": outcome.reason,
+        "probability": None if prediction is None else round(float(prediction.probability), 6),
+        "label": None if prediction is None else prediction.label,
+        "threshold": engine.manifest.threshold,
+        "model": {"id": engine.manifest.id, "version": engine.manifest.version},
+        "timings_ms": {k: round(float(timings[k]), 3) for k in ("decode", "preprocess", "infer") if k in timings},
+    }
+
+
+def _with_model(settings: Settings, model_dir: Path) -> Settings:
+    return settings.model_copy(update={"inference": settings.inference.model_copy(update={"model_dir": model_dir})})
+
+
+def cmd_model_info(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the model manifest after verifying the ONNX file's SHA-256 (exit 1 on mismatch)."""
+    model_dir = args.model or settings.inference.model_dir or BUNDLED_MODEL_DIR
+    try:
+        manifest = load_manifest(model_dir)
+    except ModelPackageError as exc:
+        print(json.dumps({"model_dir": str(model_dir), "ok": False, "error": str(exc)}))
+        return 1
+    raw = json.loads((Path(model_dir) / "model.json").read_text())
+    print(json.dumps({"model_dir": str(model_dir), "ok": True, "device_uid": manifest.device_uid, "manifest": raw}, indent=2))
+    return 0
+
+
+def cmd_model_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Train the classifier (needs the `train` extra: PyTorch)."""
+    from inference.training.train import main as train_main
+
+    return int(train_main(_passthrough(args.rest)))
+
+
+def cmd_model_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Export a training checkpoint to an ONNX model package (needs the `train` extra)."""
+    from inference.training.export import main as export_main
+
+    return int(export_main(_passthrough(args.rest)))
+
+
+def _passthrough(rest: list[str]) -> list[str]:
+    return rest[1:] if rest[:1] == ["--"] else rest
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: Any) -> None:
+        log.info("gateway.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    return stop
 
 
 def _instance_rows(settings: Settings) -> list[dict[str, Any]]:
@@ -127,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     instances = commands.add_parser("instances", help="list stored instances")
     instances.add_argument("--json", action="store_true", help="one JSON object per line")
     instances.set_defaults(handler=cmd_instances)
+
+    worker = commands.add_parser("worker", help="run only the job workers (inference and delivery)")
+    worker.set_defaults(handler=cmd_worker)
+
+    infer = commands.add_parser("infer", help="classify DICOM files, one JSON line per file")
+    infer.add_argument("files", nargs="+", type=Path, metavar="FILE.dcm")
+    infer.add_argument("--model", type=Path, default=None, help="model package directory (default: configured/bundled)")
+    infer.set_defaults(handler=cmd_infer)
+
+    model = commands.add_parser("model", help="model package tools")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    info = model_commands.add_parser("info", help="print the manifest and verify the ONNX hash")
+    info.add_argument("--model", type=Path, default=None)
+    info.set_defaults(handler=cmd_model_info)
+    train = model_commands.add_parser("train", help="train EfficientNet-B0 (train extra); options: pneumo model train -- --help")
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(handler=cmd_model_train)
+    export = model_commands.add_parser("export", help="export a checkpoint to ONNX + manifest (train extra)")
+    export.add_argument("rest", nargs=argparse.REMAINDER)
+    export.set_defaults(handler=cmd_model_export)
 
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

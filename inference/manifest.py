@@ -32,6 +32,10 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 1 << 20
 
 
+#: The model shipped with the package (trained on the Kermany paediatric CXR training split).
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "pneumonia-effnetb0"
+
+
 @dataclass(frozen=True, slots=True)
 class PreprocessingSpec:
     """How a radiograph becomes the model input (``model.json`` → ``preprocessing``).

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from inference.applicability import ApplicabilityRules, assess
 from inference.engine import InferenceEngine, Prediction
 from inference.errors import CorruptPixelDataError, UnsupportedImageError
-from inference.preprocess import prepare_tensor
+from inference.preprocess import FloatArray, preprocess
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class ClassificationOutcome:
     reason: str | None
     prediction: Prediction | None
     timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    display: FloatArray | None = None
 
 
 def classify_file(
@@ -60,6 +61,21 @@ def classify_file(
             f"unreadable DICOM data set: {type(exc).__name__}: {exc}"
         ) from exc
     t_read = (time.perf_counter() - t0) * 1e3
+    return classify_dataset(ds, engine, rules, read_ms=t_read)
+
+
+def classify_dataset(
+    ds: pydicom.Dataset,
+    engine: InferenceEngine,
+    rules: ApplicabilityRules | None = None,
+    *,
+    display_max_side: int | None = None,
+    read_ms: float = 0.0,
+) -> ClassificationOutcome:
+    """Classify an already-read dataset; with *display_max_side*, the outcome also carries the
+    display image (same decode, same window) for the summary image."""
+    t0 = time.perf_counter() - read_ms / 1e3
+    t_read = read_ms
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     verdict = assess(ds, rules, pixels_loaded=True)
     if not verdict.applicable:
@@ -71,7 +87,7 @@ def classify_file(
             prediction=None,
             timings_ms=MappingProxyType({"read": t_read, "total": total}),
         )
-    prepared = prepare_tensor(ds, engine.manifest.preprocessing)
+    prepared = preprocess(ds, engine.manifest.preprocessing, display_max_side=display_max_side)
     prediction = engine.predict(prepared.tensor, prepared.timings_ms)
     timings = {"read": t_read, **prediction.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
     return ClassificationOutcome(
@@ -80,4 +96,5 @@ def classify_file(
         reason=None,
         prediction=prediction,
         timings_ms=MappingProxyType(timings),
+        display=prepared.display,
     )

@@ -192,3 +192,31 @@ class InferenceResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
     instance: Mapped[Instance] = relationship(foreign_keys=[instance_pk])
+
+
+class DeliveryOutcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class DeliveryAttempt(Base):
+    """One try at sending a stored instance to a destination (the outbox's history).
+
+    The delivery itself is a :class:`Job` of kind ``deliver``; this table keeps every attempt of
+    it (when, what the peer answered) so that an operator can see why a delivery is late or
+    dead-lettered. ``dimse_status`` is the C-STORE response status (PS3.4 B.2.3) when one came
+    back; ``None`` when the association never got that far.
+    """
+
+    __tablename__ = "delivery_attempt"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[dt.datetime] = mapped_column()
+    finished_at: Mapped[dt.datetime] = mapped_column()
+    outcome: Mapped[str] = mapped_column(String(16))
+    dimse_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

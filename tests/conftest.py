@@ -98,8 +98,13 @@ def copy_with_new_uids(
     return path
 
 
-def make_settings(tmp_path: Path, database_url: str | None = None, **dicom: Any) -> Settings:
-    """Settings for a gateway on free ports under *tmp_path*, loopback peers only."""
+def make_settings(
+    tmp_path: Path, database_url: str | None = None, sections: dict[str, Any] | None = None, **dicom: Any
+) -> Settings:
+    """Settings for a gateway on free ports under *tmp_path*, loopback peers only.
+
+    *sections* adds other top-level sections, e.g. ``{"inference": {"model_dir": ...}}``.
+    """
     peers = dicom.pop(
         "peers",
         [
@@ -115,6 +120,9 @@ def make_settings(tmp_path: Path, database_url: str | None = None, **dicom: Any)
             "dicom": {"ae_title": "PNEUMO", "port": 0, "bind": "127.0.0.1", "peers": peers, **dicom},
             "fhir": {"port": 0},
             "log": {"format": "json"},
+            # Ingest tests look at queued jobs; workflow tests turn the workers on explicitly.
+            "worker": {"enabled": False},
+            **(sections or {}),
         }
     )
 
@@ -133,8 +141,8 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     started: list[Any] = []
 
-    def _start(database_url: str | None = None, **dicom: Any) -> Any:
-        settings = make_settings(tmp_path, database_url, **dicom)
+    def _start(database_url: str | None = None, sections: dict[str, Any] | None = None, **dicom: Any) -> Any:
+        settings = make_settings(tmp_path, database_url, sections, **dicom)
         runtime = open_runtime(settings)
         gateway = Gateway(runtime)
         gateway.start()

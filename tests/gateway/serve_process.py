@@ -12,7 +12,13 @@ from typing import Any
 
 
 def write_config(
-    path: Path, data_dir: Path, *, database_url: str | None = None, dicom_extra: str = "", extra: str = ""
+    path: Path,
+    data_dir: Path,
+    *,
+    database_url: str | None = None,
+    dicom_extra: str = "",
+    extra: str = "",
+    workers: bool = False,
 ) -> Path:
     lines = [
         f'data_dir = "{data_dir}"',
@@ -33,6 +39,8 @@ def write_config(
         'host = "127.0.0.1"',
         "[fhir]",
         "port = 0",
+        "[worker]",
+        f"enabled = {'true' if workers else 'false'}",
         extra,
     ]
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,185 @@
+"""Study Root Query/Retrieve SCP (PS3.4 Annex C): thin adapters from EVT_C_FIND, EVT_C_MOVE
+and EVT_C_GET to :class:`~dicom_node.query_retrieve.QueryRetrieveService`.
+
+pynetdicom drives the DIMSE exchange from generator handlers (C-FIND: ``(status, identifier)``
+pairs; C-MOVE: destination, sub-operation count, then ``(status, dataset)``; C-GET: count,
+then ``(status, dataset)``) and runs the C-STORE sub-operations itself. What it does not tell
+the handler is how each sub-operation ended, and the Instances Transferred audit record needs
+exactly that, so the handlers listen to the C-STORE-RSP messages (EVT_DIMSE_RECV) of the
+association the sub-operations run on: the move sub-association for C-MOVE, the requestor's own
+association for C-GET (PS3.4 C.4.3.3: C-GET sub-operations use the same association, with the
+requestor in the Storage SCP role).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.errors import QueryRetrieveError, qr_status_for
+from dicom_node.ingest import Peer
+from dicom_node.query_retrieve import QueryRetrieveService, SubOperationResults, Transfer
+
+log = structlog.get_logger(__name__)
+
+PENDING, CANCEL = 0xFF00, 0xFE00
+_C_STORE_RSP = 0x8001
+#: PS3.8 9.3.2.2: at most 128 presentation contexts in one association request.
+MAX_CONTEXTS = 128
+_NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
+
+#: Yielded instead of a dataset whose file cannot be read: pynetdicom counts any non-Dataset
+#: as a failed sub-operation, which is the truth (PS3.4 C.4.2.1.4.2).
+_UNREADABLE = object()
+
+
+def handle_find(event: Event, service: QueryRetrieveService) -> Iterator[tuple[int, Dataset | None]]:
+    """EVT_C_FIND (PS3.4 C.4.1.3): Pending per match, then pynetdicom's final Success."""
+    try:
+        responses = service.find(
+            event.identifier,
+            _requestor(event),
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            encoded=_raw_identifier(event),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
+        yield _failure("find", exc), None
+        return
+    for response in responses:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, response
+
+
+def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
+    """EVT_C_MOVE (PS3.4 C.4.2.3): the sub-association to the destination is opened by
+    pynetdicom with the presentation contexts the matched instances need."""
+    destination_ae = str(event.move_destination).strip()
+    try:
+        transfer = service.retrieve(event.identifier, _requestor(event), destination_ae=destination_ae)
+        contexts = move_contexts(transfer.sop_pairs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
+        status = _failure("move", exc)
+        if status == 0xA801:
+            yield None, None  # pynetdicom answers "Move Destination unknown"
+            return
+        # pynetdicom wants a destination and a count before it accepts a final status.
+        known = service.move_destination(destination_ae)
+        yield known.host, known.port, {"contexts": [build_context(Verification)]}
+        yield 1
+        yield status, None
+        return
+    destination = transfer.destination
+    assert destination is not None  # retrieve() with a destination AE always resolves one
+    tracker = StoreResponseTracker()
+    yield destination.host, destination.port, {
+        "contexts": contexts,
+        "evt_handlers": [(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)],
+    }
+    yield len(transfer.matches)
+    yield from _sub_operations(event, transfer, tracker)
+
+
+def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
+    """EVT_C_GET (PS3.4 C.4.3.3): C-STORE sub-operations on the requestor's association, over
+    the storage contexts it proposed with the SCP role (role selection, PS3.7 D.3.3.4)."""
+    try:
+        transfer = service.retrieve(event.identifier, _requestor(event))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
+        status = _failure("get", exc)
+        yield 1
+        yield status, None
+        return
+    tracker = StoreResponseTracker()
+    event.assoc.bind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
+    try:
+        yield len(transfer.matches)
+        yield from _sub_operations(event, transfer, tracker)
+    finally:
+        event.assoc.unbind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
+
+
+class StoreResponseTracker:
+    """Collects the C-STORE-RSP statuses of the sub-operations, keyed by SOP Instance UID."""
+
+    def __init__(self) -> None:
+        self.results = SubOperationResults()
+
+    def on_dimse_recv(self, event: Event) -> None:
+        command = event.message.command_set
+        if command.get("CommandField") == _C_STORE_RSP:
+            self.results.record(str(command.get("AffectedSOPInstanceUID", "")), int(command.Status))
+
+
+def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """Presentation contexts for sending the matched instances without transcoding.
+
+    Native (uncompressed little endian) encodings share one context per SOP Class offering
+    Explicit and Implicit VR (pynetdicom converts between them); every other stored transfer
+    syntax gets a context of its own, since compressed pixel data is sent as stored.
+    """
+    wanted: dict[tuple[str, str], list[str]] = {}
+    for sop_class, syntax in sorted(pairs):
+        if syntax in _NATIVE:
+            wanted[(sop_class, "native")] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        else:
+            wanted[(sop_class, syntax)] = [syntax]
+    if len(wanted) > MAX_CONTEXTS:
+        raise QueryRetrieveError(f"the matches need {len(wanted)} presentation contexts, more than {MAX_CONTEXTS}")
+    return [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
+
+
+def _sub_operations(event: Event, transfer: Transfer, tracker: StoreResponseTracker) -> Iterator[tuple[int, Any]]:
+    """Pending + dataset per instance; stops on C-CANCEL; audits the outcome however it ends
+    (the ``finally`` also runs when pynetdicom drops the generator after an abort)."""
+    results = tracker.results
+    try:
+        for match, dataset in transfer.datasets():
+            if event.is_cancelled:
+                results.cancelled = True
+                yield CANCEL, None
+                return
+            if dataset is None:
+                results.failed.append(match.sop_instance_uid)
+                yield PENDING, _UNREADABLE
+            else:
+                yield PENDING, dataset
+    finally:
+        transfer.finish(results)
+
+
+def _requestor(event: Event) -> Peer:
+    requestor = event.assoc.requestor
+    return Peer(str(requestor.ae_title).strip(), str(requestor.address), int(requestor.port))
+
+
+def _raw_identifier(event: Event) -> bytes | None:
+    """The identifier exactly as received (for the Query audit record), if still readable."""
+    stream = event.request.Identifier
+    return stream.getvalue() if stream is not None else None
+
+
+def _failure(service: str, exc: BaseException) -> int:
+    status = qr_status_for(exc)
+    level = log.warning if isinstance(exc, QueryRetrieveError) else log.error
+    level(
+        f"dicom.{service}.failed",
+        status=f"0x{status:04X}",
+        error=exc.__class__.__name__,
+        detail=str(exc)[:200] if isinstance(exc, QueryRetrieveError) else None,
+    )
+    return status
