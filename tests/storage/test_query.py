@@ -3,12 +3,15 @@ on SQLite and PostgreSQL (the ``database`` fixture runs both)."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
+from pynetdicom.dsutils import decode
 
 from storage.db import Database
 from storage.index import add_instance
@@ -81,6 +84,14 @@ def _identifier(level: str, **keys: Any) -> Dataset:
     return ds
 
 
+def _with_raw(ds: Dataset, tag: int, vr: str, value: str) -> Dataset:
+    """Add an element decoded from bytes, as off the wire: invalid values are kept as text."""
+    encoded = value.encode("ascii") + (b" " if len(value) % 2 else b"")
+    raw = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(encoded)) + encoded
+    ds.update(decode(DicomBytesIO(raw), False, True))
+    return ds
+
+
 def _find(database: Database, identifier: Dataset) -> list[Dataset]:
     with database.read_session() as session:
         return list(find(session, identifier, retrieve_ae_title="PNEUMO"))
@@ -125,7 +136,7 @@ def _resolve(archive: Archive, value: Any) -> Any:
 
 @pytest.mark.parametrize(("keys", "expected"), STUDY_CASES)
 def test_study_level_matching(database: Database, archive: Archive, keys: dict[str, Any], expected: set[str] | None) -> None:
-    identifier = _identifier("STUDY", StudyInstanceUID="", **{k: _resolve(archive, v) for k, v in keys.items()})
+    identifier = _identifier("STUDY", **{"StudyInstanceUID": "", **{k: _resolve(archive, v) for k, v in keys.items()}})
     if expected is None:
         with pytest.raises(QueryError):
             _find(database, identifier)
@@ -205,7 +216,7 @@ def test_image_level_with_uid_list(database: Database, archive: Archive) -> None
         _identifier("", StudyInstanceUID=""),
         _identifier("STUDY", StudyInstanceUID="1.2.*"),  # no wildcards in UIDs
         _identifier("STUDY", StudyDate="2004-01-01-2005"),
-        _identifier("SERIES", SeriesNumber="one"),
+        _with_raw(_identifier("SERIES"), 0x00200011, "IS", "one"),  # as read off the wire
     ],
 )
 def test_unusable_identifiers_are_refused(identifier: Dataset) -> None:
