@@ -24,8 +24,9 @@ USER pneumo
 WORKDIR /var/lib/pneumo
 ENV PNEUMO_DATA_DIR=/var/lib/pneumo \
     PNEUMO_FHIR__BIND=0.0.0.0 \
-    PNEUMO_LOG__FORMAT=json
+    PNEUMO_LOG__FORMAT=json \
+    PNEUMO_CONFIG=/etc/pneumo/pneumo.toml
 EXPOSE 11112 8080
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/health').status == 200 else 1)"
-ENTRYPOINT ["pneumo", "--config", "/etc/pneumo/pneumo.toml"]
+ENTRYPOINT ["pneumo"]
 CMD ["serve"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -213,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pneumo",
         description="Pneumo Gateway: DICOM in, pneumonia classifier, SR / FHIR / HL7 out, audited.",
     )
-    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (default ./pneumo.toml if present)")
+    default_config = os.environ.get("PNEUMO_CONFIG")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(default_config) if default_config else None,
+        help="TOML settings file (default: $PNEUMO_CONFIG, else ./pneumo.toml if present)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the DICOM node and HTTP server (health, readiness)")
@@ -260,7 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log)
     handler: Command = args.handler
-    return handler(args, settings)
+    try:
+        return handler(args, settings)
+    except ModelPackageError as exc:
+        print(f"pneumo: model package refused: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import ColumnElement, Select, and_, distinct, exists, false, func, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from storage.models import Instance, Patient, Series, Study
@@ -398,14 +398,15 @@ def _computed_values(session: Session, query: Query, rows: Sequence[Any]) -> dic
             out["NumberOfStudyRelatedInstances"] = {pk: n for pk, n in counted}
         if query.asks_for("ModalitiesInStudy"):
             out["ModalitiesInStudy"] = _distinct_by(
-                session, select(Series.study_pk, distinct(Series.modality)).where(Series.study_pk.in_(study_pks))
+                session, select(Series.study_pk, Series.modality).where(Series.study_pk.in_(study_pks)).distinct()
             )
         if query.asks_for("SOPClassesInStudy"):
             out["SOPClassesInStudy"] = _distinct_by(
                 session,
-                select(Series.study_pk, distinct(Instance.sop_class_uid))
+                select(Series.study_pk, Instance.sop_class_uid)
                 .join(Instance, Instance.series_pk == Series.id)
-                .where(Series.study_pk.in_(study_pks)),
+                .where(Series.study_pk.in_(study_pks))
+                .distinct(),
             )
     if query.level is QueryLevel.SERIES and query.asks_for("NumberOfSeriesRelatedInstances") and rows:
         series_pks = sorted({row[2].id for row in rows})

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -65,7 +65,7 @@ class StoreScp:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> StoreScp:
+    def start(self) -> Self:
         binary = shutil.which("storescp")
         if binary is None:
             pytest.skip("DCMTK storescp not installed (apt-get install dcmtk)")
@@ -84,7 +84,7 @@ class StoreScp:
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
-    def __enter__(self) -> StoreScp:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -102,7 +102,7 @@ class Orthanc:
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Orthanc:
+    def start(self) -> Self:
         if not Path(ORTHANC_BINARY).is_file():
             pytest.skip("Orthanc not installed (apt-get install orthanc)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ class Orthanc:
     def sop_instance_uids(self) -> list[str]:
         return sorted(str(item["MainDicomTags"]["SOPInstanceUID"]) for item in self.instances())
 
-    def __enter__(self) -> Orthanc:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -173,7 +173,7 @@ class StatusScp:
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, transfer_syntaxes)
         self._ae = ae
-        self._handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self._handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store)]
         self._server: Any = None
         self.port = 0
 
@@ -182,7 +182,7 @@ class StatusScp:
         self.received[uid] = str(event.context.transfer_syntax)
         return self.statuses.get(uid, 0x0000)
 
-    def __enter__(self) -> StatusScp:
+    def __enter__(self) -> Self:
         self._server = self._ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=self._handlers)
         self.port = int(self._server.server_address[1])
         return self

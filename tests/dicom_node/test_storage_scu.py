@@ -129,17 +129,17 @@ def test_unreachable_destination_is_transient(tmp_path: Path) -> None:
 
 def test_association_rejected_is_transient(tmp_path: Path) -> None:
     path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")
-    with StatusScp([CT], [ExplicitVRLittleEndian], require_called_aet=True) as scp:
-        with pytest.raises(DeliveryUnavailableError, match="rejected"):
-            send_instance(path, _dest(scp.port, "WRONGAE"), "PNEUMO", 5)
+    scp = StatusScp([CT], [ExplicitVRLittleEndian], require_called_aet=True)
+    with scp, pytest.raises(DeliveryUnavailableError, match="rejected"):
+        send_instance(path, _dest(scp.port, "WRONGAE"), "PNEUMO", 5)
     assert scp.received == {}
 
 
 def test_sop_class_not_accepted_is_permanent(tmp_path: Path) -> None:
     path = copy_with_new_uids(sample("MR_small.dcm"), tmp_path / "in")
-    with StatusScp([CT], [ExplicitVRLittleEndian]) as scp:
-        with pytest.raises(DeliveryRejectedError, match="presentation context"):
-            send_instance(path, _dest(scp.port, scp.ae_title), "PNEUMO", 5)
+    scp = StatusScp([CT], [ExplicitVRLittleEndian])
+    with scp, pytest.raises(DeliveryRejectedError, match="presentation context"):
+        send_instance(path, _dest(scp.port, scp.ae_title), "PNEUMO", 5)
 
 
 def test_unreadable_stored_file_is_permanent(tmp_path: Path) -> None:

@@ -25,9 +25,10 @@ from sqlalchemy import select
 
 from audit.models import AuditRecord
 from audit.store import verify_chain
-from conf.settings import DeliverySettings, DicomDestination, Settings
+from conf.settings import DicomDestination, Settings
 from dicom_node.ai_result import AiResult
 from dicom_node.sr import build_ai_sr
+from dicom_node.storage_scu import send_instance
 from gateway.app import Runtime, open_runtime
 from gateway.cli_deliveries import register
 from gateway.delivery import DELIVER_JOB, DeliveryHandler, delivery_job_key, enqueue_deliveries
@@ -66,8 +67,10 @@ def runtime_factory(tmp_path: Path) -> Iterator[RuntimeFactory]:
     opened: list[Runtime] = []
 
     def _open(destinations: list[DicomDestination], database_url: str | None = None, **delivery: Any) -> Runtime:
-        settings = make_settings(tmp_path, database_url, destinations=[d.model_dump() for d in destinations])
-        settings = settings.model_copy(update={"delivery": DeliverySettings(timeout_seconds=5, **delivery)})
+        settings = make_settings(
+            tmp_path, database_url, {"delivery": {"timeout_seconds": 5, **delivery}},
+            destinations=[d.model_dump() for d in destinations],
+        )
         runtime = open_runtime(settings)
         opened.append(runtime)
         return runtime
@@ -182,27 +185,40 @@ def test_delivers_report_to_storescp(
         assert verify_chain(session).ok
 
 
-def test_orthanc_holds_one_copy_after_a_resend(
+def test_worker_dying_between_send_and_commit_leaves_one_copy_in_orthanc(
     runtime_factory: RuntimeFactory, radiograph_header: Dataset, tmp_path: Path
 ) -> None:
-    """A crash after the C-STORE but before the commit re-sends: the PACS still has one report."""
+    """The one window where a report is sent twice: the C-STORE succeeded, the worker died before
+    committing. The job's lease expires, another worker re-sends the same SOP Instance UID, and
+    the PACS still holds exactly one report."""
     with Orthanc(tmp_path / "orthanc") as orthanc:
         dest = DicomDestination(name="orthanc", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
         runtime = runtime_factory([dest])
         uid = store_report(runtime, radiograph_header)
-        deliverer = worker(runtime)
-        assert deliverer.run_once("w1")
+
+        # The worker that dies: claims the job (a lease that expires at once), sends, never commits.
+        dead = jobs.claim(runtime.database, [DELIVER_JOB], "dead-worker", dt.timedelta(seconds=0))
+        assert dead is not None
+        with runtime.database.read_session() as session:
+            stored_path = session.execute(select(Instance.path).where(Instance.sop_instance_uid == uid)).scalar_one()
+        send_instance(runtime.store.absolute(stored_path), dest, "PNEUMO", 5)
         assert orthanc.sop_instance_uids() == [uid]
 
-        # The "lost commit": put the finished job back as if the outcome had never been recorded.
-        with runtime.database.session() as session:
-            jobs.requeue(session, delivery_job_key("orthanc", uid))
-        assert deliverer.run_once("w2")
+        assert worker(runtime).run_once("w2")  # takes over the expired lease and re-sends
         assert orthanc.sop_instance_uids() == [uid]
         assert len(orthanc.instances()) == 1
 
-    assert [a.outcome for a in attempts(runtime)] == ["delivered", "delivered"]
-    assert [job.state for job in delivery_jobs(runtime)] == [JobState.DONE]
+        # Later re-deliveries of the same object (an operator re-queue) are just as harmless.
+        with runtime.database.session() as session:
+            jobs.requeue(session, delivery_job_key("orthanc", uid))
+        assert worker(runtime).run_once("w3")
+        assert len(orthanc.instances()) == 1
+
+    with runtime.database.session() as session:  # the dead worker's late commit is refused
+        assert jobs.complete(session, dead.id, "dead-worker") is False
+    [job] = delivery_jobs(runtime)
+    assert job.state == JobState.DONE
+    assert [(a.attempt, a.outcome) for a in attempts(runtime)] == [(2, "delivered"), (1, "delivered")]
 
 
 def test_destination_down_then_back_delivers_each_report_once(
