@@ -86,12 +86,17 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     destination = transfer.destination
     assert destination is not None  # retrieve() with a destination AE always resolves one
     tracker = StoreResponseTracker()
-    yield destination.host, destination.port, {
-        "contexts": contexts,
-        "evt_handlers": [(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)],
-    }
-    yield len(transfer.matches)
-    yield from _sub_operations(event, transfer, tracker)
+    try:
+        yield destination.host, destination.port, {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)],
+        }
+        yield len(transfer.matches)
+        yield from _sub_operations(event, transfer, tracker)
+    finally:
+        # Also when the destination refused the association: pynetdicom then answers 0xA801
+        # and drops this generator, and the audit trail must say nothing was sent.
+        transfer.finish(tracker.results)
 
 
 def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
@@ -111,6 +116,7 @@ def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
         yield from _sub_operations(event, transfer, tracker)
     finally:
         event.assoc.unbind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
+        transfer.finish(tracker.results)
 
 
 class StoreResponseTracker:
@@ -144,22 +150,23 @@ def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]
 
 
 def _sub_operations(event: Event, transfer: Transfer, tracker: StoreResponseTracker) -> Iterator[tuple[int, Any]]:
-    """Pending + dataset per instance; stops on C-CANCEL; audits the outcome however it ends
-    (the ``finally`` also runs when pynetdicom drops the generator after an abort)."""
+    """Pending + dataset per instance, read one at a time; stops on C-CANCEL (C.4.2.3.2).
+
+    The callers audit the outcome in a ``finally``: pynetdicom simply drops the generator when
+    the association is aborted or the sub-association cannot be opened, and closing it runs
+    that ``finally`` with whatever the tracker saw.
+    """
     results = tracker.results
-    try:
-        for match, dataset in transfer.datasets():
-            if event.is_cancelled:
-                results.cancelled = True
-                yield CANCEL, None
-                return
-            if dataset is None:
-                results.failed.append(match.sop_instance_uid)
-                yield PENDING, _UNREADABLE
-            else:
-                yield PENDING, dataset
-    finally:
-        transfer.finish(results)
+    for match, dataset in transfer.datasets():
+        if event.is_cancelled:
+            results.cancelled = True
+            yield CANCEL, None
+            return
+        if dataset is None:
+            results.failed.append(match.sop_instance_uid)
+            yield PENDING, _UNREADABLE
+        else:
+            yield PENDING, dataset
 
 
 def _requestor(event: Event) -> Peer:

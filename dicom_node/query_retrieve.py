@@ -164,7 +164,6 @@ class QueryRetrieveService:
             encoded, transfer_syntax_uid = _encode(identifier), ExplicitVRLittleEndian
         audit = _QueryAudit(self, requestor, sop_class_uid, encoded, transfer_syntax_uid, identifier)
         try:
-            index_query.parse_query(identifier)
             with self._db.read_session() as session:
                 responses = list(
                     index_query.find(session, identifier, retrieve_ae_title=self._settings.ae_title)

@@ -140,6 +140,9 @@ class DicomNode:
             (evt.EVT_C_STORE, handle_store, [self._ingestor]),
         ]
         if self._query_retrieve is not None:
+            # pynetdicom logs every Q/R request identifier at INFO: patient names, IDs and
+            # accession numbers, which belong in the audit trail only (DESIGN.md §5).
+            _config.LOG_REQUEST_IDENTIFIERS = False
             handlers += [
                 (evt.EVT_C_FIND, handle_find, [self._query_retrieve]),
                 (evt.EVT_C_MOVE, handle_move, [self._query_retrieve]),

@@ -23,6 +23,7 @@ from audit.store import verify_chain
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.app import Gateway, Workers, build_engine, open_runtime
+from gateway.cli_deliveries import register as register_deliveries
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = model_commands.add_parser("export", help="export a checkpoint to ONNX + manifest (train extra)")
     export.add_argument("rest", nargs=argparse.REMAINDER)
     export.set_defaults(handler=cmd_model_export)
+
+    register_deliveries(commands)
 
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

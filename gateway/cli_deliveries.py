@@ -142,7 +142,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if skipped else 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``deliveries list|show|retry`` to the ``pneumo`` command parser's *subparsers*."""
     deliveries = subparsers.add_parser("deliveries", help="the outbox: list, inspect and retry report deliveries")
     actions = deliveries.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")

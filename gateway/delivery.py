@@ -19,9 +19,9 @@ Why a report is never lost and never duplicated, across restarts (the exactly-on
   retry then sends the same object again. Our SR/SC SOP Instance UIDs are deterministic (derived
   from the source SOP Instance UID and the model id/version, ``dicom_node.sr``), so the PACS
   receives the *same* SOP Instance UID a second time, which a Storage SCP treats as the same
-  instance (PS3.4 B.4.1: the SOP Instance UID identifies the instance; archives keep or overwrite
-  one copy), never as a second report. Delivery is at-least-once on the wire and exactly-once in
-  the PACS's index.
+  instance (PS3.3 C.12.1.1.1, PS3.5 §9: the SOP Instance UID identifies the instance; archives
+  keep or overwrite one copy), never as a second report. Transcoding keeps the UID too. Delivery
+  is at-least-once on the wire and exactly-once in the PACS's index.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class DeliveryHandler:
                 DeliveryAttempt(
                     job_pk=job.id,
                     attempt=job.attempts,
-                    destination=destination.name,
+                    destination=destination.name[:64],
                     sop_instance_uid=target.sop_instance_uid,
                     started_at=started,
                     finished_at=finished,

@@ -50,6 +50,7 @@ from .data import (
     patient_split,
     read_manifest,
     resize_batch,
+    to_float,
 )
 from .efficientnet import EfficientNetB0, EfficientNetConfig
 
@@ -101,6 +102,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     target_sensitivity: float = 0.95
     bootstrap_resamples: int = 1000
+    precise_bn_images: int = 384
     resume: bool = True
     max_images: int | None = None
     max_steps_per_epoch: int | None = None
@@ -393,6 +395,45 @@ def predict(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+@torch.no_grad()
+def precise_bn(
+    model: EfficientNetB0,
+    dataset: InMemoryDataset,
+    resolution: int,
+    n_images: int,
+    batch_size: int,
+    channels_last: bool,
+    seed: int,
+) -> None:
+    """Re-estimate every BatchNorm's running mean/variance at *resolution* ("precise BN").
+
+    Why: running averages lag a network whose weights move quickly, and statistics gathered at
+    a lower training resolution do not match the 224-pixel evaluation/export resolution.  A pass
+    over a fixed, seeded subset of un-augmented *training* images (cumulative average, other
+    modules in eval mode so stochastic depth and dropout stay off) gives the exact statistics of
+    the current weights at the deployed resolution.  Validation images are never used here.
+    """
+    if n_images <= 0:
+        return
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+        m.train()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=gen)[: min(n_images, len(dataset))]
+    for start in range(0, idx.numel(), batch_size):
+        images = resize_batch(to_float(dataset.images[idx[start : start + batch_size]]), resolution)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        model(images)
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and BatchNorm parameters (standard; decaying them only hurts)."""
     decay, no_decay = [], []
@@ -561,6 +602,15 @@ def train(config: TrainConfig) -> TrainOutcome:
             break
 
         t_eval = time.perf_counter()
+        precise_bn(
+            model,
+            train_ds,
+            config.eval_resolution,
+            config.precise_bn_images,
+            config.eval_batch_size,
+            config.channels_last,
+            config.seed,
+        )
         probs = predict(model, val_ds, config.eval_resolution, config.eval_batch_size, config.channels_last)
         labels_np = val_ds.labels.numpy()
         auc = roc_auc(labels_np, probs)

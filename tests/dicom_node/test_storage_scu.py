@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +151,15 @@ def test_unreadable_stored_file_is_permanent(tmp_path: Path) -> None:
         send_instance(broken, _dest(free_port()), "PNEUMO", 5)
     with pytest.raises(DeliveryRejectedError):
         send_instance(tmp_path / "missing.dcm", _dest(free_port()), "PNEUMO", 5)
+
+
+def test_silent_peer_times_out_as_transient(tmp_path: Path) -> None:
+    """A peer that accepts the TCP connection and never answers the A-ASSOCIATE-RQ."""
+    path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        started = time.monotonic()
+        with pytest.raises(DeliveryUnavailableError):
+            send_instance(path, _dest(listener.getsockname()[1]), "PNEUMO", 1)
+        assert time.monotonic() - started < 10
