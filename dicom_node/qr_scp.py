@@ -28,7 +28,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.errors import QueryRetrieveError, qr_status_for
+from dicom_node.errors import MoveDestinationUnknownError, QueryRetrieveError, qr_status_for
 from dicom_node.ingest import Peer
 from dicom_node.query_retrieve import QueryRetrieveService, SubOperationResults, Transfer
 
@@ -70,15 +70,20 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     pynetdicom with the presentation contexts the matched instances need."""
     destination_ae = str(event.move_destination).strip()
     try:
+        known = service.move_destination(destination_ae)
+    except MoveDestinationUnknownError as exc:
+        _failure("move", exc)
+        yield None, None  # pynetdicom answers 0xA801 "Move Destination unknown"
+        return
+    transfer: Transfer | None = None
+    try:
         transfer = service.retrieve(event.identifier, _requestor(event), destination_ae=destination_ae)
         contexts = move_contexts(transfer.sop_pairs)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
+        if transfer is not None:
+            transfer.finish(SubOperationResults())  # begun, but nothing will be sent
         status = _failure("move", exc)
-        if status == 0xA801:
-            yield None, None  # pynetdicom answers "Move Destination unknown"
-            return
         # pynetdicom wants a destination and a count before it accepts a final status.
-        known = service.move_destination(destination_ae)
         yield known.host, known.port, {"contexts": [build_context(Verification)]}
         yield 1
         yield status, None
@@ -176,7 +181,7 @@ def _requestor(event: Event) -> Peer:
 
 def _raw_identifier(event: Event) -> bytes | None:
     """The identifier exactly as received (for the Query audit record), if still readable."""
-    stream = event.request.Identifier
+    stream = getattr(event.request, "Identifier", None)
     return stream.getvalue() if stream is not None else None
 
 

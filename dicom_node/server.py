@@ -131,7 +131,7 @@ class DicomNode:
         # Receive datasets straight to files (no decode, bounded memory); process-wide setting,
         # owned by the composition root's only DICOM node.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, _on_closed),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import os
 import socket
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from gateway.worker import JobWorker, WorkerOptions
 from gateway.workflow import InferenceWorkflow
 from inference.engine import EngineOptions, InferenceEngine
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
+from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.migrate import is_current, upgrade
@@ -89,6 +91,7 @@ class Workers:
     def __init__(self, runtime: Runtime, engine: InferenceEngine) -> None:
         settings = runtime.settings
         self.engine = engine
+        self._database = runtime.database
         base = WorkerOptions(
             poll_interval=settings.worker.poll_interval,
             lease_seconds=settings.worker.lease_seconds,
@@ -130,6 +133,9 @@ class Workers:
         return all(w.running for w in (*self.inferers, *self.deliverers))
 
     def start(self) -> None:
+        released = jobs.release_orphans(self._database, socket.gethostname(), process_alive)
+        if released:
+            log.info("worker.orphans_released", jobs=released)
         for worker in (*self.inferers, *self.deliverers):
             worker.start()
 
@@ -210,6 +216,16 @@ class Gateway:
             )
         )
         log.info("gateway.stopped")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _user() -> str | None:

@@ -25,7 +25,7 @@ from audit.builders import ai_processing
 from audit.events import Action, AuditEvent, AuditSource, Outcome
 from audit.store import append as append_audit
 from conf.settings import Settings
-from dicom_node.ai_result import AiResult
+from dicom_node.ai_result import AiResult, ResultObjectError
 from dicom_node.sr import build_ai_sr
 from dicom_node.summary_image import build_summary_image
 from gateway.delivery import enqueue_deliveries
@@ -137,10 +137,15 @@ class InferenceWorkflow:
             return
 
         now = utcnow()
-        result = to_ai_result(outcome.prediction, self._engine, now)
-        generated = [self._stage(build_ai_sr(source, result))]
-        if outcome.display is not None:
-            generated.append(self._stage(build_summary_image(source, outcome.display, result)))
+        try:
+            result = to_ai_result(outcome.prediction, self._engine, now)
+            generated = [self._stage(build_ai_sr(source, result))]
+            if outcome.display is not None:
+                generated.append(self._stage(build_summary_image(source, outcome.display, result)))
+        except ResultObjectError as exc:  # the source lacks what a valid report needs: retrying cannot help
+            self._record(job, worker_id, instance, meta, outcome, [], status=ResultStatus.FAILED,
+                         reason=f"report not built: {exc}"[:1000])
+            return
         try:
             for item in generated:
                 self._store.commit(item.staged, item.relative_path)

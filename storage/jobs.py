@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,37 @@ def fail(
             delay = backoff_delay(job.attempts, base=backoff_base, cap=backoff_cap)
             job.run_after = utcnow() + dt.timedelta(seconds=delay)
         return job.state
+
+
+def release_orphans(database: Database, host: str, is_alive: Callable[[int], bool]) -> int:
+    """Return to the queue the running jobs that a dead process on *host* was holding.
+
+    Leases make a crashed worker's jobs runnable again eventually (on any host); on restart we
+    need not wait for them: a worker id names its host and process (``name@host:pid:thread``),
+    and a job held by a process of this host that no longer exists cannot be in progress.
+    """
+    released = 0
+    with database.session() as session:
+        running = session.execute(select(Job).where(Job.state == JobState.RUNNING)).scalars().all()
+        for job in running:
+            holder_host, pid = _holder(job.locked_by)
+            if holder_host == host and pid is not None and not is_alive(pid):
+                job.state = JobState.PENDING
+                job.run_after = utcnow()
+                job.lease_expires_at = None
+                job.locked_by = None
+                released += 1
+    return released
+
+
+def _holder(locked_by: str | None) -> tuple[str | None, int | None]:
+    """Parse ``name@host:pid:thread`` (see gateway.worker.worker_identity)."""
+    if not locked_by or "@" not in locked_by:
+        return None, None
+    parts = locked_by.split("@", 1)[1].split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None, None
+    return parts[0], int(parts[1])
 
 
 def retry_failed(session: Session, job_ids: Iterable[int] | None = None) -> int:

@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql import Executable
 
 from storage.models import Instance, Patient, Series, Study
 from storage.uids import is_valid_uid
@@ -417,7 +418,7 @@ def _computed_values(session: Session, query: Query, rows: Sequence[Any]) -> dic
     return out
 
 
-def _distinct_by(session: Session, statement: Select[Any]) -> dict[int, list[str]]:
+def _distinct_by(session: Session, statement: Executable) -> dict[int, list[str]]:
     grouped: dict[int, list[str]] = defaultdict(list)
     for pk, value in session.execute(statement).all():
         if value:
@@ -430,7 +431,7 @@ def build_response(
 ) -> Dataset:
     """One C-FIND response identifier: every requested key, filled when we hold it, zero-length
     when we do not or when it belongs to a lower level (C.4.1.1.3.2)."""
-    entities: dict[type[Any], Any] = {type(entity): entity for entity in row}
+    entities: dict[Any, Any] = {type(entity): entity for entity in row}
     response = Dataset()
     response.QueryRetrieveLevel = query.level.value
     response.RetrieveAETitle = retrieve_ae_title
@@ -451,7 +452,7 @@ def build_response(
 
 
 def _response_value(
-    keyword: str, level: QueryLevel, entities: dict[type[Any], Any], computed: dict[str, dict[int, Any]]
+    keyword: str, level: QueryLevel, entities: dict[Any, Any], computed: dict[str, dict[int, Any]]
 ) -> Any:
     spec = MATCHING_KEYS.get(keyword)
     if spec is not None:

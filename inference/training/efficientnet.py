@@ -153,8 +153,9 @@ class EfficientNetB0(nn.Module):
 
     ``forward`` returns the logit ``[B]``.  ``forward_features`` returns the last feature map
     ``[B, 1280, H/32, W/32]`` (7x7 at 224), and ``cam`` turns it into the PNEUMONIA class
-    activation map: the per-cell contribution to the logit, ``w . f[:, :, i, j] + b / (H*W)``, whose
-    spatial *mean* equals the logit exactly (global average pooling is linear).
+    activation map ``cam[i, j] = w . f[:, :, i, j] + b / (H*W)`` (the contract's form: the feature
+    map weighted by the linear weights, plus the bias spread over the cells).  Because global
+    average pooling is linear, ``logit = mean(cam) + b * (1 - 1/(H*W))`` exactly.
     """
 
     def __init__(self, config: EfficientNetConfig | None = None) -> None:
@@ -214,7 +215,7 @@ class EfficientNetB0(nn.Module):
     def cam(self, features: Tensor) -> Tensor:
         """PNEUMONIA class activation map ``[B, H', W']``: per-cell logit contribution.
 
-        Not normalised; ``cam.mean((1, 2))`` equals the (eval-mode) logit.
+        Not normalised.  ``cam.mean((1, 2)) + b * (1 - 1/(H*W))`` equals the (eval-mode) logit.
         """
         weight = self.classifier.weight[0]  # [1280]
         bias = self.classifier.bias[0]

@@ -5,8 +5,8 @@ The exported graph is the runtime contract every other part of the gateway is wr
 * opset >= 17; one input ``image`` float32 ``[batch, 1, 224, 224]``, pixels in ``[0, 1]``,
   MONOCHROME2 display orientation, squashed to 224x224; normalisation is inside the graph;
 * outputs ``probability`` float32 ``[batch]`` (sigmoid of the PNEUMONIA logit, inside the graph)
-  and ``cam`` float32 ``[batch, 7, 7]`` (per-cell PNEUMONIA logit contribution; its mean is the
-  logit).
+  and ``cam`` float32 ``[batch, 7, 7]`` (per-cell PNEUMONIA logit contribution
+  ``w . F[:, i, j] + b/49``; ``logit = mean(cam) + b * 48/49``).
 
 Why the validation metrics are measured with **onnxruntime on the exported file** (not PyTorch):
 the manifest describes the artefact that is deployed, and the threshold must be chosen on the
@@ -172,12 +172,15 @@ def export_onnx(
             scale = max(1.0, float(terms.max()))
             diff_p = max(diff_p, float(np.abs(p - p_ref.numpy()).max()))
             diff_c = max(diff_c, float(np.abs(c - c_ref.numpy()).max()) / scale)
-        # Semantics of the cam: its spatial mean is the logit.  Exact in real arithmetic; checked in
-        # float64 because float32 cancellation over 1280 channels can be large on odd weights.
+        # Semantics of the cam: logit = mean(cam) + b * (1 - 1/HW).  Exact in real arithmetic;
+        # checked in float64 because float32 cancellation over 1280 channels can be large.
         model64 = copy.deepcopy(model).double().eval()
         x64 = batches[-1].double()
         feats = model64.forward_features(x64)
-        gap = float((model64.cam(feats).mean(dim=(1, 2)) - model64.logits_from_features(feats)).abs().max())
+        bias = model64.classifier.bias[0]
+        hw = feats.shape[2] * feats.shape[3]
+        cam_logit = model64.cam(feats).mean(dim=(1, 2)) + bias * (1.0 - 1.0 / hw)
+        gap = float((cam_logit - model64.logits_from_features(feats)).abs().max())
         magnitude = float(torch.einsum("bchw,c->b", feats.abs(), model64.classifier.weight[0].abs()).max())
         if gap > 1e-9 * max(1.0, magnitude):
             raise RuntimeError(f"cam mean differs from the logit by {gap:.3e} (scale {magnitude:.3e})")
@@ -274,6 +277,7 @@ def build_manifest(
     max_abs_diff: tuple[float, float],
     opset: int,
     int8: dict[str, Any] | None,
+    classifier_bias: float,
 ) -> dict[str, Any]:
     """The ``model.json`` dictionary (contract keys first, extra keys after)."""
     history = checkpoint.get("history", [])
@@ -315,6 +319,11 @@ def build_manifest(
                 "name": "cam",
                 "shape": ["batch", 7, 7],
                 "semantics": "class activation map, PNEUMONIA logit contribution per cell",
+                "formula": (
+                    "cam[i, j] = sum_c w_c * F[c, i, j] + b / 49, with F the last 1280x7x7 feature "
+                    "map and w, b the final linear layer; logit = mean(cam) + b * 48/49"
+                ),
+                "classifier_bias": classifier_bias,
             },
         },
         "threshold": threshold,
@@ -426,6 +435,7 @@ def export_model(config: ExportConfig) -> ExportOutcome:
         max_abs_diff=(diff_p, diff_c),
         opset=config.opset,
         int8=int8_info,
+        classifier_bias=float(model.classifier.bias[0]),
     )
     manifest_path = config.out_dir / "model.json"
     tmp = manifest_path.with_suffix(".json.tmp")
@@ -534,8 +544,9 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
         "Input: one frontal (PA/AP) paediatric chest radiograph, converted to one channel in display "
         "orientation (MONOCHROME2, white = dense), squashed to 224x224 without keeping the aspect "
         "ratio, pixel values scaled to [0, 1]. Outputs: `probability` of PNEUMONIA (sigmoid) and "
-        "`cam`, a 7x7 class activation map (per-cell PNEUMONIA logit contribution; its mean is the "
-        "logit).",
+        "`cam`, a 7x7 class activation map, not normalised: "
+        + manifest["outputs"]["cam"]["formula"]
+        + ".",
         "",
         "## Training data and attribution",
         "",

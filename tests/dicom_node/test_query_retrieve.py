@@ -53,7 +53,7 @@ def _dcmtk(tool: str) -> str:
     path = dcmtk(tool)
     for candidate in (path, f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
         if Path(candidate).is_file():
-            version = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
+            version = subprocess.run([candidate, "--version"], check=False, capture_output=True, text=True, timeout=10)
             if "dcmtk" in version.stdout.lower():
                 return candidate
     pytest.skip(f"DCMTK {tool} not found (only a non-DCMTK {tool} on PATH)")
@@ -147,7 +147,7 @@ def _findscu(gateway: Any, out: Path, level: str, *keys: str) -> list[Dataset]:
                "-k", f"QueryRetrieveLevel={level}"]
     for key in keys:
         command += ["-k", key]
-    result = subprocess.run([*command, "127.0.0.1", str(gateway.dicom.port)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*command, "127.0.0.1", str(gateway.dicom.port)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
 
@@ -272,9 +272,19 @@ def test_movescu_to_storescp(gateway_factory: Any, tmp_path: Path) -> None:
             [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['ct_study']}",
              "127.0.0.1", str(gateway.dicom.port)],
-            capture_output=True, text=True, timeout=120,
+            check=False, capture_output=True, text=True, timeout=120,
         )
+        # A retrieve must name the unique key of its level: no "move everything of patient X".
+        assoc = _client("MOVESCU").associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO")
+        assert assoc.is_established
+        try:
+            refused = [status.Status for status, _ in assoc.send_c_move(
+                _identifier("STUDY", PatientID="*"), "DEST", StudyRootQueryRetrieveInformationModelMove
+            )]
+        finally:
+            assoc.release()
     assert result.returncode == 0, result.stderr
+    assert refused[-1] == 0xA900
     arrived = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
     assert arrived == {*data["ct"], data["generated"]}  # received images and our own object
 
@@ -337,7 +347,7 @@ def test_getscu_receives_files(loaded: dict[str, Any], tmp_path: Path) -> None:
         [_dcmtk("getscu"), "-S", "-aet", "GETSCU", "-aec", "PNEUMO", "-od", str(out),
          "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={loaded['ct_study']}",
          "-k", f"SeriesInstanceUID={loaded['ct_series']}", "127.0.0.1", str(gateway.dicom.port)],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     files = [p for p in out.iterdir() if p.is_file()]

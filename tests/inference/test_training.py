@@ -131,7 +131,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lrs[-1] == pytest.approx(1e-5, rel=0.1)
 
 
-def test_cam_mean_is_the_logit() -> None:
+def test_cam_is_the_per_cell_logit_contribution() -> None:
     torch.manual_seed(0)
     model = EfficientNetB0(EfficientNetConfig()).eval().double()  # float64: no cancellation noise
     x = torch.rand(2, 1, 224, 224, dtype=torch.float64)
@@ -140,7 +140,8 @@ def test_cam_mean_is_the_logit() -> None:
         assert feats.shape == (2, 1280, 7, 7)
         cam = model.cam(feats)
         assert cam.shape == (2, 7, 7)
-        assert torch.allclose(cam.mean(dim=(1, 2)), model(x), atol=1e-9)
+        bias = model.classifier.bias[0]
+        assert torch.allclose(cam.mean(dim=(1, 2)) + bias * (1 - 1 / 49), model(x), atol=1e-9)
 
 
 @needs_data
@@ -154,7 +155,6 @@ def test_tiny_training_run_exports_a_contract_conformant_model(tmp_path: Path) -
         max_images=24,
         max_steps_per_epoch=2,
         bootstrap_resamples=50,
-        eval_resolution=96,
     )
     outcome = train(config)
     assert outcome.best_checkpoint.is_file() and outcome.last_checkpoint.is_file()

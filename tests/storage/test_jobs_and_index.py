@@ -118,3 +118,16 @@ def test_parallel_claims_never_share_a_job(database: Database) -> None:
 def test_backoff_grows_and_is_capped() -> None:
     assert all(0 <= jobs.backoff_delay(1) <= 2 for _ in range(50))
     assert all(0 <= jobs.backoff_delay(30, cap=600) <= 600 for _ in range(50))
+
+
+def test_orphans_of_a_dead_local_process_are_released(database: Database) -> None:
+    for _ in range(3):
+        _add(database, generate_uid())
+    dead = jobs.claim(database, ["infer"], "infer-0@thishost:999999:1", LEASE)
+    alive = jobs.claim(database, ["infer"], "infer-0@thishost:1:1", LEASE)
+    remote = jobs.claim(database, ["infer"], "infer-0@otherhost:999999:1", LEASE)
+    assert dead and alive and remote
+    released = jobs.release_orphans(database, "thishost", lambda pid: pid != 999999)
+    assert released == 1
+    again = jobs.claim(database, ["infer"], "w", LEASE)
+    assert again is not None and again.id == dead.id
