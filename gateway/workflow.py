@@ -139,13 +139,14 @@ class InferenceWorkflow:
         now = utcnow()
         try:
             result = to_ai_result(outcome.prediction, self._engine, now)
-            generated = [self._stage(build_ai_sr(source, result))]
+            reports = [build_ai_sr(source, result)]
             if outcome.display is not None:
-                generated.append(self._stage(build_summary_image(source, outcome.display, result)))
+                reports.append(build_summary_image(source, outcome.display, result))
         except ResultObjectError as exc:  # the source lacks what a valid report needs: retrying cannot help
             self._record(job, worker_id, instance, meta, outcome, [], status=ResultStatus.FAILED,
                          reason=f"report not built: {exc}"[:1000])
             return
+        generated = [self._stage(report) for report in reports]
         try:
             for item in generated:
                 self._store.commit(item.staged, item.relative_path)

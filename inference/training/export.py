@@ -90,6 +90,7 @@ class ExportConfig:
     quantize_int8: bool = False
     write_model_card: bool = True
     num_threads: int = 2
+    tolerance: float = MAX_ABS_DIFF
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def export_onnx(
     opset: int = 17,
     filename: str = ONNX_FILE,
     check_images: torch.Tensor | None = None,
+    tolerance: float = MAX_ABS_DIFF,
 ) -> tuple[Path, float, float]:
     """Export *checkpoint* to ``out_dir/filename`` and check it against PyTorch.
 
@@ -131,7 +133,8 @@ def export_onnx(
     and 3 (random pixels, plus *check_images* if given) and compares both outputs with the PyTorch
     model.  Returns ``(onnx_path, max_abs_diff_probability, max_rel_diff_cam)`` (the cam difference is
     divided by ``max(1, max_cell sum_c |w_c f_c|)``, the scale of float32 rounding in that sum);
-    raises ``RuntimeError`` if either exceeds ``MAX_ABS_DIFF``.
+    raises ``RuntimeError`` if either exceeds *tolerance* (default ``MAX_ABS_DIFF``; only smoke
+    tests of barely trained, ill-conditioned networks need more).
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (contract), got {opset}")
@@ -184,7 +187,7 @@ def export_onnx(
         magnitude = float(torch.einsum("bchw,c->b", feats.abs(), model64.classifier.weight[0].abs()).max())
         if gap > 1e-9 * max(1.0, magnitude):
             raise RuntimeError(f"cam mean differs from the logit by {gap:.3e} (scale {magnitude:.3e})")
-    if diff_p > MAX_ABS_DIFF or diff_c > MAX_ABS_DIFF:
+    if diff_p > tolerance or diff_c > tolerance:
         raise RuntimeError(
             f"ONNX differs from PyTorch: probability {diff_p:.2e}, cam (relative) {diff_c:.2e}"
         )
@@ -394,7 +397,11 @@ def export_model(config: ExportConfig) -> ExportOutcome:
         val_ds = InMemoryDataset.load(train_config.data_root, prepared.split.val)
     check = to_float(val_ds.images[:8]) if val_ds is not None else None
     onnx_path, diff_p, diff_c = export_onnx(
-        config.checkpoint, config.out_dir, opset=config.opset, check_images=check
+        config.checkpoint,
+        config.out_dir,
+        opset=config.opset,
+        check_images=check,
+        tolerance=config.tolerance,
     )
 
     metrics: Metrics | None = None
