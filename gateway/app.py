@@ -26,7 +26,7 @@ from dicom_node.server import DicomNode
 from gateway.delivery import DELIVER_JOB, DeliveryHandler
 from gateway.http import HttpServer, build_app
 from gateway.worker import JobWorker, WorkerOptions
-from gateway.workflow import InferenceWorkflow
+from gateway.workflow import SUMMARY_JOB, InferenceWorkflow
 from inference.engine import EngineOptions, InferenceEngine
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
@@ -113,10 +113,11 @@ class Workers:
         ]
         workflow = InferenceWorkflow(
             runtime.database, runtime.store, engine, settings,
-            audit_source=runtime.audit_source, on_reports_queued=self.wake_deliverers,
+            audit_source=runtime.audit_source,
+            on_reports_queued=self.wake_deliverers, on_summary_queued=self.wake_inferers,
         )
         self.inferers = [
-            JobWorker(runtime.database, [INFER_JOB], workflow, base, f"infer-{i}")
+            JobWorker(runtime.database, [INFER_JOB, SUMMARY_JOB], workflow, base, f"infer-{i}")
             for i in range(max(1, settings.worker.threads))
         ]
 

@@ -1,11 +1,18 @@
-"""The workflow of one received image (DESIGN.md §3 steps 3-5): the ``infer`` job handler.
+"""The workflow of one received image (DESIGN.md §3 steps 3-5): the ``infer`` and ``summary``
+job handlers.
 
-stored instance -> applicability -> classifier -> result row -> SR (+ SC) stored as our own
-instances -> one delivery job per configured destination -> audit -> job done, all committed
-in one transaction. The SR/SC files are placed before that transaction; their UIDs derive from
-(source SOP Instance UID, model id, model version), so a job that runs twice — because its
-worker died after placing files but before committing — rewrites the same files under the same
-UIDs and never creates a second report.
+``infer``: stored instance -> applicability -> classifier -> result row -> SR stored as our own
+instance -> one delivery job per configured destination (+ a ``summary`` job) -> audit -> job
+done, all committed in one transaction.
+
+``summary``: result row -> Secondary Capture with the heat map -> stored, delivered, audited.
+It is a job of its own so that the SR — the report radiologists read — never waits for the
+picture (drawing it costs more than building the SR).
+
+Generated files are placed before their transaction commits. Their UIDs derive from (source SOP
+Instance UID, model id, model version), so a job that runs twice — because its worker died after
+placing files but before committing — rewrites the same files under the same UIDs and never
+creates a second report.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pydicom
 import structlog
 from pydicom.dataset import Dataset
@@ -26,14 +34,16 @@ from audit.events import Action, AuditEvent, AuditSource, Outcome
 from audit.store import append as append_audit
 from conf.settings import Settings
 from dicom_node.ai_result import AiResult, ResultObjectError
+from dicom_node.ingest import INFER_JOB
 from dicom_node.sr import build_ai_sr
 from dicom_node.summary_image import build_summary_image
 from gateway.delivery import enqueue_deliveries
-from gateway.worker import LeaseLostError
+from gateway.worker import LeaseLostError, PermanentJobError
 from inference.applicability import ApplicabilityRules
-from inference.engine import InferenceEngine, Prediction
+from inference.engine import InferenceEngine
 from inference.errors import PreprocessingError
-from inference.pipeline import ClassificationOutcome, classify_dataset
+from inference.pipeline import classify_dataset
+from inference.preprocess import display_image
 from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore, StagedFile
@@ -44,6 +54,7 @@ from storage.models import InferenceResult, Instance, InstanceOrigin, ResultStat
 
 log = structlog.get_logger(__name__)
 
+SUMMARY_JOB = "summary"
 #: Longest side of the image drawn in the summary Secondary Capture.
 SUMMARY_MAX_SIDE = 1024
 
@@ -56,21 +67,21 @@ class GeneratedObject:
     size: int
 
 
-def to_ai_result(prediction: Prediction, engine: InferenceEngine, when: dt.datetime) -> AiResult:
-    """Map the inference part's prediction onto what the DICOM builders take (pure)."""
-    manifest = engine.manifest
-    return AiResult(
-        probability=prediction.probability,
-        threshold=prediction.threshold,
-        model_id=manifest.id,
-        model_name=manifest.name,
-        model_version=manifest.version,
-        manufacturer=manifest.manufacturer,
-        device_uid=manifest.device_uid,
-        intended_use=manifest.intended_use,
-        cam=prediction.cam,
-        completed_at=when,
-    )
+@dataclass(frozen=True)
+class Verdict:
+    """What one run of the classifier concluded, as stored in the result row."""
+
+    status: ResultStatus
+    reason: str | None = None
+    probability: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    cam: list[list[float]] | None = None
+    timings_ms: dict[str, float] | None = None
+
+
+def summary_job_key(sop_instance_uid: str, model_id: str, model_version: str) -> str:
+    return f"{SUMMARY_JOB}:{sop_instance_uid}:{model_id}:{model_version}"
 
 
 def encode(dataset: Dataset) -> bytes:
@@ -80,7 +91,7 @@ def encode(dataset: Dataset) -> bytes:
 
 
 class InferenceWorkflow:
-    """The ``infer`` job handler (see :data:`gateway.worker.JobHandler`)."""
+    """Handler for ``infer`` and ``summary`` jobs (see :data:`gateway.worker.JobHandler`)."""
 
     def __init__(
         self,
@@ -92,6 +103,7 @@ class InferenceWorkflow:
         rules: ApplicabilityRules | None = None,
         audit_source: AuditSource,
         on_reports_queued: Callable[[], None] | None = None,
+        on_summary_queued: Callable[[], None] | None = None,
     ) -> None:
         self._db = database
         self._store = store
@@ -101,64 +113,51 @@ class InferenceWorkflow:
         self._audit_source = audit_source
         self._application_id = f"{settings.dicom.ae_title}/inference"
         self._on_reports_queued = on_reports_queued or (lambda: None)
+        self._on_summary_queued = on_summary_queued or (lambda: None)
 
     def __call__(self, job: ClaimedJob, worker_id: str) -> None:
-        manifest = self._engine.manifest
-        with self._db.read_session() as session:
-            instance = session.get(Instance, job.instance_pk) if job.instance_pk is not None else None
-            if instance is None:
-                raise LookupError(f"job {job.id}: instance {job.instance_pk} not found")
-            done = session.execute(
-                select(InferenceResult.id).where(
-                    InferenceResult.instance_pk == instance.id,
-                    InferenceResult.model_id == manifest.id,
-                    InferenceResult.model_version == manifest.version,
-                )
-            ).first()
-        if done is not None:  # this model version already judged this instance
-            with self._db.session() as session:
-                if not jobs.complete(session, job.id, worker_id):
-                    raise LeaseLostError()
-            return
+        if job.kind == INFER_JOB:
+            self._infer(job, worker_id)
+        elif job.kind == SUMMARY_JOB:
+            self._summary(job, worker_id)
+        else:
+            raise PermanentJobError(f"not a workflow job: {job.kind}")
 
+    # -- infer ---------------------------------------------------------------------------------
+
+    def _infer(self, job: ClaimedJob, worker_id: str) -> None:
+        instance = self._instance(job)
+        if self._result(instance.id) is not None:  # this model version already judged it
+            self._complete_only(job, worker_id)
+            return
         source = pydicom.dcmread(self._store.absolute(instance.path))
         meta = extract_metadata(source)
         try:
-            outcome = classify_dataset(
-                source, self._engine, self._rules,
-                display_max_side=SUMMARY_MAX_SIDE if self._settings.inference.summary_image else None,
-            )
+            outcome = classify_dataset(source, self._engine, self._rules)
         except PreprocessingError as exc:
-            self._record(job, worker_id, instance, meta, None, [], status=ResultStatus.FAILED, reason=str(exc)[:1000])
+            self._record(job, worker_id, instance, meta, Verdict(ResultStatus.FAILED, reason=str(exc)[:1000]), None)
             return
-
-        if not outcome.applicable or outcome.prediction is None:
-            self._record(job, worker_id, instance, meta, outcome, [], status=ResultStatus.NOT_APPLICABLE, reason=outcome.reason)
+        prediction = outcome.prediction
+        if not outcome.applicable or prediction is None:
+            self._record(job, worker_id, instance, meta, Verdict(ResultStatus.NOT_APPLICABLE, reason=outcome.reason), None)
             return
-
+        verdict = Verdict(
+            ResultStatus.OK,
+            probability=float(prediction.probability),
+            label=prediction.label,
+            threshold=float(prediction.threshold),
+            cam=np.asarray(prediction.cam, dtype=float).round(5).tolist(),
+            timings_ms={k: round(float(v), 3) for k, v in outcome.timings_ms.items()},
+        )
         now = utcnow()
         try:
-            result = to_ai_result(outcome.prediction, self._engine, now)
-            reports = [build_ai_sr(source, result)]
-            if outcome.display is not None:
-                reports.append(build_summary_image(source, outcome.display, result))
-        except ResultObjectError as exc:  # the source lacks what a valid report needs: retrying cannot help
-            self._record(job, worker_id, instance, meta, outcome, [], status=ResultStatus.FAILED,
-                         reason=f"report not built: {exc}"[:1000])
+            report = build_ai_sr(source, self._ai_result(verdict, now))
+        except ResultObjectError as exc:  # the source lacks what a valid report needs
+            failed = Verdict(ResultStatus.FAILED, reason=f"report not built: {exc}"[:1000], probability=verdict.probability,
+                             label=verdict.label, threshold=verdict.threshold, timings_ms=verdict.timings_ms)
+            self._record(job, worker_id, instance, meta, failed, None)
             return
-        generated = [self._stage(report) for report in reports]
-        try:
-            for item in generated:
-                self._store.commit(item.staged, item.relative_path)
-            self._record(job, worker_id, instance, meta, outcome, generated, status=ResultStatus.OK, reason=None)
-        finally:
-            for item in generated:
-                self._store.discard(item.staged)
-
-    def _stage(self, dataset: Dataset) -> GeneratedObject:
-        relative = self._store.relative_path(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
-        data = encode(dataset)
-        return GeneratedObject(dataset, self._store.stage_bytes(data), relative, len(data))
+        self._record(job, worker_id, instance, meta, verdict, self._place(report), created_at=now)
 
     def _record(
         self,
@@ -166,46 +165,134 @@ class InferenceWorkflow:
         worker_id: str,
         instance: Instance,
         meta: InstanceMetadata,
-        outcome: ClassificationOutcome | None,
-        generated: list[GeneratedObject],
+        verdict: Verdict,
+        sr: GeneratedObject | None,
         *,
-        status: ResultStatus,
-        reason: str | None,
+        created_at: dt.datetime | None = None,
     ) -> None:
-        """One transaction: generated instances, result row, deliveries, audit, job done."""
+        """One transaction: SR instance, result row, deliveries, summary job, audit, job done."""
         manifest = self._engine.manifest
-        prediction = outcome.prediction if outcome is not None else None
+        summary = sr is not None and self._settings.inference.summary_image
         with self._db.session() as session:
-            stored = [self._index_generated(session, item) for item in generated]
-            row = InferenceResult(
-                instance_pk=instance.id,
-                model_id=manifest.id,
-                model_version=manifest.version,
-                status=status,
-                reason=reason,
-                probability=prediction.probability if prediction else None,
-                label=prediction.label if prediction else None,
-                threshold=prediction.threshold if prediction else None,
-                timings_ms=dict(outcome.timings_ms) if outcome is not None else {},
-                sr_instance_pk=stored[0].id if stored else None,
-                sc_instance_pk=stored[1].id if len(stored) > 1 else None,
-                created_at=utcnow(),
+            sr_instance = self._index_generated(session, sr) if sr is not None else None
+            session.add(
+                InferenceResult(
+                    instance_pk=instance.id,
+                    model_id=manifest.id,
+                    model_version=manifest.version,
+                    status=verdict.status,
+                    reason=verdict.reason,
+                    probability=verdict.probability,
+                    label=verdict.label,
+                    threshold=verdict.threshold,
+                    timings_ms=verdict.timings_ms or {},
+                    cam=verdict.cam,
+                    sr_instance_pk=sr_instance.id if sr_instance is not None else None,
+                    created_at=created_at or utcnow(),
+                )
             )
-            session.add(row)
-            for generated_instance in stored:
-                enqueue_deliveries(session, generated_instance, list(self._settings.dicom.destinations))
-            append_audit(session, self._audit_event(instance, meta, status, reason, prediction, stored))
+            if sr_instance is not None:
+                enqueue_deliveries(session, sr_instance, list(self._settings.dicom.destinations))
+            if summary:
+                jobs.enqueue(
+                    session, SUMMARY_JOB, summary_job_key(instance.sop_instance_uid, manifest.id, manifest.version),
+                    instance_pk=instance.id, payload={"model_id": manifest.id, "model_version": manifest.version},
+                )
+            append_audit(session, self._verdict_event(instance, meta, verdict, sr_instance))
             if not jobs.complete(session, job.id, worker_id):
                 raise LeaseLostError()
-        if stored and self._settings.dicom.destinations:
+        if sr_instance is not None and self._settings.dicom.destinations:
             self._on_reports_queued()
+        if summary:
+            self._on_summary_queued()
         log.info(
             "inference.result",
-            status=str(status),
-            probability=None if prediction is None else round(prediction.probability, 4),
-            label=None if prediction is None else prediction.label,
-            reports=len(stored),
+            status=str(verdict.status),
+            probability=None if verdict.probability is None else round(verdict.probability, 4),
+            label=verdict.label,
         )
+
+    # -- summary -------------------------------------------------------------------------------
+
+    def _summary(self, job: ClaimedJob, worker_id: str) -> None:
+        instance = self._instance(job)
+        result = self._result(instance.id)
+        if result is None or result.status != ResultStatus.OK or result.cam is None:
+            raise PermanentJobError("no classifier result with an activation map to draw")
+        if result.sc_instance_pk is not None:
+            self._complete_only(job, worker_id)
+            return
+        source = pydicom.dcmread(self._store.absolute(instance.path))
+        meta = extract_metadata(source)
+        verdict = Verdict(ResultStatus.OK, probability=result.probability, label=result.label,
+                          threshold=result.threshold, cam=result.cam)
+        try:
+            display = display_image(source, self._engine.manifest.preprocessing, SUMMARY_MAX_SIDE)
+            picture = build_summary_image(source, display, self._ai_result(verdict, result.created_at))
+        except (PreprocessingError, ResultObjectError) as exc:
+            raise PermanentJobError(f"summary image not built: {exc}") from exc
+        generated = self._place(picture)
+        with self._db.session() as session:
+            sc_instance = self._index_generated(session, generated)
+            row = session.get(InferenceResult, result.id)
+            assert row is not None
+            row.sc_instance_pk = sc_instance.id
+            enqueue_deliveries(session, sc_instance, list(self._settings.dicom.destinations))
+            append_audit(session, self._created_event(instance, meta, sc_instance, "summary image created"))
+            if not jobs.complete(session, job.id, worker_id):
+                raise LeaseLostError()
+        if self._settings.dicom.destinations:
+            self._on_reports_queued()
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def _instance(self, job: ClaimedJob) -> Instance:
+        with self._db.read_session() as session:
+            instance = session.get(Instance, job.instance_pk) if job.instance_pk is not None else None
+        if instance is None:
+            raise PermanentJobError(f"instance {job.instance_pk} is not in the index")
+        return instance
+
+    def _result(self, instance_pk: int) -> InferenceResult | None:
+        manifest = self._engine.manifest
+        with self._db.read_session() as session:
+            return session.execute(
+                select(InferenceResult).where(
+                    InferenceResult.instance_pk == instance_pk,
+                    InferenceResult.model_id == manifest.id,
+                    InferenceResult.model_version == manifest.version,
+                )
+            ).scalar_one_or_none()
+
+    def _complete_only(self, job: ClaimedJob, worker_id: str) -> None:
+        with self._db.session() as session:
+            if not jobs.complete(session, job.id, worker_id):
+                raise LeaseLostError()
+
+    def _ai_result(self, verdict: Verdict, when: dt.datetime) -> AiResult:
+        """Map a verdict onto what the DICOM builders take (dicom_node must not see inference)."""
+        manifest = self._engine.manifest
+        assert verdict.probability is not None and verdict.threshold is not None
+        return AiResult(
+            probability=verdict.probability,
+            threshold=verdict.threshold,
+            model_id=manifest.id,
+            model_name=manifest.name,
+            model_version=manifest.version,
+            manufacturer=manifest.manufacturer,
+            device_uid=manifest.device_uid,
+            intended_use=manifest.intended_use,
+            cam=None if verdict.cam is None else np.asarray(verdict.cam, dtype=np.float32),
+            completed_at=when,
+        )
+
+    def _place(self, dataset: Dataset) -> GeneratedObject:
+        """Stage, fsync and rename a generated object into the store (before its transaction)."""
+        relative = self._store.relative_path(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+        data = encode(dataset)
+        generated = GeneratedObject(dataset, self._store.stage_bytes(data), relative, len(data))
+        self._store.commit(generated.staged, relative)
+        return generated
 
     def _index_generated(self, session: Session, item: GeneratedObject) -> Instance:
         existing = find_instance(session, item.dataset.SOPInstanceUID)
@@ -224,29 +311,40 @@ class InferenceWorkflow:
             calling_ae=None,
         )
 
-    def _audit_event(
+    def _verdict_event(
+        self, instance: Instance, meta: InstanceMetadata, verdict: Verdict, sr: Instance | None
+    ) -> AuditEvent:
+        manifest = self._engine.manifest
+        if verdict.status is ResultStatus.OK and sr is not None:
+            description = (
+                f"{manifest.id} {manifest.version}: {verdict.label} p={verdict.probability:.4f} "
+                f"threshold={verdict.threshold:.4f}; SR created"
+            )
+            return self._created_event(instance, meta, sr, description)
+        if verdict.status is ResultStatus.NOT_APPLICABLE:
+            description, outcome = f"not applicable: {verdict.reason}", Outcome.SUCCESS
+        else:
+            description, outcome = f"inference failed: {verdict.reason}", Outcome.SERIOUS_FAILURE
+        return self._event(instance, meta, Action.READ, outcome, description, None)
+
+    def _created_event(self, instance: Instance, meta: InstanceMetadata, created: Instance, description: str) -> AuditEvent:
+        return self._event(instance, meta, Action.CREATE, Outcome.SUCCESS, description, created)
+
+    def _event(
         self,
         instance: Instance,
         meta: InstanceMetadata,
-        status: ResultStatus,
-        reason: str | None,
-        prediction: Prediction | None,
-        stored: list[Instance],
+        action: Action,
+        outcome: Outcome,
+        description: str,
+        created: Instance | None,
     ) -> AuditEvent:
-        manifest = self._engine.manifest
-        if status is ResultStatus.OK and prediction is not None:
-            description = (
-                f"{manifest.id} {manifest.version}: {prediction.label} p={prediction.probability:.4f} "
-                f"threshold={prediction.threshold:.4f}; created {len(stored)} object(s)"
-            )
-            action, outcome = Action.CREATE, Outcome.SUCCESS
-        elif status is ResultStatus.NOT_APPLICABLE:
-            description, action, outcome = f"not applicable: {reason}", Action.READ, Outcome.SUCCESS
-        else:
-            description, action, outcome = f"inference failed: {reason}", Action.READ, Outcome.SERIOUS_FAILURE
-        sop_classes: dict[str, int] = {instance.sop_class_uid: 1}
-        for generated in stored:
-            sop_classes[generated.sop_class_uid] = sop_classes.get(generated.sop_class_uid, 0) + 1
+        """PS3.15 A.5.3.4 DICOM Instances Accessed: the source read, the report (if any) created."""
+        sop_classes = {instance.sop_class_uid: 1}
+        instances = [instance.sop_instance_uid]
+        if created is not None:
+            sop_classes[created.sop_class_uid] = sop_classes.get(created.sop_class_uid, 0) + 1
+            instances.append(created.sop_instance_uid)
         return ai_processing(
             self._audit_source,
             application_id=self._application_id,
@@ -254,7 +352,7 @@ class InferenceWorkflow:
             outcome=outcome,
             study_uid=meta.study_instance_uid,
             sop_classes=sop_classes,
-            instances=[instance.sop_instance_uid, *(g.sop_instance_uid for g in stored)],
+            instances=instances,
             patient_id=meta.patient_id,
             patient_name=meta.patient_name,
             description=description[:1000],

@@ -187,6 +187,9 @@ class InferenceResult(Base):
     label: Mapped[str | None] = mapped_column(String(32))
     threshold: Mapped[float | None] = mapped_column()
     timings_ms: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The class activation map (rows of floats): the summary image is drawn from it later, in
+    # its own job, so that the SR does not wait for the picture.
+    cam: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
     sr_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
     sc_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

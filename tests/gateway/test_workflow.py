@@ -58,6 +58,8 @@ def test_chest_radiograph_gets_result_sr_sc_and_deliveries(gateway_factory: Any,
 
     [job] = wait_for_jobs(gateway, "infer", 1)
     assert job.state == JobState.DONE, job.last_error
+    [summary] = wait_for_jobs(gateway, "summary", 1)
+    assert summary.state == JobState.DONE, summary.last_error
     with gateway.runtime.database.read_session() as session:
         result = session.execute(select(InferenceResult)).scalar_one()
         generated = session.execute(select(Instance).where(Instance.origin == "generated")).scalars().all()
@@ -69,7 +71,8 @@ def test_chest_radiograph_gets_result_sr_sc_and_deliveries(gateway_factory: Any,
     assert {"decode", "preprocess", "infer"} <= set(result.timings_ms)
     assert len(generated) == 2 and result.sr_instance_pk and result.sc_instance_pk
     assert len(deliveries) == 2 and {d.payload["destination"] for d in deliveries} == {"pacs"}
-    assert len(processing) == 1 and processing[0].event["action"] == "C"
+    assert [p.event["action"] for p in processing] == ["C", "C"]  # SR, then the summary image
+    assert result.cam is not None and len(result.cam) == 7
 
     sr_row = next(g for g in generated if g.id == result.sr_instance_pk)
     sr = pydicom.dcmread(gateway.runtime.store.absolute(sr_row.path))
@@ -100,14 +103,28 @@ def test_rerun_of_a_job_never_makes_a_second_report(gateway_factory: Any, tmp_pa
     gateway = _start(gateway_factory, tiny_model)
     assert send(gateway, copy_with_new_uids(sample("RG1_UNCR.dcm"), tmp_path / "in")) == [0]
     wait_for_jobs(gateway, "infer", 1)
-    with gateway.runtime.database.session() as session:  # as if the worker died before its commit
-        job = session.execute(select(Job).where(Job.kind == "infer")).scalar_one()
-        job.state = JobState.PENDING
+    wait_for_jobs(gateway, "summary", 1)
+
+    def generated_uids() -> set[str]:
+        with gateway.runtime.database.read_session() as session:
+            return set(session.execute(select(Instance.sop_instance_uid).where(Instance.origin == "generated")).scalars())
+
+    first = generated_uids()
+    # As if the worker had died after placing its files but before committing: the files stay,
+    # the rows of that transaction never existed, the job is pending again.
+    with gateway.runtime.database.session() as session:
+        session.query(Job).filter(Job.kind.in_(["summary", "deliver"])).delete()
+        session.query(InferenceResult).delete()
+        session.query(Instance).filter(Instance.origin == "generated").delete()
+        session.query(Job).filter(Job.kind == "infer").update({"state": JobState.PENDING})
     gateway.workers.wake_inferers()
     wait_for_jobs(gateway, "infer", 1)
+    wait_for_jobs(gateway, "summary", 1)
+    assert generated_uids() == first  # the same SR and SC UIDs, rebuilt in place
     with gateway.runtime.database.read_session() as session:
         assert session.execute(select(func.count()).select_from(InferenceResult)).scalar_one() == 1
-        assert session.execute(select(func.count()).select_from(Instance).where(Instance.origin == "generated")).scalar_one() == 2
+    files = [p for p in gateway.runtime.store.root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID in first]
+    assert len(files) == 2
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "model.json").is_file(), reason="bundled model not exported yet")
