@@ -125,6 +125,25 @@ def export_onnx(
     filename: str = ONNX_FILE,
     check_images: torch.Tensor | None = None,
     tolerance: float = MAX_ABS_DIFF,
+) -> Path:
+    """Export *checkpoint* to ``out_dir/filename`` (checked against PyTorch); return the path.
+
+    Only the ONNX file: ``export_model`` also writes model.json and the model card.
+    """
+    path, _, _ = export_and_check(
+        checkpoint, out_dir, opset=opset, filename=filename, check_images=check_images, tolerance=tolerance
+    )
+    return path
+
+
+def export_and_check(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    opset: int = 17,
+    filename: str = ONNX_FILE,
+    check_images: torch.Tensor | None = None,
+    tolerance: float = MAX_ABS_DIFF,
 ) -> tuple[Path, float, float]:
     """Export *checkpoint* to ``out_dir/filename`` and check it against PyTorch.
 
@@ -396,7 +415,7 @@ def export_model(config: ExportConfig) -> ExportOutcome:
     if config.evaluate:
         val_ds = InMemoryDataset.load(train_config.data_root, prepared.split.val)
     check = to_float(val_ds.images[:8]) if val_ds is not None else None
-    onnx_path, diff_p, diff_c = export_onnx(
+    onnx_path, diff_p, diff_c = export_and_check(
         config.checkpoint,
         config.out_dir,
         opset=config.opset,
@@ -442,8 +461,10 @@ def export_model(config: ExportConfig) -> ExportOutcome:
         max_abs_diff=(diff_p, diff_c),
         opset=config.opset,
         int8=int8_info,
-        classifier_bias=float(model.classifier.bias[0]),
+        classifier_bias=float(model.classifier.bias.detach()[0]),
     )
+    if config.quantize_int8:
+        manifest["int8_quantisation"] = int8_note
     manifest_path = config.out_dir / "model.json"
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -509,7 +530,9 @@ def _try_int8(
 
 
 def _schedule_text(t: dict[str, Any]) -> str:
-    stages = ", ".join(f"{s['epochs']} epochs at {s['resolution']}px" for s in t["schedule"])
+    stages = ", ".join(
+        f"{s['epochs']} epoch{'s' if s['epochs'] != 1 else ''} at {s['resolution']}px" for s in t["schedule"]
+    )
     if t.get("time_budget_s") is None:
         return stages
     return (
@@ -578,7 +601,7 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
         "",
         "Per-epoch validation (PyTorch, 224px):",
         "",
-        "| epoch | train res | train loss | val AUC |",
+        "| epoch | train res at epoch end | train loss | val AUC |",
         "| --- | --- | --- | --- |",
     ]
     for h in checkpoint.get("history", []):

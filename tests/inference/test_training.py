@@ -25,7 +25,12 @@ from inference.training.data import (  # noqa: E402
     patient_split,
 )
 from inference.training.efficientnet import EfficientNetB0, EfficientNetConfig  # noqa: E402
-from inference.training.export import ExportConfig, export_model, sha256_file  # noqa: E402
+from inference.training.export import (  # noqa: E402
+    ExportConfig,
+    export_model,
+    export_onnx,
+    sha256_file,
+)
 from inference.training.train import (  # noqa: E402
     Stage,
     TrainConfig,
@@ -200,3 +205,7 @@ def test_tiny_training_run_exports_a_contract_conformant_model(tmp_path: Path) -
         assert len(manifest["metrics"][key]["ci95"]) == 2
     assert manifest["training_data"]["doi"] == "10.17632/rscbjbr9sj.2"
     assert (out_dir / "MODEL_CARD.md").read_text(encoding="utf-8").count("CC BY 4.0") >= 1
+
+    # The plain function the CLI uses for "ONNX only".
+    plain = export_onnx(outcome.best_checkpoint, tmp_path / "plain", tolerance=1e-2)
+    assert plain == tmp_path / "plain" / "model.onnx" and plain.stat().st_size > 1_000_000
