@@ -112,12 +112,12 @@ def send(port: int, files: list[Path], associations: int, called: str) -> float:
 
 
 @contextmanager
-def pneumo_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+def pneumo_target(work: Path, associations: int, *, durable: bool = True) -> Iterator[tuple[int, str]]:
     data = work / "pneumo"
     # Workers off: this measures ingest alone (the e2e benchmark measures the whole loop).
-    config = write_config(
-        work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}"
-    )
+    # durable=False shows what the fsyncs cost (never run a hospital like that).
+    storage = "" if durable else '[storage]\nfsync = false\nsqlite_synchronous = "NORMAL"'
+    config = write_config(work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}", extra=storage)
     server = ServeProcess(config, work / "pneumo.log").start()
     try:
         yield server.dicom_port, "PNEUMO"
@@ -159,8 +159,15 @@ def pynetdicom_target(work: Path, associations: int) -> Iterator[tuple[int, str]
         shutil.rmtree(out, ignore_errors=True)
 
 
+@contextmanager
+def pneumo_nofsync_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    with pneumo_target(work, associations, durable=False) as target:
+        yield target
+
+
 TARGETS: dict[str, Callable[[Path, int], object]] = {
     "pneumo": pneumo_target,
+    "pneumo-nofsync": pneumo_nofsync_target,
     "storescp": storescp_target,
     "pynetdicom": pynetdicom_target,
 }
@@ -170,7 +177,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=["pneumo", "storescp", "pynetdicom"], choices=list(TARGETS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -193,10 +200,10 @@ def main() -> int:
                 print(f"{name:<11} assoc={associations} {m.per_second:7.1f} inst/s {m.mb_per_second:7.1f} MB/s", flush=True)
 
     print()
-    print(f"{'target':<11} {'assoc':>5} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
+    print(f"{'target':<14} {'assoc':>5} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
     for m in results:
         reference = next(r for r in results if r.target == "storescp" and r.associations == m.associations) if "storescp" in args.targets else m
-        print(f"{m.target:<11} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {m.per_second / reference.per_second:>11.2f}x")
+        print(f"{m.target:<14} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {m.per_second / reference.per_second:>11.2f}x")
     document = {
         "benchmark": "ingest",
         "image": "RG1_UNCR.dcm (CR chest, 1955x1841, 7.2 MB)",

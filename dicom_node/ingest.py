@@ -110,22 +110,23 @@ class Ingestor:
             raise
 
     def _ingest(self, received: ReceivedInstance) -> IngestResult:
-        meta = self._read_header(received)
-        relative_path = self._store.relative_path(
-            meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
-        )
-        try:
-            with self._db.read_session() as session:
-                existing = find_instance(session, meta.sop_instance_uid)
-                existing_sha = existing.sha256 if existing is not None else None
-        except SQLAlchemyError as exc:
-            raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
-
+        # Staging first: the file's hash and fsync then run in the store's I/O threads while
+        # this thread parses the header and looks the UID up.
         try:
             staged = self._store.stage_copy(received.path)
         except OSError as exc:
             raise OutOfResourcesError(f"cannot stage file: {exc.strerror}") from exc
         try:
+            meta = self._read_header(received)
+            relative_path = self._store.relative_path(
+                meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+            )
+            try:
+                with self._db.read_session() as session:
+                    existing = find_instance(session, meta.sop_instance_uid)
+                    existing_sha = existing.sha256 if existing is not None else None
+            except SQLAlchemyError as exc:
+                raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
             if existing_sha is not None:
                 return self._handle_existing(received, meta, staged, existing_sha, relative_path)
             return self._store_new(received, meta, staged, relative_path)

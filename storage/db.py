@@ -10,6 +10,7 @@ readers never queue behind writers. PostgreSQL (psycopg 3) needs none of this.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ class Database:
         else:
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
             self.read_engine = self.engine
+        self._write_lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
@@ -68,8 +72,14 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A write transaction: committed when the block exits normally, rolled back otherwise."""
-        with self._sessions.begin() as session:
+        """A write transaction: committed when the block exits normally, rolled back otherwise.
+
+        On SQLite, writers of this process queue on a lock first: SQLite's own busy handler
+        waits by sleeping in growing steps (up to 100 ms), so four associations contending for
+        the one write lock would spend more time asleep than writing. Other processes (e.g.
+        ``pneumo worker``) still meet at SQLite's lock, with the busy timeout.
+        """
+        with self._write_lock, self._sessions.begin() as session:
             yield session
 
     @contextlib.contextmanager

@@ -28,14 +28,19 @@ class FileStoreError(OSError):
 
 @dataclass(frozen=True)
 class StagedFile:
-    """Bytes in the staging area, hashed, not yet part of the store.
+    """Bytes in the staging area, not yet part of the store.
 
-    ``synced`` is the fsync already under way (started while the file was being hashed: the
-    two overlap, the disk writing back what the CPU reads from the page cache)."""
+    ``digest`` and ``synced`` may still be running in the store's I/O threads: hashing reads the
+    file from the page cache while the disk writes it back, and both overlap with whatever the
+    caller does meanwhile (parsing the header, looking the UID up). ``sha256`` waits for it."""
 
     path: Path
-    sha256: str
+    digest: Future[str] | str
     synced: Future[None] | None = None
+
+    @property
+    def sha256(self) -> str:
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ def sha256_file(path: Path) -> str:
 
 
 class FileStore:
-    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True, sync_threads: int = 8) -> None:
+    def __init__(self, root: Path, tmp_dir: Path, *, fsync: bool = True, sync_threads: int = 16) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
         self.fsync = fsync
@@ -100,8 +105,7 @@ class FileStore:
         try:
             os.link(source, staged)
             synced = self._syncer.submit(_fsync_file, staged) if self.fsync else None
-            digest = sha256_file(staged)
-            return StagedFile(staged, digest, synced)
+            return StagedFile(staged, self._syncer.submit(sha256_file, staged), synced)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
