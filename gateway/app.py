@@ -134,7 +134,11 @@ class Workers:
         return all(w.running for w in (*self.inferers, *self.deliverers))
 
     def start(self) -> None:
-        released = jobs.release_orphans(self._database, socket.gethostname(), process_alive)
+        # Called before our own workers claim anything, so a job held under our own PID is from
+        # an earlier process that had the same PID (PID 1 in a restarted container).
+        released = jobs.release_orphans(
+            self._database, socket.gethostname(), lambda pid: pid != os.getpid() and process_alive(pid)
+        )
         if released:
             log.info("worker.orphans_released", jobs=released)
         for worker in (*self.inferers, *self.deliverers):
