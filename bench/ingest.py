@@ -112,12 +112,17 @@ def send(port: int, files: list[Path], associations: int, called: str) -> float:
 
 
 @contextmanager
-def pneumo_target(work: Path, associations: int, *, durable: bool = True) -> Iterator[tuple[int, str]]:
+def pneumo_target(
+    work: Path, associations: int, *, durable: bool = True, processes: int = 1
+) -> Iterator[tuple[int, str]]:
     data = work / "pneumo"
     # Workers off: this measures ingest alone (the e2e benchmark measures the whole loop).
     # durable=False shows what the fsyncs cost (never run a hospital like that).
     storage = "" if durable else '[storage]\nfsync = false\nsqlite_synchronous = "NORMAL"'
-    config = write_config(work / "pneumo.toml", data, dicom_extra=f"max_pdu = {MAX_PDU}", extra=storage)
+    config = write_config(
+        work / "pneumo.toml", data,
+        dicom_extra=f"max_pdu = {MAX_PDU}\nacceptor_processes = {processes}", extra=storage,
+    )
     server = ServeProcess(config, work / "pneumo.log").start()
     try:
         yield server.dicom_port, "PNEUMO"
@@ -165,8 +170,15 @@ def pneumo_nofsync_target(work: Path, associations: int) -> Iterator[tuple[int, 
         yield target
 
 
+@contextmanager
+def pneumo_2proc_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    with pneumo_target(work, associations, processes=2) as target:
+        yield target
+
+
 TARGETS: dict[str, Callable[[Path, int], object]] = {
     "pneumo": pneumo_target,
+    "pneumo-2proc": pneumo_2proc_target,
     "pneumo-nofsync": pneumo_nofsync_target,
     "storescp": storescp_target,
     "pynetdicom": pynetdicom_target,
@@ -177,7 +189,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--targets", nargs="+", default=["pneumo", "storescp", "pynetdicom"], choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=["pneumo", "pneumo-2proc", "storescp", "pynetdicom"], choices=list(TARGETS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if shutil.which("storescu") is None:

@@ -66,7 +66,14 @@ class DicomSettings(_Section):
     port: int = Field(default=11112, ge=0, le=65535)
     peers: list[DicomPeer] = Field(default_factory=list)
     destinations: list[DicomDestination] = Field(default_factory=list)
-    max_associations: int = Field(default=32, ge=1)
+    max_associations: int = Field(default=32, ge=1, description="Per acceptor process.")
+    acceptor_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes accepting associations on the port (Linux SO_REUSEPORT). Python "
+        "receives PDUs under one GIL per process; on N cores, N processes ingest ~N times faster.",
+    )
     max_pdu: int = Field(
         default=262144,
         ge=0,

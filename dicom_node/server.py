@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,15 @@ QUERY_RETRIEVE_SOP_CLASSES: tuple[str, ...] = (
     StudyRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
 )
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """A listening socket that other acceptor processes may bind too (Linux SO_REUSEPORT): the
+    kernel spreads new associations over the processes, so they stop sharing one GIL."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -148,9 +158,20 @@ class DicomNode:
                 (evt.EVT_C_MOVE, handle_move, [self._query_retrieve]),
                 (evt.EVT_C_GET, handle_get, [self._query_retrieve]),
             ]
-        self._server = self._ae.start_server(
-            (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
-        )
+        if self._settings.acceptor_processes > 1:
+            # AE.start_server has no server_class; this is its non-blocking path with ours.
+            server = self._ae.make_server(
+                (self._settings.bind, self._settings.port),
+                evt_handlers=handlers,
+                server_class=ReusePortAssociationServer,
+            )
+            threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+            self._ae._servers.append(server)  # ThreadedAssociationServer.shutdown() removes it
+            self._server = server
+        else:
+            self._server = self._ae.start_server(
+                (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
+            )
         log.info("dicom.listening", ae_title=self._settings.ae_title, port=self.port)
 
     def stop(self, grace_seconds: float = 30.0) -> None:

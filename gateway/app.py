@@ -12,6 +12,7 @@ import os
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -150,6 +151,41 @@ class Workers:
         self.engine.close()
 
 
+def build_dicom_node(runtime: Runtime, *, on_queued: Callable[[], None] | None) -> DicomNode:
+    """The DICOM application entity with its services (Storage, Q/R) wired to storage."""
+    settings = runtime.settings
+    # pynetdicom writes each incoming dataset to a temporary file; placing those files on the
+    # store's file system lets the store adopt them with a hard link instead of a copy.
+    tempfile.tempdir = str(settings.tmp_dir)
+    ingestor = Ingestor(
+        runtime.database,
+        runtime.store,
+        runtime.audit_source,
+        local_host=runtime.host_name,
+        on_conflict=settings.dicom.on_conflict,
+        on_queued=on_queued,
+    )
+    query_retrieve = QueryRetrieveService(
+        runtime.database, runtime.store, runtime.audit_source, settings.dicom, local_host=runtime.host_name
+    )
+    return DicomNode(settings.dicom, ingestor, runtime.audit, runtime.audit_source, query_retrieve=query_retrieve)
+
+
+class DicomOnly:
+    """An extra acceptor process (see :mod:`gateway.acceptors`): the DICOM node and nothing else.
+
+    It must not sweep the staging directory — the parent's associations are using it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.dicom = build_dicom_node(runtime, on_queued=None)
+
+    def start(self) -> None:
+        self.dicom.start()
+
+    def stop(self) -> None:
+        self.dicom.stop()
+
+
 class Gateway:
     """``pneumo serve``: the DICOM node, the HTTP server and the workers, in one process."""
 
@@ -157,26 +193,10 @@ class Gateway:
         self.runtime = runtime
         settings = runtime.settings
         self.workers = Workers(runtime, build_engine(settings)) if settings.worker.enabled else None
-        # pynetdicom writes each incoming dataset to a temporary file; placing those files on
-        # the store's file system lets the store adopt them with a hard link instead of a copy.
-        tempfile.tempdir = str(settings.tmp_dir)
         removed = runtime.store.sweep_staging()
         if removed:
             log.info("storage.staging_swept", files=removed)
-        self.ingestor = Ingestor(
-            runtime.database,
-            runtime.store,
-            runtime.audit_source,
-            local_host=runtime.host_name,
-            on_conflict=settings.dicom.on_conflict,
-            on_queued=self.workers.wake_inferers if self.workers else None,
-        )
-        self.query_retrieve = QueryRetrieveService(
-            runtime.database, runtime.store, runtime.audit_source, settings.dicom, local_host=runtime.host_name
-        )
-        self.dicom = DicomNode(
-            settings.dicom, self.ingestor, runtime.audit, runtime.audit_source, query_retrieve=self.query_retrieve
-        )
+        self.dicom = build_dicom_node(runtime, on_queued=self.workers.wake_inferers if self.workers else None)
         self.http = HttpServer(build_app(self.readiness), settings.fhir.bind, settings.fhir.port)
         self._stopped = threading.Event()
         self._started = False

@@ -22,7 +22,8 @@ from sqlalchemy import and_, select
 from audit.store import verify_chain
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
-from gateway.app import Gateway, Workers, build_engine, open_runtime
+from gateway.acceptors import AcceptorProcesses, parent_alive
+from gateway.app import DicomOnly, Gateway, Workers, build_engine, open_runtime
 from gateway.cli_deliveries import register as register_deliveries
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
@@ -40,8 +41,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     runtime = open_runtime(settings)
     gateway = Gateway(runtime)
     stop = _stop_on_signals()
+    acceptors: AcceptorProcesses | None = None
     try:
         gateway.start()
+        if settings.dicom.acceptor_processes > 1:
+            acceptors = AcceptorProcesses(args.config, gateway.dicom.port, settings.dicom.acceptor_processes - 1)
+            acceptors.start()
         print(
             json.dumps({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port}),
             flush=True,
@@ -49,7 +54,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         while not stop.wait(1.0):
             pass
     finally:
+        if acceptors is not None:
+            acceptors.stop()
         gateway.stop()
+        runtime.close()
+    return 0
+
+
+def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
+    """(internal) An extra DICOM acceptor process started by ``pneumo serve``."""
+    runtime = open_runtime(settings, migrate=False)
+    node = DicomOnly(runtime)
+    stop = _stop_on_signals()
+    try:
+        node.start()
+        print(json.dumps({"event": "ready", "dicom_port": node.dicom.port}), flush=True)
+        while not stop.wait(1.0):
+            if not parent_alive(args.parent):
+                log.warning("dicom.acceptor_orphaned")
+                break
+    finally:
+        node.stop()
         runtime.close()
     return 0
 
@@ -230,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     instances = commands.add_parser("instances", help="list stored instances")
     instances.add_argument("--json", action="store_true", help="one JSON object per line")
     instances.set_defaults(handler=cmd_instances)
+
+    acceptor = commands.add_parser("acceptor", help=argparse.SUPPRESS)
+    acceptor.add_argument("--parent", type=int, required=True)
+    acceptor.set_defaults(handler=cmd_acceptor)
 
     worker = commands.add_parser("worker", help="run only the job workers (inference and delivery)")
     worker.set_defaults(handler=cmd_worker)
