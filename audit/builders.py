@@ -249,3 +249,68 @@ def begin_transferring(
         participants=(source_participant, destination_participant, *other_participants),
         objects=(study_object(study_uid, sop_classes, tuple(instances), accession), patient_object(patient_id, patient_name)),
     )
+
+
+#: A private code (PS3.16 §8.2: designators starting "99" are local) for an operator action on
+#: the outbox; PS3.15 CID 401 has no event type for "re-queue a failed delivery".
+OPERATOR_RETRY = Code("DELIVERY-RETRY", "99PNEUMO", "Operator re-queued deliveries")
+
+
+def operator_action(
+    source: AuditSource, *, operator: str | None, host: str | None, when: dt.datetime, description: str
+) -> AuditEvent:
+    """A.5.3.1 Application Activity (Action E) for an operator's command that changes what the
+    gateway will do, e.g. ``pneumo deliveries retry``: who asked, from where, and what."""
+    return AuditEvent(
+        event_id=EventId.APPLICATION_ACTIVITY,
+        event_types=(OPERATOR_RETRY,),
+        action=Action.EXECUTE,
+        outcome=Outcome.SUCCESS,
+        outcome_description=description,
+        occurred_at=when,
+        source=source,
+        participants=(
+            ActiveParticipant(
+                user_id=operator or "unknown", user_is_requestor=True, role_id=RoleId.APPLICATION_LAUNCHER,
+                network_access_point_id=host, network_access_point_type=_nap_type(host),
+            ),
+        ),
+    )
+
+
+def dicom_transfer(
+    source: AuditSource,
+    *,
+    action: Action,
+    outcome: Outcome,
+    sender: tuple[str, str | None],
+    receiver: tuple[str, str | None],
+    sender_is_requestor: bool,
+    study_uid: str,
+    sop_classes: dict[str, int],
+    instances: Iterable[str],
+    patient_id: str,
+    patient_name: str | None,
+    when: dt.datetime,
+    description: str | None = None,
+    accession: str | None = None,
+) -> AuditEvent:
+    """A.5.3.5 DICOM Instances Transferred between two AEs given as (AE title, host): the one way
+    every C-STORE we receive or send is recorded (ingest, refusals, deliveries)."""
+    return instances_transferred(
+        source,
+        action=action,
+        outcome=outcome,
+        source_participant=application(source, sender[0], sender[1], requestor=sender_is_requestor, role=RoleId.SOURCE),
+        destination_participant=application(
+            source, receiver[0], receiver[1], requestor=not sender_is_requestor, role=RoleId.DESTINATION
+        ),
+        study_uid=study_uid,
+        sop_classes=sop_classes,
+        instances=instances,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        when=when,
+        description=description,
+        accession=accession,
+    )

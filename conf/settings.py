@@ -142,6 +142,18 @@ class InferenceSettings(_Section):
     summary_image: bool = Field(default=True, description="Also produce the Secondary Capture summary image.")
 
 
+class ResultsSettings(_Section):
+    """Study results: what the EHR is told (FHIR DiagnosticReport, HL7 ORU^R01)."""
+
+    study_stable_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Quiet period after a study's last image result before its study result is made. "
+        "A modality sends a chest study's images within seconds; 10 s keeps the EHR's wait short "
+        "while most studies are reported once, not amended. Late images make an amended result.",
+    )
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = Field(
@@ -169,6 +181,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @property

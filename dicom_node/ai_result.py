@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from conf.errors import InvalidInputError
 from dicom_node.errors import DicomNodeError
 from storage.uids import is_valid_uid
 
@@ -31,7 +32,7 @@ LO_MAX_CHARS = 64
 ST_MAX_CHARS = 1024
 
 
-class ResultObjectError(DicomNodeError, ValueError):
+class ResultObjectError(DicomNodeError, InvalidInputError, ValueError):
     """Base class for every error raised while building or reading a DICOM result object.
 
     Part of the dicom_node exception tree (DESIGN.md §6.4) and a ``ValueError``: these are bad

@@ -17,9 +17,9 @@ which overwrites it. A crash after 4 loses nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from audit.builders import application, instances_transferred
-from audit.events import Action, AuditEvent, AuditSource, Outcome, RoleId
+from audit.builders import dicom_transfer
+from audit.events import Action, AuditEvent, AuditSource, Outcome
 from audit.store import append as append_audit
 from dicom_node.errors import (
     CannotUnderstandError,
@@ -42,18 +42,12 @@ from dicom_node.errors import (
 from storage.db import Database
 from storage.filestore import FileStore, FileStoreError, StagedFile, StoredFile
 from storage.index import add_instance, find_instance
+from storage.job_kinds import INFER_JOB, infer_job_key
 from storage.jobs import enqueue, requeue
 from storage.metadata import InstanceMetadata, MetadataError, extract_metadata
 from storage.models import InstanceOrigin, utcnow
 
 log = structlog.get_logger(__name__)
-
-INFER_JOB = "infer"
-
-
-def infer_job_key(sop_instance_uid: str) -> str:
-    return f"{INFER_JOB}:{sop_instance_uid}"
-
 
 class IngestResult(enum.StrEnum):
     STORED = "stored"
@@ -232,16 +226,13 @@ class Ingestor:
         with contextlib.suppress(Exception):
             ds = dcmread(received.path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
             study_uid = str(ds.get("StudyInstanceUID", "unknown"))[:64] or "unknown"
-        event = instances_transferred(
+        event = dicom_transfer(
             self._audit_source,
             action=Action.CREATE,
             outcome=Outcome.SERIOUS_FAILURE,
-            source_participant=application(
-                self._audit_source, received.calling.ae_title, received.calling.address, requestor=True, role=RoleId.SOURCE
-            ),
-            destination_participant=application(
-                self._audit_source, received.called_ae, self._local_host, requestor=False, role=RoleId.DESTINATION
-            ),
+            sender=(received.calling.ae_title, received.calling.address),
+            receiver=(received.called_ae, self._local_host),
+            sender_is_requestor=True,
             study_uid=study_uid,
             sop_classes={received.sop_class_uid: 1},
             instances=(received.sop_instance_uid,),
@@ -271,16 +262,13 @@ class Ingestor:
         when: dt.datetime,
         description: str | None = None,
     ) -> AuditEvent:
-        return instances_transferred(
+        return dicom_transfer(
             self._audit_source,
             action=action,
             outcome=outcome,
-            source_participant=application(
-                self._audit_source, received.calling.ae_title, received.calling.address, requestor=True, role=RoleId.SOURCE
-            ),
-            destination_participant=application(
-                self._audit_source, received.called_ae, self._local_host, requestor=False, role=RoleId.DESTINATION
-            ),
+            sender=(received.calling.ae_title, received.calling.address),
+            receiver=(received.called_ae, self._local_host),
+            sender_is_requestor=True,
             study_uid=meta.study_instance_uid,
             sop_classes={meta.sop_class_uid: 1},
             instances=(meta.sop_instance_uid,),

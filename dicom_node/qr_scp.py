@@ -28,7 +28,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.errors import MoveDestinationUnknownError, QueryRetrieveError, qr_status_for
+from dicom_node.errors import QueryRetrieveError, Service, dimse_boundary
 from dicom_node.ingest import Peer
 from dicom_node.query_retrieve import QueryRetrieveService, SubOperationResults, Transfer
 
@@ -47,7 +47,8 @@ _UNREADABLE = object()
 
 def handle_find(event: Event, service: QueryRetrieveService) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND (PS3.4 C.4.1.3): Pending per match, then pynetdicom's final Success."""
-    try:
+    responses: Iterator[Dataset] = iter(())
+    with dimse_boundary(Service.FIND) as failure:
         responses = service.find(
             event.identifier,
             _requestor(event),
@@ -55,8 +56,8 @@ def handle_find(event: Event, service: QueryRetrieveService) -> Iterator[tuple[i
             encoded=_raw_identifier(event),
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
-        yield _failure("find", exc), None
+    if failure.status is not None:
+        yield failure.status, None
         return
     for response in responses:
         if event.is_cancelled:
@@ -69,24 +70,23 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     """EVT_C_MOVE (PS3.4 C.4.2.3): the sub-association to the destination is opened by
     pynetdicom with the presentation contexts the matched instances need."""
     destination_ae = str(event.move_destination).strip()
-    try:
+    with dimse_boundary(Service.MOVE) as unknown:
         known = service.move_destination(destination_ae)
-    except MoveDestinationUnknownError as exc:
-        _failure("move", exc)
+    if unknown.failed:
         yield None, None  # pynetdicom answers 0xA801 "Move Destination unknown"
         return
     transfer: Transfer | None = None
-    try:
+    contexts: list[PresentationContext] = []
+    with dimse_boundary(Service.MOVE) as failure:
         transfer = service.retrieve(event.identifier, _requestor(event), destination_ae=destination_ae)
         contexts = move_contexts(transfer.sop_pairs)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
+    if failure.status is not None or transfer is None:
         if transfer is not None:
             transfer.finish(SubOperationResults())  # begun, but nothing will be sent
-        status = _failure("move", exc)
         # pynetdicom wants a destination and a count before it accepts a final status.
         yield known.host, known.port, {"contexts": [build_context(Verification)]}
         yield 1
-        yield status, None
+        yield failure.status, None
         return
     destination = transfer.destination
     assert destination is not None  # retrieve() with a destination AE always resolves one
@@ -107,12 +107,12 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
 def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     """EVT_C_GET (PS3.4 C.4.3.3): C-STORE sub-operations on the requestor's association, over
     the storage contexts it proposed with the SCP role (role selection, PS3.7 D.3.3.4)."""
-    try:
+    transfer: Transfer | None = None
+    with dimse_boundary(Service.GET) as failure:
         transfer = service.retrieve(event.identifier, _requestor(event))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status
-        status = _failure("get", exc)
+    if failure.status is not None or transfer is None:
         yield 1
-        yield status, None
+        yield failure.status, None
         return
     tracker = StoreResponseTracker()
     event.assoc.bind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
@@ -183,15 +183,3 @@ def _raw_identifier(event: Event) -> bytes | None:
     """The identifier exactly as received (for the Query audit record), if still readable."""
     stream = getattr(event.request, "Identifier", None)
     return stream.getvalue() if stream is not None else None
-
-
-def _failure(service: str, exc: BaseException) -> int:
-    status = qr_status_for(exc)
-    level = log.warning if isinstance(exc, QueryRetrieveError) else log.error
-    level(
-        f"dicom.{service}.failed",
-        status=f"0x{status:04X}",
-        error=exc.__class__.__name__,
-        detail=str(exc)[:200] if isinstance(exc, QueryRetrieveError) else None,
-    )
-    return status

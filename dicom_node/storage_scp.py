@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 from pynetdicom.events import Event
 
-from dicom_node.errors import status_for
+from dicom_node.errors import Service, dimse_boundary
 from dicom_node.ingest import Ingestor, Peer, ReceivedInstance
 
 log = structlog.get_logger(__name__)
@@ -28,17 +28,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         calling=Peer(assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port),
         called_ae=assoc.acceptor.ae_title,
     )
-    try:
+    with dimse_boundary(Service.STORE, sop_class_uid=received.sop_class_uid) as failure:
         result = ingestor.ingest(received)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a failure status, never success
-        status = status_for(exc)
-        log.warning(
-            "dicom.store.failed",
-            status=f"0x{status:04X}",
-            error=exc.__class__.__name__,
-            detail=str(exc)[:200],
-            sop_class_uid=received.sop_class_uid,
-        )
-        return status
-    log.debug("dicom.store.ok", result=str(result), sop_class_uid=received.sop_class_uid)
-    return 0x0000
+        log.debug("dicom.store.ok", result=str(result), sop_class_uid=received.sop_class_uid)
+    return failure.status if failure.status is not None else 0x0000

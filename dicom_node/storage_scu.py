@@ -40,6 +40,7 @@ from pynetdicom.presentation import PresentationContext
 
 from conf.settings import DicomDestination
 from dicom_node.errors import DicomNodeError
+from storage.outbox import DeliveryFailedError
 
 log = structlog.get_logger(__name__)
 
@@ -79,17 +80,18 @@ def classify_store_status(status: int) -> StatusCategory:
     return StatusCategory.TRANSIENT
 
 
-class DeliveryError(DicomNodeError):
-    """A send that did not leave the instance at the destination.
+class DeliveryError(DeliveryFailedError, DicomNodeError):
+    """A send that did not leave the instance at the destination (the outbox's
+    :class:`~storage.outbox.DeliveryFailedError` on the ``dicom`` channel).
 
-    ``status`` is the DIMSE status the *peer* answered (not one we send), or None when no
+    ``dimse_status`` is the DIMSE status the *peer* answered (not one we send), or None when no
     response came back. ``transient`` tells the caller whether a later attempt may succeed.
     """
 
     transient: bool = True
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, retryable=self.transient, peer_status=None if status is None else f"0x{status:04X}")
         self.dimse_status = status
 
 

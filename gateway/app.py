@@ -6,13 +6,14 @@ need as arguments (DESIGN.md §6.5).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -21,19 +22,24 @@ from audit.builders import application_activity
 from audit.events import AuditEvent, AuditSource
 from audit.store import append as append_audit
 from conf.settings import Settings
-from dicom_node.ingest import INFER_JOB, Ingestor
+from dicom_node.delivery_channel import DicomChannel
+from dicom_node.ingest import Ingestor
 from dicom_node.query_retrieve import QueryRetrieveService
+from dicom_node.reports import DicomReports
 from dicom_node.server import DicomNode
-from gateway.delivery import DELIVER_JOB, DeliveryHandler
 from gateway.http import HttpServer, build_app
-from gateway.worker import JobWorker, WorkerOptions
-from gateway.workflow import SUMMARY_JOB, InferenceWorkflow
+from inference.analyser import ClassifierAnalyser
 from inference.engine import EngineOptions, InferenceEngine
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.image_results import ImageResultHandler, ImageResultOptions
+from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_RESULT_JOB
 from storage.migrate import is_current, upgrade
+from storage.outbox import Channel, Fanout, OutboxHandler, Route
+from storage.runtime import JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
+from storage.study_results import StudyResultHandler
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +62,16 @@ class Runtime:
     def close(self) -> None:
         self.store.close()
         self.database.dispose()
+
+
+@contextlib.contextmanager
+def runtime_for(settings: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
+    """``with runtime_for(settings) as runtime:`` — what every short CLI command runs inside."""
+    runtime = open_runtime(settings, migrate=migrate)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
 
 
 def open_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
@@ -86,53 +102,98 @@ def build_engine(settings: Settings) -> InferenceEngine:
     return InferenceEngine(manifest, options)
 
 
+def result_fanout(settings: Settings) -> Fanout:
+    """Where results go, from settings: generated DICOM objects to every ``dicom.destinations``
+    entry; study results to no channel yet (HL7 and FHIR notifications will be routes here)."""
+    return Fanout(objects=[Route(Channel.DICOM, d.name) for d in settings.dicom.destinations])
+
+
+def outbox_kind(runtime: Runtime) -> JobKind:
+    """The ``deliver`` job kind: the outbox handler with every channel's sender."""
+    settings = runtime.settings
+    dicom_channel = DicomChannel(
+        runtime.store,
+        list(settings.dicom.destinations),
+        calling_ae=settings.delivery.calling_ae_title or settings.dicom.ae_title,
+        timeout=settings.delivery.timeout_seconds,
+        audit_source=runtime.audit_source,
+        local_host=runtime.host_name,
+    )
+    retry = RetryPolicy(
+        max_attempts=settings.delivery.max_attempts,
+        backoff_base=settings.delivery.backoff_base_seconds,
+        backoff_cap=settings.delivery.backoff_cap_seconds,
+    )
+    return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, [dicom_channel], settings.delivery.max_attempts), retry)
+
+
 class Workers:
-    """The job workers of a process: ``infer`` (classifier + reports) and ``deliver`` (outbox)."""
+    """The job workers of a process, and the one handler per job kind they run:
+
+    * ``infer`` (:class:`~storage.image_results.ImageResultHandler`): the classifier from
+      ``inference``, the SR and summary image from ``dicom_node``;
+    * ``study-result`` (:class:`~storage.study_results.StudyResultHandler`);
+    * ``deliver`` (:class:`~storage.outbox.OutboxHandler`) with each channel's sender.
+    """
 
     def __init__(self, runtime: Runtime, engine: InferenceEngine) -> None:
         settings = runtime.settings
         self.engine = engine
         self._database = runtime.database
-        base = WorkerOptions(
-            poll_interval=settings.worker.poll_interval,
-            lease_seconds=settings.worker.lease_seconds,
-            max_attempts=settings.worker.max_attempts,
+        fanout = result_fanout(settings)
+        application_id = f"{settings.dicom.ae_title}/inference"
+        jobs_retry = RetryPolicy(max_attempts=settings.worker.max_attempts)
+        image_results = ImageResultHandler(
+            runtime.database,
+            runtime.store,
+            ClassifierAnalyser(engine),
+            DicomReports(),
+            fanout,
+            runtime.audit_source,
+            ImageResultOptions(
+                summary_image=settings.inference.summary_image,
+                study_stable_seconds=settings.results.study_stable_seconds,
+                application_id=application_id,
+            ),
+            on_deliveries_queued=self.wake_deliverers,
         )
-        delivery_options = WorkerOptions(
-            poll_interval=settings.worker.poll_interval,
-            lease_seconds=settings.worker.lease_seconds,
-            max_attempts=settings.delivery.max_attempts,
-            backoff_base=settings.delivery.backoff_base_seconds,
-            backoff_cap=settings.delivery.backoff_cap_seconds,
+        study_results = StudyResultHandler(
+            runtime.database, fanout, runtime.audit_source, application_id=application_id,
+            stable_seconds=settings.results.study_stable_seconds, on_deliveries_queued=self.wake_deliverers,
         )
-        self.deliverers = [
-            JobWorker(
-                runtime.database, [DELIVER_JOB],
-                DeliveryHandler(runtime.database, runtime.store, settings, runtime.audit_source),
-                delivery_options, "deliver-0",
-            )
-        ]
-        workflow = InferenceWorkflow(
-            runtime.database, runtime.store, engine, settings,
-            audit_source=runtime.audit_source,
-            on_reports_queued=self.wake_deliverers, on_summary_queued=self.wake_inferers,
-        )
+        registry = JobRegistry([
+            JobKind(INFER_JOB, image_results, jobs_retry),
+            JobKind(STUDY_RESULT_JOB, study_results, jobs_retry),
+            outbox_kind(runtime),
+        ])
+        options = WorkerOptions(poll_interval=settings.worker.poll_interval, lease_seconds=settings.worker.lease_seconds)
+        db = runtime.database
         self.inferers = [
-            JobWorker(runtime.database, [INFER_JOB, SUMMARY_JOB], workflow, base, f"infer-{i}")
-            for i in range(max(1, settings.worker.threads))
+            JobWorker(db, registry, [INFER_JOB], options, f"infer-{i}") for i in range(max(1, settings.worker.threads))
         ]
+        # Study results and deliveries get threads of their own: neither waits behind a backlog
+        # of images, and a PACS that hangs delays only deliveries.
+        self.others = [
+            JobWorker(db, registry, [STUDY_RESULT_JOB], options, "results-0"),
+            JobWorker(db, registry, [DELIVER_JOB], options, "deliver-0"),
+        ]
+
+    @property
+    def all(self) -> list[JobWorker]:
+        return [*self.inferers, *self.others]
 
     def wake_inferers(self) -> None:
         for worker in self.inferers:
             worker.wake()
 
     def wake_deliverers(self) -> None:
-        for worker in self.deliverers:
-            worker.wake()
+        for worker in self.others:
+            if DELIVER_JOB in worker.kinds:
+                worker.wake()
 
     @property
     def running(self) -> bool:
-        return all(w.running for w in (*self.inferers, *self.deliverers))
+        return all(w.running for w in self.all)
 
     def start(self) -> None:
         # Called before our own workers claim anything, so a job held under our own PID is from
@@ -142,11 +203,11 @@ class Workers:
         )
         if released:
             log.info("worker.orphans_released", jobs=released)
-        for worker in (*self.inferers, *self.deliverers):
+        for worker in self.all:
             worker.start()
 
     def stop(self) -> None:
-        for worker in (*self.inferers, *self.deliverers):
+        for worker in self.all:
             worker.stop()
         self.engine.close()
 

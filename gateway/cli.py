@@ -23,13 +23,15 @@ from audit.store import verify_chain
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.acceptors import AcceptorProcesses, parent_alive
-from gateway.app import DicomOnly, Gateway, Workers, build_engine, open_runtime
+from gateway.app import DicomOnly, Gateway, Workers, build_engine, open_runtime, runtime_for
 from gateway.cli_deliveries import register as register_deliveries
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from inference.pipeline import ClassificationOutcome, classify_file
+from storage.job_kinds import INFER_JOB
 from storage.models import Instance, Job, Series, Study
+from storage.study_results import list_studies
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +88,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     stop = _stop_on_signals()
     try:
         workers.start()
-        print(json.dumps({"event": "ready", "workers": len(workers.inferers) + len(workers.deliverers)}), flush=True)
+        print(json.dumps({"event": "ready", "workers": len(workers.all)}), flush=True)
         while not stop.wait(1.0):
             pass
     finally:
@@ -178,35 +180,31 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _instance_rows(settings: Settings) -> list[dict[str, Any]]:
-    runtime = open_runtime(settings)
-    try:
-        with runtime.database.read_session() as session:
-            rows = session.execute(
-                select(Instance, Series.series_instance_uid, Study.study_instance_uid, Job.state)
-                .join(Series, Instance.series_pk == Series.id)
-                .join(Study, Series.study_pk == Study.id)
-                .outerjoin(Job, and_(Job.instance_pk == Instance.id, Job.kind == "infer"))
-                .order_by(Instance.id)
-            ).all()
-            return [
-                {
-                    "sop_instance_uid": inst.sop_instance_uid,
-                    "sop_class_uid": inst.sop_class_uid,
-                    "study_instance_uid": study_uid,
-                    "series_instance_uid": series_uid,
-                    "transfer_syntax_uid": inst.transfer_syntax_uid,
-                    "size": inst.size,
-                    "sha256": inst.sha256,
-                    "received_at": inst.received_at.isoformat(),
-                    "calling_ae": inst.calling_ae,
-                    "origin": inst.origin,
-                    "path": str(runtime.store.absolute(inst.path)),
-                    "job_state": job_state,
-                }
-                for inst, series_uid, study_uid, job_state in rows
-            ]
-    finally:
-        runtime.close()
+    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+        rows = session.execute(
+            select(Instance, Series.series_instance_uid, Study.study_instance_uid, Job.state)
+            .join(Series, Instance.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .outerjoin(Job, and_(Job.instance_pk == Instance.id, Job.kind == INFER_JOB))
+            .order_by(Instance.id)
+        ).all()
+        return [
+            {
+                "sop_instance_uid": inst.sop_instance_uid,
+                "sop_class_uid": inst.sop_class_uid,
+                "study_instance_uid": study_uid,
+                "series_instance_uid": series_uid,
+                "transfer_syntax_uid": inst.transfer_syntax_uid,
+                "size": inst.size,
+                "sha256": inst.sha256,
+                "received_at": inst.received_at.isoformat(),
+                "calling_ae": inst.calling_ae,
+                "origin": inst.origin,
+                "path": str(runtime.store.absolute(inst.path)),
+                "job_state": job_state,
+            }
+            for inst, series_uid, study_uid, job_state in rows
+        ]
 
 
 def cmd_instances(args: argparse.Namespace, settings: Settings) -> int:
@@ -223,14 +221,30 @@ def cmd_instances(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
+    """List studies with their study result: final, amended, not-analysed, or pending."""
+    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+        rows = list_studies(session)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'Study Instance UID':<64} {'accession':<16} {'status':<13} {'label':<10} {'p':>6} {'analysed':>8}  reasons")
+    for row in rows:
+        probability = "-" if row["probability"] is None else f"{row['probability']:.3f}"
+        reasons = "; ".join(f"{r['reason']} ({r['images']})" for r in row["reasons"]) or "-"
+        print(
+            f"{row['study_instance_uid']:<64} {row['accession_number'] or '-':<16} {row['status']:<13} "
+            f"{row['label'] or '-':<10} {probability:>6} {row['analysed']:>3}/{row['images']:<4}  {reasons}"
+        )
+    print(f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'}")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Recompute the audit hash chain; exit 1 if any record was edited, removed or reordered."""
-    runtime = open_runtime(settings)
-    try:
-        with runtime.database.read_session() as session:
-            result = verify_chain(session)
-    finally:
-        runtime.close()
+    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+        result = verify_chain(session)
     print(json.dumps({"ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem}))
     return 0 if result.ok else 1
 
@@ -251,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the DICOM node and HTTP server (health, readiness)")
     serve.set_defaults(handler=cmd_serve)
+
+    studies = commands.add_parser("studies", help="list studies and their study results (what the EHR is told)")
+    studies.add_argument("--json", action="store_true", help="one JSON object per line")
+    studies.set_defaults(handler=cmd_studies)
 
     instances = commands.add_parser("instances", help="list stored instances")
     instances.add_argument("--json", action="store_true", help="one JSON object per line")

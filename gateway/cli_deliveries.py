@@ -1,124 +1,44 @@
-"""``pneumo deliveries``: the operator's view of the outbox (DESIGN.md §3 step 5).
+"""``pneumo deliveries``: the operator's view of the outbox, every channel (docs/delivery.md).
 
-``list`` shows delivery jobs (optionally one state), ``show`` one job with every attempt, and
-``retry`` puts dead-lettered deliveries (state ``failed``) back in the queue — by id or all of
-them. Only ``deliver`` jobs are touched: ``retry --all-failed`` never revives inference jobs.
+``list`` shows deliveries (optionally one state or channel), ``show`` one with every attempt,
+and ``retry`` puts dead-lettered deliveries (state ``failed``) back in the queue — by id or all
+of them — and audits who did it. The queries live in :mod:`storage.outbox`; this is the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
-from typing import Any
-
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+import socket
 
 from conf.settings import Settings
-from gateway.app import open_runtime
-from gateway.delivery import DELIVER_JOB
-from storage import jobs
-from storage.models import DeliveryAttempt, Instance, Job, JobState
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _job_dict(job: Job, sop_instance_uid: str | None) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "state": job.state,
-        "destination": job.payload.get("destination"),
-        "sop_instance_uid": sop_instance_uid,
-        "attempts": job.attempts,
-        "run_after": _iso(job.run_after),
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "last_error": job.last_error,
-    }
-
-
-def _attempt_dict(attempt: DeliveryAttempt) -> dict[str, Any]:
-    return {
-        "attempt": attempt.attempt,
-        "outcome": attempt.outcome,
-        "dimse_status": None if attempt.dimse_status is None else f"0x{attempt.dimse_status:04X}",
-        "started_at": _iso(attempt.started_at),
-        "finished_at": _iso(attempt.finished_at),
-        "error": attempt.error,
-    }
-
-
-def list_deliveries(session: Session, state: str | None = None) -> list[dict[str, Any]]:
-    """Delivery jobs, oldest first, optionally only those in *state*."""
-    query = (
-        select(Job, Instance.sop_instance_uid)
-        .outerjoin(Instance, Job.instance_pk == Instance.id)
-        .where(Job.kind == DELIVER_JOB)
-        .order_by(Job.id)
-    )
-    if state is not None:
-        query = query.where(Job.state == state)
-    return [_job_dict(job, uid) for job, uid in session.execute(query).all()]
-
-
-def show_delivery(session: Session, job_id: int) -> dict[str, Any] | None:
-    """One delivery job and all its attempts (in order), or None if there is no such delivery."""
-    row = session.execute(
-        select(Job, Instance.sop_instance_uid)
-        .outerjoin(Instance, Job.instance_pk == Instance.id)
-        .where(Job.id == job_id, Job.kind == DELIVER_JOB)
-    ).one_or_none()
-    if row is None:
-        return None
-    job, uid = row
-    attempts = session.execute(
-        select(DeliveryAttempt).where(DeliveryAttempt.job_pk == job_id).order_by(DeliveryAttempt.started_at, DeliveryAttempt.id)
-    ).scalars()
-    return {**_job_dict(job, uid), "attempt_history": [_attempt_dict(a) for a in attempts]}
-
-
-def retry_deliveries(session: Session, job_ids: list[int] | None) -> list[int]:
-    """Re-queue dead-lettered deliveries (*job_ids*, or all when None); returns those re-queued."""
-    query = select(Job.id).where(Job.kind == DELIVER_JOB, Job.state == JobState.FAILED)
-    if job_ids is not None:
-        query = query.where(Job.id.in_(job_ids))
-    eligible = sorted(session.execute(query).scalars())
-    if eligible:
-        jobs.retry_failed(session, eligible)
-    return eligible
+from gateway.app import runtime_for
+from storage.models import JobState
+from storage.outbox import Channel, list_deliveries, retry_deliveries, show_delivery
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    runtime = open_runtime(settings)
-    try:
-        with runtime.database.read_session() as session:
-            rows = list_deliveries(session, args.state)
-    finally:
-        runtime.close()
+    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+        rows = list_deliveries(session, args.state, args.channel)
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print(f"{'id':>6} {'state':<8} {'tries':>5} {'destination':<16} {'SOP Instance UID':<64} last error")
+    print(f"{'id':>6} {'state':<8} {'tries':>5} {'channel':<8} {'destination':<16} {'subject':<64} last error")
     for row in rows:
         error = (row["last_error"] or "").splitlines()[0][:60] if row["last_error"] else "-"
         print(
-            f"{row['id']:>6} {row['state']:<8} {row['attempts']:>5} {str(row['destination'])[:16]:<16} "
-            f"{row['sop_instance_uid'] or '-':<64} {error}"
+            f"{row['id']:>6} {row['state']:<8} {row['attempts']:>5} {str(row['channel'])[:8]:<8} "
+            f"{str(row['destination'])[:16]:<16} {row['subject'] or '-':<64} {error}"
         )
     print(f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    runtime = open_runtime(settings)
-    try:
-        with runtime.database.read_session() as session:
-            detail = show_delivery(session, args.job_id)
-    finally:
-        runtime.close()
+    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+        detail = show_delivery(session, args.job_id)
     if detail is None:
         print(json.dumps({"error": f"no delivery job {args.job_id}"}))
         return 1
@@ -126,17 +46,22 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _operator() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return None
+
+
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     if bool(args.job_ids) == bool(args.all_failed):
         print(json.dumps({"error": "give JOB_ID... or --all-failed (not both)"}))
         return 2
     wanted: list[int] | None = None if args.all_failed else list(args.job_ids)
-    runtime = open_runtime(settings)
-    try:
-        with runtime.database.session() as session:
-            retried = retry_deliveries(session, wanted)
-    finally:
-        runtime.close()
+    with runtime_for(settings) as runtime, runtime.database.session() as session:
+        retried = retry_deliveries(
+            session, wanted, audit_source=runtime.audit_source, operator=_operator(), host=socket.gethostname()
+        )
     skipped = sorted(set(wanted or ()) - set(retried))
     print(json.dumps({"retried": retried, "skipped": skipped}))
     return 1 if skipped else 0
@@ -144,19 +69,20 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``deliveries list|show|retry`` to the ``pneumo`` command parser's *subparsers*."""
-    deliveries = subparsers.add_parser("deliveries", help="the outbox: list, inspect and retry report deliveries")
+    deliveries = subparsers.add_parser("deliveries", help="the outbox: list, inspect and retry deliveries (all channels)")
     actions = deliveries.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")
 
-    listing = actions.add_parser("list", help="list delivery jobs")
+    listing = actions.add_parser("list", help="list deliveries")
     listing.add_argument("--state", choices=[s.value for s in JobState], default=None)
+    listing.add_argument("--channel", choices=[c.value for c in Channel], default=None)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=cmd_list)
 
-    show = actions.add_parser("show", help="one delivery job with all its attempts (JSON)")
+    show = actions.add_parser("show", help="one delivery with all its attempts (JSON)")
     show.add_argument("job_id", type=int, metavar="JOB_ID")
     show.set_defaults(handler=cmd_show)
 
-    retry = actions.add_parser("retry", help="put dead-lettered deliveries back in the queue")
+    retry = actions.add_parser("retry", help="put dead-lettered deliveries back in the queue (audited)")
     retry.add_argument("job_ids", type=int, nargs="*", metavar="JOB_ID")
     retry.add_argument("--all-failed", action="store_true", help="every dead-lettered delivery")
     retry.set_defaults(handler=cmd_retry)

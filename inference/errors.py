@@ -1,4 +1,4 @@
-"""The one exception tree of the inference part (DESIGN.md §6.4).
+"""The inference part's branch of the one exception tree (:mod:`conf.errors`).
 
 Every failure the inference runtime can report is an :class:`InferenceError`, so a boundary (the
 worker, the ``pneumo infer`` command) translates them with one table. The subclasses separate the
@@ -16,12 +16,14 @@ Messages never contain PHI: they name DICOM attributes and values of technical a
 
 from __future__ import annotations
 
+from conf.errors import InvalidInputError, PneumoError, UnavailableError
 
-class InferenceError(Exception):
+
+class InferenceError(PneumoError):
     """Base class of every error raised by :mod:`inference`."""
 
 
-class ModelPackageError(InferenceError):
+class ModelPackageError(InferenceError, InvalidInputError):
     """The model directory or its ``model.json`` manifest is missing, unreadable or invalid."""
 
 
@@ -29,11 +31,11 @@ class ModelIntegrityError(ModelPackageError):
     """The ONNX file's SHA-256 differs from the manifest's ``onnx_sha256``; the model is refused."""
 
 
-class EngineError(InferenceError):
+class EngineError(InferenceError, UnavailableError):
     """The inference engine cannot run a request (closed, bad input tensor, runtime failure)."""
 
 
-class PreprocessingError(InferenceError):
+class PreprocessingError(InferenceError, InvalidInputError):
     """A DICOM dataset cannot be turned into a model input tensor."""
 
 

@@ -11,7 +11,10 @@ execution, which the job handlers make idempotent (deterministic UIDs, unique re
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +67,39 @@ def enqueue(
     )
 
 
+def rearm(session: Session, kind: str, dedup_key: str, run_after: dt.datetime, *, payload: dict[str, Any] | None = None) -> None:
+    """Make sure the job *dedup_key* runs (again) at *run_after* — a debounced trigger.
+
+    Called repeatedly (one call per event, e.g. per image result of a study), it coalesces into
+    one run after the last call. A pending job is pushed back to *run_after*; a finished one is
+    revived; a running one keeps running and is marked to run again when it completes
+    (``rerun_after``), so an event that happens while the job works is never lost.
+    """
+    insert_ignore(
+        session,
+        Job,
+        {
+            "kind": kind,
+            "dedup_key": dedup_key,
+            "payload": payload or {},
+            "state": JobState.PENDING,
+            "attempts": 0,
+            "run_after": run_after,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        },
+        ["dedup_key"],
+    )
+    job = session.execute(select(Job).where(Job.dedup_key == dedup_key).with_for_update()).scalar_one()
+    if job.state == JobState.RUNNING:
+        job.rerun_after = run_after
+    else:
+        job.state = JobState.PENDING
+        job.attempts = 0
+        job.run_after = run_after
+        job.last_error = None
+
+
 def requeue(session: Session, dedup_key: str) -> None:
     """Put an existing job back to pending (e.g. its input was replaced)."""
     job = session.execute(select(Job).where(Job.dedup_key == dedup_key)).scalar_one_or_none()
@@ -110,13 +146,30 @@ def complete(session: Session, job_id: int, worker_id: str) -> bool:
     Returns False when the lease was lost to another worker meanwhile; the caller must then
     roll back, because the other worker owns the job now.
     """
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.locked_by != worker_id or job.state != JobState.RUNNING:
+    if not holds(session, job_id, worker_id):
         return False
-    job.state = JobState.DONE
+    job = session.get(Job, job_id)
+    assert job is not None
     job.lease_expires_at = None
     job.last_error = None
+    job.locked_by = None
+    if job.rerun_after is not None:  # re-armed while it ran: run once more, later
+        job.state = JobState.PENDING
+        job.attempts = 0
+        job.run_after = job.rerun_after
+        job.rerun_after = None
+    else:
+        job.state = JobState.DONE
     return True
+
+
+def holds(session: Session, job_id: int, worker_id: str) -> bool:
+    """True when *worker_id* still holds the lease of *job_id* (row locked for the transaction).
+
+    A handler that commits part of its work before completing the job checks this inside that
+    transaction, so a worker that lost its lease never commits results beside the new holder."""
+    job = session.get(Job, job_id, with_for_update=True)
+    return job is not None and job.locked_by == worker_id and job.state == JobState.RUNNING
 
 
 def backoff_delay(attempt: int, *, base: float = 2.0, cap: float = 600.0) -> float:
@@ -143,6 +196,8 @@ def fail(
         job.last_error = error[:4000]
         job.lease_expires_at = None
         job.locked_by = None
+        if job.rerun_after is not None and not permanent:
+            job.rerun_after = None  # the retry below runs it again anyway
         if permanent or job.attempts >= max_attempts:
             job.state = JobState.FAILED
         else:
@@ -150,6 +205,11 @@ def fail(
             delay = backoff_delay(job.attempts, base=backoff_base, cap=backoff_cap)
             job.run_after = utcnow() + dt.timedelta(seconds=delay)
         return job.state
+
+
+def worker_identity(name: str) -> str:
+    """``name@host:pid:thread``: who holds a job; :func:`release_orphans` parses it back."""
+    return f"{name}@{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 def release_orphans(database: Database, host: str, is_alive: Callable[[int], bool]) -> int:
@@ -166,6 +226,8 @@ def release_orphans(database: Database, host: str, is_alive: Callable[[int], boo
             holder_host, pid = _holder(job.locked_by)
             if holder_host == host and pid is not None and not is_alive(pid):
                 job.state = JobState.PENDING
+                if job.rerun_after is not None:
+                    job.rerun_after = None
                 job.run_after = utcnow()
                 job.lease_expires_at = None
                 job.locked_by = None
@@ -174,7 +236,7 @@ def release_orphans(database: Database, host: str, is_alive: Callable[[int], boo
 
 
 def _holder(locked_by: str | None) -> tuple[str | None, int | None]:
-    """Parse ``name@host:pid:thread`` (see gateway.worker.worker_identity)."""
+    """Parse ``name@host:pid:thread`` (see :func:`worker_identity`)."""
     if not locked_by or "@" not in locked_by:
         return None, None
     parts = locked_by.split("@", 1)[1].split(":")

@@ -159,6 +159,9 @@ class Job(Base):
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column()
     locked_by: Mapped[str | None] = mapped_column(String(100))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Set when the job was re-armed while it was running (see storage.jobs.rearm): on completion
+    # it goes back to pending at this time instead of done, so no trigger is ever lost.
+    rerun_after: Mapped[dt.datetime | None] = mapped_column()
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -203,12 +206,14 @@ class DeliveryOutcome(enum.StrEnum):
 
 
 class DeliveryAttempt(Base):
-    """One try at sending a stored instance to a destination (the outbox's history).
+    """One try at sending something to a destination over a channel (the outbox's history).
 
-    The delivery itself is a :class:`Job` of kind ``deliver``; this table keeps every attempt of
-    it (when, what the peer answered) so that an operator can see why a delivery is late or
-    dead-lettered. ``dimse_status`` is the C-STORE response status (PS3.4 B.2.3) when one came
-    back; ``None`` when the association never got that far.
+    The delivery itself is a :class:`Job` of kind ``deliver`` (see :mod:`storage.outbox`); this
+    table keeps every attempt of it (when, what the peer answered) so that an operator can see
+    why a delivery is late or dead-lettered, whatever the channel. ``subject`` names what was
+    carried (a SOP Instance UID on the ``dicom`` channel); ``peer_status`` is what the peer
+    answered, in the channel's own terms (``0x0000`` for a DIMSE status, ``AA`` for an HL7 ACK),
+    ``None`` when no answer came back.
     """
 
     __tablename__ = "delivery_attempt"
@@ -216,10 +221,71 @@ class DeliveryAttempt(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(32))
     destination: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(200), index=True)
     started_at: Mapped[dt.datetime] = mapped_column()
     finished_at: Mapped[dt.datetime] = mapped_column()
     outcome: Mapped[str] = mapped_column(String(16))
-    dimse_status: Mapped[int | None] = mapped_column(Integer)
+    peer_status: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class RegisteredModel(Base):
+    """A model package version that has judged images: what reports and the EHR say about the
+    algorithm (the FHIR Device, the SR's algorithm identification) outlives the loaded package."""
+
+    __tablename__ = "model"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_id_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(64))
+    manufacturer: Mapped[str] = mapped_column(String(64))
+    device_uid: Mapped[str] = mapped_column(String(64))
+    intended_use: Mapped[str] = mapped_column(Text)
+    threshold: Mapped[float] = mapped_column()
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class StudyStatus(enum.StrEnum):
+    """What a study result says; ``pending`` is never stored (it means "no result yet")."""
+
+    PENDING = "pending"
+    FINAL = "final"
+    AMENDED = "amended"
+    NOT_ANALYSED = "not-analysed"
+
+
+class StudyResult(Base):
+    """One version of the result of a whole study (docs/sr.md, "Study results").
+
+    A study result is made when the study has been quiet for ``results.study_stable_seconds``;
+    images that arrive later make a new version (``amended``). Versions are kept: the newest is
+    the current one, the older ones are what the EHR was told before.
+    """
+
+    __tablename__ = "study_result"
+    __table_args__ = (UniqueConstraint("study_pk", "version", name="uq_study_result_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(32))
+    probability: Mapped[float | None] = mapped_column()
+    threshold: Mapped[float | None] = mapped_column()
+    images: Mapped[int] = mapped_column(Integer)
+    analysed: Mapped[int] = mapped_column(Integer)
+    # [{"reason": str, "images": int}, ...]: why images were not analysed, most frequent first.
+    reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # The image result that decided the label (the highest probability), when one did.
+    deciding_result_pk: Mapped[int | None] = mapped_column(ForeignKey("inference_result.id"))
+    model_id: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    # A digest of the image results the version was made from: an unchanged study makes no new version.
+    basis: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+    study: Mapped[Study] = relationship()

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, update
 from audit.builders import application_activity
 from audit.events import AuditSource
 from audit.models import AuditChainHead, AuditRecord
-from audit.store import append, verify_chain
+from audit.store import ChainVerification, append, verify_chain
 from storage.db import Database
 
 SOURCE = AuditSource("PNEUMO@test")
@@ -19,10 +19,12 @@ SOURCE = AuditSource("PNEUMO@test")
 def _write(database: Database, n: int) -> None:
     for i in range(n):
         with database.session() as session:
-            append(session, application_activity(SOURCE, started=i % 2 == 0, process_name="t", host="127.0.0.1", when=dt.datetime.now(dt.UTC)))
+            when = dt.datetime.now(dt.UTC)
+            event = application_activity(SOURCE, started=i % 2 == 0, process_name="t", host="127.0.0.1", when=when)
+            append(session, event)
 
 
-def _verify(database: Database):  # type: ignore[no-untyped-def]
+def _verify(database: Database) -> ChainVerification:
     with database.read_session() as session:
         return verify_chain(session)
 

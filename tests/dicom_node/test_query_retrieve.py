@@ -147,7 +147,8 @@ def _findscu(gateway: Any, out: Path, level: str, *keys: str) -> list[Dataset]:
                "-k", f"QueryRetrieveLevel={level}"]
     for key in keys:
         command += ["-k", key]
-    result = subprocess.run([*command, "127.0.0.1", str(gateway.dicom.port)], check=False, capture_output=True, text=True, timeout=60)
+    command += ["127.0.0.1", str(gateway.dicom.port)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
 

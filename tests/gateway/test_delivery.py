@@ -29,14 +29,14 @@ from conf.settings import DicomDestination, Settings
 from dicom_node.ai_result import AiResult
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import send_instance
-from gateway.app import Runtime, open_runtime
+from gateway.app import Runtime, open_runtime, outbox_kind, result_fanout
 from gateway.cli_deliveries import register
-from gateway.delivery import DELIVER_JOB, DeliveryHandler, delivery_job_key, enqueue_deliveries
-from gateway.worker import JobWorker, WorkerOptions
 from storage import jobs
+from storage.job_kinds import DELIVER_JOB, delivery_key
 from storage.index import add_instance
 from storage.metadata import extract_metadata
 from storage.models import DeliveryAttempt, Instance, InstanceOrigin, Job, JobState
+from storage.runtime import JobRegistry, JobWorker, WorkerOptions
 from tests.conftest import make_settings, sample
 from tests.dicom_peers import Orthanc, StatusScp, StoreScp, free_port
 
@@ -96,21 +96,13 @@ def store_report(runtime: Runtime, header: Dataset) -> str:
             relative_path=stored.relative_path, size=stored.size, sha256=stored.sha256,
             origin=InstanceOrigin.GENERATED, calling_ae=None,
         )
-        enqueue_deliveries(session, instance, list(runtime.settings.dicom.destinations))
+        result_fanout(runtime.settings).generated_instance(session, instance)
     return str(report.SOPInstanceUID)
 
 
 def worker(runtime: Runtime, **options: Any) -> JobWorker:
-    delivery = runtime.settings.delivery
-    opts = WorkerOptions(
-        poll_interval=options.get("poll_interval", 0.05),
-        lease_seconds=60,
-        max_attempts=delivery.max_attempts,
-        backoff_base=delivery.backoff_base_seconds,
-        backoff_cap=delivery.backoff_cap_seconds,
-    )
-    handler = DeliveryHandler(runtime.database, runtime.store, runtime.settings, runtime.audit_source)
-    return JobWorker(runtime.database, [DELIVER_JOB], handler, opts, "deliver-test")
+    opts = WorkerOptions(poll_interval=options.get("poll_interval", 0.05), lease_seconds=60)
+    return JobWorker(runtime.database, JobRegistry([outbox_kind(runtime)]), [DELIVER_JOB], opts, "deliver-test")
 
 
 def delivery_jobs(runtime: Runtime) -> list[Job]:
@@ -161,9 +153,10 @@ def test_delivers_report_to_storescp(
         uid = store_report(runtime, radiograph_header)
         with runtime.database.session() as session:  # enqueueing again is a no-op
             instance = session.execute(select(Instance).where(Instance.sop_instance_uid == uid)).scalar_one()
-            enqueue_deliveries(session, instance, [dest])
+            result_fanout(runtime.settings).generated_instance(session, instance)
         [job] = delivery_jobs(runtime)
-        assert job.dedup_key == delivery_job_key("pacs", uid) and job.payload == {"destination": "pacs"}
+        assert job.dedup_key == delivery_key("dicom", "pacs", uid)
+        assert job.payload == {"channel": "dicom", "destination": "pacs", "subject": uid}
 
         assert worker(runtime).run_once("w1") is True
         received = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in scp.received()]
@@ -172,8 +165,8 @@ def test_delivers_report_to_storescp(
     [job] = delivery_jobs(runtime)
     assert job.state == JobState.DONE and job.attempts == 1
     [attempt] = attempts(runtime)
-    assert (attempt.job_pk, attempt.outcome, attempt.dimse_status, attempt.attempt) == (job.id, "delivered", 0, 1)
-    assert attempt.destination == "pacs" and attempt.sop_instance_uid == uid and attempt.error is None
+    assert (attempt.job_pk, attempt.outcome, attempt.peer_status, attempt.attempt) == (job.id, "delivered", "0x0000", 1)
+    assert (attempt.channel, attempt.destination, attempt.subject, attempt.error) == ("dicom", "pacs", uid, None)
     [audit] = transfer_audits(runtime)
     event = audit.event
     assert (event["action"], event["outcome"]) == ("R", 0)
@@ -210,7 +203,7 @@ def test_worker_dying_between_send_and_commit_leaves_one_copy_in_orthanc(
 
         # Later re-deliveries of the same object (an operator re-queue) are just as harmless.
         with runtime.database.session() as session:
-            jobs.requeue(session, delivery_job_key("orthanc", uid))
+            jobs.requeue(session, delivery_key("dicom", "orthanc", uid))
         assert worker(runtime).run_once("w3")
         assert len(orthanc.instances()) == 1
 
@@ -233,7 +226,7 @@ def test_destination_down_then_back_delivers_each_report_once(
     try:
         def failed_twice_each() -> bool:
             rows = attempts(runtime)
-            return all(sum(1 for a in rows if a.sop_instance_uid == uid and a.outcome == "failed") >= 2 for uid in uids)
+            return all(sum(1 for a in rows if a.subject == uid and a.outcome == "failed") >= 2 for uid in uids)
 
         run_until(failed_twice_each, lambda: False)
         assert all(job.state in (JobState.PENDING, JobState.RUNNING) for job in delivery_jobs(runtime))
@@ -247,9 +240,9 @@ def test_destination_down_then_back_delivers_each_report_once(
 
     rows = attempts(runtime)
     for uid in uids:
-        mine = [a for a in rows if a.sop_instance_uid == uid]
+        mine = [a for a in rows if a.subject == uid]
         assert [a.outcome for a in mine].count("delivered") == 1 and mine[-1].outcome == "delivered"
-        assert all(a.dimse_status is None and a.error for a in mine[:-1])
+        assert all(a.peer_status is None and a.error for a in mine[:-1])
         assert [a.attempt for a in mine] == list(range(1, len(mine) + 1))
     outcomes = [record.outcome for record in transfer_audits(runtime)]
     assert outcomes.count(0) == 3 and set(outcomes) == {0, 4}  # successes and "restarted" failures
@@ -273,12 +266,12 @@ def test_dead_letter_then_operator_retry_via_cli(
     settings = runtime.settings
     code, out = cli(settings, capsys, "deliveries", "list", "--state", "failed", "--json")
     [row] = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and (row["id"], row["sop_instance_uid"], row["destination"]) == (job.id, uid, "pacs")
+    assert code == 0 and (row["id"], row["subject"], row["channel"], row["destination"]) == (job.id, uid, "dicom", "pacs")
 
     code, out = cli(settings, capsys, "deliveries", "show", str(job.id))
     detail = json.loads(out)
     assert code == 0 and [a["attempt"] for a in detail["attempt_history"]] == [1, 2]
-    assert all(a["outcome"] == "failed" and a["dimse_status"] is None for a in detail["attempt_history"])
+    assert all(a["outcome"] == "failed" and a["peer_status"] is None for a in detail["attempt_history"])
 
     assert cli(settings, capsys, "deliveries", "show", "999999")[0] == 1
     assert cli(settings, capsys, "deliveries", "retry")[0] == 2  # neither ids nor --all-failed
@@ -286,6 +279,10 @@ def test_dead_letter_then_operator_retry_via_cli(
     assert (code, json.loads(out)) == (1, {"retried": [job.id], "skipped": [999999]})
     [job] = delivery_jobs(runtime)
     assert (job.state, job.attempts) == (JobState.PENDING, 0)
+    with runtime.database.read_session() as session:  # the operator's retry is audited
+        [retry_audit] = session.execute(select(AuditRecord).where(AuditRecord.event_id == "110100")).scalars().all()
+    assert str(job.id) in retry_audit.event["outcome_description"]
+    assert retry_audit.event["event_types"][0]["code"] == "DELIVERY-RETRY"
 
     with StoreScp(tmp_path / "pacs", ae_title="PACS", port=port) as scp:
         assert deliverer.run_once("w2")
@@ -311,7 +308,7 @@ def test_permanent_rejection_dead_letters_at_once(
     [job] = delivery_jobs(runtime)
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
     [attempt] = attempts(runtime)
-    assert (attempt.outcome, attempt.dimse_status) == ("failed", 0xC000)
+    assert (attempt.outcome, attempt.peer_status) == ("failed", "0xC000")
     assert [r.outcome for r in transfer_audits(runtime)] == [8]
 
 

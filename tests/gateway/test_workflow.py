@@ -6,6 +6,8 @@ once with the bundled EfficientNet-B0, the model hospitals actually get.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,9 @@ from sqlalchemy import func, select
 from audit.models import AuditRecord
 from audit.store import verify_chain
 from dicom_node.sr import read_ai_sr
+from gateway.cli import cmd_studies
 from inference.manifest import BUNDLED_MODEL_DIR
-from storage.models import InferenceResult, Instance, Job, JobState
+from storage.models import InferenceResult, Instance, Job, JobState, StudyResult
 from tests.conftest import copy_with_new_uids, sample
 from tests.dicom_node.test_storage_scp import send
 from tests.inference.tiny_model import write_model_dir
@@ -57,9 +60,7 @@ def test_chest_radiograph_gets_result_sr_sc_and_deliveries(gateway_factory: Any,
     assert send(gateway, source_path) == [0]
 
     [job] = wait_for_jobs(gateway, "infer", 1)
-    assert job.state == JobState.DONE, job.last_error
-    [summary] = wait_for_jobs(gateway, "summary", 1)
-    assert summary.state == JobState.DONE, summary.last_error
+    assert job.state == JobState.DONE, job.last_error  # SR first, then the summary, one job
     with gateway.runtime.database.read_session() as session:
         result = session.execute(select(InferenceResult)).scalar_one()
         generated = session.execute(select(Instance).where(Instance.origin == "generated")).scalars().all()
@@ -70,7 +71,7 @@ def test_chest_radiograph_gets_result_sr_sc_and_deliveries(gateway_factory: Any,
     assert result.label in ("PNEUMONIA", "NORMAL") and result.model_id == "tiny-contract-test"
     assert {"decode", "preprocess", "infer"} <= set(result.timings_ms)
     assert len(generated) == 2 and result.sr_instance_pk and result.sc_instance_pk
-    assert len(deliveries) == 2 and {d.payload["destination"] for d in deliveries} == {"pacs"}
+    assert len(deliveries) == 2 and {(d.payload["channel"], d.payload["destination"]) for d in deliveries} == {("dicom", "pacs")}
     assert [p.event["action"] for p in processing] == ["C", "C"]  # SR, then the summary image
     assert result.cam is not None and len(result.cam) == 7
 
@@ -103,7 +104,6 @@ def test_rerun_of_a_job_never_makes_a_second_report(gateway_factory: Any, tmp_pa
     gateway = _start(gateway_factory, tiny_model)
     assert send(gateway, copy_with_new_uids(sample("RG1_UNCR.dcm"), tmp_path / "in")) == [0]
     wait_for_jobs(gateway, "infer", 1)
-    wait_for_jobs(gateway, "summary", 1)
 
     def generated_uids() -> set[str]:
         with gateway.runtime.database.read_session() as session:
@@ -113,13 +113,12 @@ def test_rerun_of_a_job_never_makes_a_second_report(gateway_factory: Any, tmp_pa
     # As if the worker had died after placing its files but before committing: the files stay,
     # the rows of that transaction never existed, the job is pending again.
     with gateway.runtime.database.session() as session:
-        session.query(Job).filter(Job.kind.in_(["summary", "deliver"])).delete()
+        session.query(Job).filter(Job.kind == "deliver").delete()
         session.query(InferenceResult).delete()
         session.query(Instance).filter(Instance.origin == "generated").delete()
         session.query(Job).filter(Job.kind == "infer").update({"state": JobState.PENDING})
     gateway.workers.wake_inferers()
     wait_for_jobs(gateway, "infer", 1)
-    wait_for_jobs(gateway, "summary", 1)
     assert generated_uids() == first  # the same SR and SC UIDs, rebuilt in place
     with gateway.runtime.database.read_session() as session:
         assert session.execute(select(func.count()).select_from(InferenceResult)).scalar_one() == 1
@@ -137,3 +136,87 @@ def test_bundled_model_end_to_end(gateway_factory: Any, tmp_path: Path) -> None:
         result = session.execute(select(InferenceResult)).scalar_one()
     assert result.status == "ok" and result.model_id == "pneumo-effnetb0-kermany"
     assert 0.0 <= (result.probability or -1) <= 1.0
+
+
+def _study_results(gateway: Any) -> list[StudyResult]:
+    with gateway.runtime.database.read_session() as session:
+        return list(session.execute(select(StudyResult).order_by(StudyResult.version)).scalars())
+
+
+def _wait_for_versions(gateway: Any, count: int, timeout: float = 60.0) -> list[StudyResult]:
+    deadline = time.monotonic() + timeout
+    while len(rows := _study_results(gateway)) < count:
+        assert time.monotonic() < deadline, f"{len(rows)} study result version(s), expected {count}"
+        time.sleep(0.05)
+    return rows
+
+
+def _lateral(ds: pydicom.Dataset) -> None:
+    ds.ViewPosition = "LL"
+
+
+def test_study_result_two_frontal_one_lateral_then_a_late_image_amends(
+    gateway_factory: Any, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = gateway_factory(
+        sections={"inference": {"model_dir": str(tiny_model)}, "worker": {"poll_interval": 0.05},
+                  "results": {"study_stable_seconds": 0.5}},
+        destinations=[DESTINATION],
+    )
+    study_uid = pydicom.uid.generate_uid()
+    series_uid = pydicom.uid.generate_uid()
+    rg1 = sample("RG1_UNCR.dcm")
+    first = [
+        copy_with_new_uids(rg1, tmp_path / "in", study_uid=study_uid, series_uid=series_uid),
+        copy_with_new_uids(rg1, tmp_path / "in", study_uid=study_uid, series_uid=series_uid),
+        copy_with_new_uids(rg1, tmp_path / "in", study_uid=study_uid, mutate=_lateral),
+    ]
+    assert send(gateway, *first) == [0, 0, 0]
+    [v1] = _wait_for_versions(gateway, 1)
+    with gateway.runtime.database.read_session() as session:
+        results = session.execute(select(InferenceResult).order_by(InferenceResult.id)).scalars().all()
+        generated = session.execute(select(Instance).where(Instance.origin == "generated")).scalars().all()
+    ok = [r for r in results if r.status == "ok"]
+    assert len(results) == 3 and len(ok) == 2
+    best = max(ok, key=lambda r: r.probability or 0.0)
+    assert (v1.version, v1.status, v1.images, v1.analysed) == (1, "final", 3, 2)
+    assert v1.probability == best.probability and v1.label == best.label and v1.deciding_result_pk == best.id
+    assert [r["images"] for r in v1.reasons] == [1] and "not applicable" in v1.reasons[0]["reason"]
+
+    # Every SR and summary image has its own Instance Number in its series (viewers show them all).
+    stored = [pydicom.dcmread(gateway.runtime.store.absolute(g.path), stop_before_pixels=True) for g in generated]
+    by_series: dict[str, list[int]] = {}
+    for ds in stored:
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(int(ds.InstanceNumber))
+    assert len(by_series) == 2 and all(sorted(numbers) == [1, 2] for numbers in by_series.values())
+
+    time.sleep(1.0)  # quiet: no second version without a new image
+    assert len(_study_results(gateway)) == 1
+
+    assert send(gateway, copy_with_new_uids(rg1, tmp_path / "late", study_uid=study_uid, series_uid=series_uid)) == [0]
+    v1_again, v2 = _wait_for_versions(gateway, 2)
+    assert (v2.version, v2.status, v2.images, v2.analysed) == (2, "amended", 4, 3)
+    assert v1_again.status == "final"  # what the EHR was told first is kept
+
+    capsys.readouterr()
+    assert cmd_studies(argparse.Namespace(json=True), gateway.runtime.settings) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {k: row[k] for k in ("study_instance_uid", "status", "label", "images", "analysed", "version")} == {
+        "study_instance_uid": study_uid, "status": "amended", "label": v2.label, "images": 4, "analysed": 3, "version": 2,
+    }
+    assert row["probability"] == pytest.approx(v2.probability, abs=1e-6) and row["reasons"] == v2.reasons
+
+
+def test_study_with_nothing_applicable_is_not_analysed_with_reasons(
+    gateway_factory: Any, tmp_path: Path, tiny_model: Path
+) -> None:
+    gateway = gateway_factory(
+        sections={"inference": {"model_dir": str(tiny_model)}, "worker": {"poll_interval": 0.05},
+                  "results": {"study_stable_seconds": 0.2}},
+    )
+    study_uid = pydicom.uid.generate_uid()
+    assert send(gateway, copy_with_new_uids(sample("RG3_UNCR.dcm"), tmp_path / "in", study_uid=study_uid)) == [0]
+    [result] = _wait_for_versions(gateway, 1)
+    assert (result.status, result.label, result.probability, result.analysed, result.images) == (
+        "not-analysed", None, None, 0, 1)
+    assert "EXTREMITY" in result.reasons[0]["reason"].upper()

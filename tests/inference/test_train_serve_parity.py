@@ -53,7 +53,7 @@ def test_dicom_path_matches_training_tensor(name: str) -> None:
         pytest.skip(f"{name} not in the data set")
     pixels = np.asarray(Image.open(path).convert("L"))
     with InferenceEngine(load_manifest(BUNDLED_MODEL_DIR), EngineOptions(max_batch=1)) as engine:
-        direct = engine.predict((pixels.astype(np.float32) / 255.0))
+        direct = engine.predict(pixels.astype(np.float32) / 255.0)
         outcome = classify_dataset(as_cr(pixels), engine)
     assert outcome.applicable and outcome.prediction is not None
     assert outcome.prediction.probability == pytest.approx(direct.probability, abs=0.02)

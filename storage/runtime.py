@@ -1,0 +1,178 @@
+"""The job runtime: a registry of job kinds and the worker loop that runs them.
+
+The queue semantics live in :mod:`storage.jobs`; this is the loop around them, usable by every
+part. Each job kind has exactly one handler, registered by the composition root (``gateway``);
+a part raises the errors of :mod:`conf.errors` and the loop translates them by one rule:
+
+* :class:`~conf.errors.LeaseLostError`: another worker owns the job now; drop ours silently.
+* a :class:`~conf.errors.PneumoError` that is not ``retryable``: retrying cannot help, the job
+  is dead-lettered at once (visible to operators, retryable by hand).
+* anything else (``retryable`` errors and unexpected exceptions): retried with exponential
+  backoff and jitter until the kind's ``max_attempts``, then dead-lettered.
+
+Handlers must be idempotent (deterministic UIDs, unique result rows), because a job whose worker
+died is run again once its lease expires.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from conf.errors import LeaseLostError, PneumoError
+from storage import jobs
+from storage.db import Database
+from storage.jobs import ClaimedJob
+
+log = structlog.get_logger(__name__)
+
+
+class JobHandler(Protocol):
+    """Runs one job. Must call :func:`storage.jobs.complete` inside the transaction that stores
+    its results and raise :class:`~conf.errors.LeaseLostError` if that returns False."""
+
+    def __call__(self, job: ClaimedJob, worker_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_base: float = 2.0
+    backoff_cap: float = 600.0
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job: its name in the queue, its handler and how it is retried."""
+
+    name: str
+    handler: JobHandler
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class JobRegistry:
+    """Job kind name -> :class:`JobKind`; one handler per kind, registered once."""
+
+    def __init__(self, kinds: Iterable[JobKind] = ()) -> None:
+        self._kinds: dict[str, JobKind] = {}
+        for kind in kinds:
+            self.register(kind)
+
+    def register(self, kind: JobKind) -> None:
+        if kind.name in self._kinds:
+            raise ValueError(f"job kind {kind.name!r} is registered twice")
+        self._kinds[kind.name] = kind
+
+    def get(self, name: str) -> JobKind | None:
+        return self._kinds.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._kinds)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    poll_interval: float = 0.5
+    lease_seconds: float = 300.0
+
+
+def run_job(registry: JobRegistry, job: ClaimedJob, worker_id: str, database: Database) -> str:
+    """Run one claimed job through its handler and book the outcome; returns what happened."""
+    kind = registry.get(job.kind)
+    if kind is None:  # claimed only kinds we know, so this is a programming error
+        jobs.fail(database, job.id, worker_id, f"no handler for job kind {job.kind!r}", permanent=True, max_attempts=1)
+        return "failed"
+    try:
+        kind.handler(job, worker_id)
+    except LeaseLostError:
+        log.warning("job.lease_lost")
+        return "lease-lost"
+    except Exception as exc:  # noqa: BLE001 - the one place where any handler failure is booked
+        permanent = isinstance(exc, PneumoError) and not exc.retryable
+        detail = str(exc) if permanent else "".join(traceback.format_exception_only(exc)).strip()
+        state = jobs.fail(
+            database, job.id, worker_id, detail, permanent=permanent, max_attempts=kind.retry.max_attempts,
+            backoff_base=kind.retry.backoff_base, backoff_cap=kind.retry.backoff_cap,
+        )
+        log.warning(
+            "job.dead_lettered" if state == "failed" else "job.failed",
+            error=exc.__class__.__name__, detail=str(exc)[:200], state=state, attempts=job.attempts,
+        )
+        return state
+    log.debug("job.done", attempts=job.attempts)
+    return "done"
+
+
+class JobWorker:
+    """One thread that claims jobs of *kinds* and runs them, until stopped."""
+
+    def __init__(
+        self, database: Database, registry: JobRegistry, kinds: list[str], options: WorkerOptions, name: str
+    ) -> None:
+        unknown = [k for k in kinds if registry.get(k) is None]
+        if unknown:
+            raise ValueError(f"worker {name!r}: no handler registered for {unknown}")
+        self._db = database
+        self._registry = registry
+        self._kinds = kinds
+        self._options = options
+        self._name = name
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self._kinds)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Skip the poll wait (new work was just committed in this process)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def run_once(self, worker_id: str) -> bool:
+        """Claim and run one job; False when there was nothing to do."""
+        job = jobs.claim(self._db, self._kinds, worker_id, dt.timedelta(seconds=self._options.lease_seconds))
+        if job is None:
+            return False
+        structlog.contextvars.bind_contextvars(job_id=job.id, job_kind=job.kind)
+        try:
+            run_job(self._registry, job, worker_id, self._db)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "job_kind")
+        return True
+
+    def _run(self) -> None:
+        worker_id = jobs.worker_identity(self._name)
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once(worker_id)
+            except Exception:  # noqa: BLE001 - e.g. database briefly unreachable: keep the loop alive
+                log.exception("worker.claim_failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self._options.poll_interval)
+                self._wake.clear()
+
+
+Waker = Callable[[], None]
+"""Called after a transaction committed new work, so an idle worker of this process starts at once."""
