@@ -1,4 +1,4 @@
-"""Durable ingest of one received instance: the C-STORE guarantee of DESIGN.md §3 step 2.
+"""Durable ingest of one received instance: the C-STORE guarantee of docs/architecture.md §3 step 2.
 
 Order of work, chosen so that a crash at any point never leaves an acknowledged instance
 missing and never acknowledges one that is not safe:

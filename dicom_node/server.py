@@ -1,7 +1,7 @@
 """The DICOM application entity: which services and transfer syntaxes we offer, who may
 associate, and the lifecycle of the listening server.
 
-Transfer syntaxes are those of DESIGN.md §4. Received data is kept in the encoding it arrived in
+Transfer syntaxes are those of docs/architecture.md §4. Received data is kept in the encoding it arrived in
 (no transcoding on receipt); the pylibjpeg plugins only matter when someone decodes pixels later.
 """
 
@@ -38,7 +38,7 @@ from dicom_node.verification import handle_echo
 
 log = structlog.get_logger(__name__)
 
-#: PS3.5 Annex A transfer syntaxes we accept (DESIGN.md §4), most preferred first.
+#: PS3.5 Annex A transfer syntaxes we accept (docs/architecture.md §4), most preferred first.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -151,7 +151,7 @@ class DicomNode:
         ]
         if self._query_retrieve is not None:
             # pynetdicom logs every Q/R request identifier at INFO: patient names, IDs and
-            # accession numbers, which belong in the audit trail only (DESIGN.md §5).
+            # accession numbers, which belong in the audit trail only (docs/architecture.md §5).
             _config.LOG_REQUEST_IDENTIFIERS = False
             handlers += [
                 (evt.EVT_C_FIND, handle_find, [self._query_retrieve]),

@@ -1,7 +1,7 @@
 """The composition root: builds every part from one Settings object and runs them together.
 
 Nothing else in the code base constructs engines, stores or servers; parts receive what they
-need as arguments (DESIGN.md §6.5).
+need as arguments (docs/architecture.md §6.5).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from audit.store import verify_chain
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.acceptors import AcceptorProcesses, parent_alive
-from gateway.app import DicomOnly, Gateway, Workers, build_engine, open_runtime, runtime_for
+from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
 from gateway.cli_deliveries import register as register_deliveries
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
@@ -40,61 +40,60 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the DICOM node and the HTTP server until SIGTERM/SIGINT."""
-    runtime = open_runtime(settings)
-    gateway = Gateway(runtime)
-    stop = _stop_on_signals()
-    acceptors: AcceptorProcesses | None = None
-    try:
-        gateway.start()
-        if settings.dicom.acceptor_processes > 1:
-            acceptors = AcceptorProcesses(args.config, gateway.dicom.port, settings.dicom.acceptor_processes - 1)
-            acceptors.start()
-        print(
-            json.dumps({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port}),
-            flush=True,
-        )
-        while not stop.wait(1.0):
-            pass
-    finally:
-        if acceptors is not None:
-            acceptors.stop()
-        gateway.stop()
-        runtime.close()
+    with runtime_for(settings) as runtime:
+        gateway = Gateway(runtime)
+        stop = _stop_on_signals()
+        acceptors: AcceptorProcesses | None = None
+        try:
+            gateway.start()
+            if settings.dicom.acceptor_processes > 1:
+                acceptors = AcceptorProcesses(args.config, gateway.dicom.port, settings.dicom.acceptor_processes - 1)
+                acceptors.start()
+            _announce({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port})
+            while not stop.wait(1.0):
+                pass
+        finally:
+            if acceptors is not None:
+                acceptors.stop()
+            gateway.stop()
     return 0
 
 
 def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
     """(internal) An extra DICOM acceptor process started by ``pneumo serve``."""
-    runtime = open_runtime(settings, migrate=False)
-    node = DicomOnly(runtime)
-    stop = _stop_on_signals()
-    try:
-        node.start()
-        print(json.dumps({"event": "ready", "dicom_port": node.dicom.port}), flush=True)
-        while not stop.wait(1.0):
-            if not parent_alive(args.parent):
-                log.warning("dicom.acceptor_orphaned")
-                break
-    finally:
-        node.stop()
-        runtime.close()
+    with runtime_for(settings, migrate=False) as runtime:
+        node = DicomOnly(runtime)
+        stop = _stop_on_signals()
+        try:
+            node.start()
+            _announce({"event": "ready", "dicom_port": node.dicom.port})
+            while not stop.wait(1.0):
+                if not parent_alive(args.parent):
+                    log.warning("dicom.acceptor_orphaned")
+                    break
+        finally:
+            node.stop()
     return 0
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Run only the job workers (inference, delivery), e.g. on extra hosts sharing PostgreSQL."""
-    runtime = open_runtime(settings)
-    workers = Workers(runtime, build_engine(settings))
-    stop = _stop_on_signals()
-    try:
-        workers.start()
-        print(json.dumps({"event": "ready", "workers": len(workers.all)}), flush=True)
-        while not stop.wait(1.0):
-            pass
-    finally:
-        workers.stop()
-        runtime.close()
+    """Run only the job workers (inference, study results, delivery), e.g. on extra hosts sharing PostgreSQL."""
+    with runtime_for(settings) as runtime:
+        workers = Workers(runtime, build_engine(settings))
+        stop = _stop_on_signals()
+        try:
+            workers.start()
+            _announce({"event": "ready", "workers": len(workers.all)})
+            while not stop.wait(1.0):
+                pass
+        finally:
+            workers.stop()
     return 0
+
+
+def _announce(event: dict[str, Any]) -> None:
+    """The one stdout line a supervisor (or a test) waits for; logs go to stderr."""
+    print(json.dumps(event), flush=True)
 
 
 def cmd_infer(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,6 +1,6 @@
 """One file in, one outcome out: what ``pneumo infer FILE.dcm`` and the worker call.
 
-Not applicable is an outcome, not an exception (DESIGN.md §3 step 3); unreadable files and
+Not applicable is an outcome, not an exception (docs/architecture.md §3 step 3); unreadable files and
 undecodable pixel data raise the typed errors of :mod:`inference.errors` so the caller can
 record them.
 """

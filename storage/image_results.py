@@ -79,6 +79,7 @@ class _Work:
     source: Dataset | None = None
     display: DisplayImage | None = None
     read_ms: float = 0.0
+    instance_number: int | None = None
 
 
 class ImageResultHandler:
@@ -164,7 +165,7 @@ class ImageResultHandler:
         if verdict.status is ResultStatus.OK and work.source is not None:
             try:
                 dataset = self._reports.structured_report(
-                    work.source, verdict, work.model, now, self._instance_number(work.context)
+                    work.source, verdict, work.model, now, self._instance_number(work)
                 )
             except InvalidInputError as exc:  # the source lacks what a valid report needs
                 verdict = replace(verdict, status=ResultStatus.FAILED, reason=f"report not built: {exc}"[:1000], cam=None)
@@ -228,7 +229,7 @@ class ImageResultHandler:
         )
         try:
             dataset = self._reports.summary_image(
-                source, display, verdict, work.model, result.created_at, self._instance_number(work.context)
+                source, display, verdict, work.model, result.created_at, self._instance_number(work)
             )
         except InvalidInputError as exc:
             raise InvalidInputError(f"summary image not built: {exc}") from exc
@@ -252,11 +253,12 @@ class ImageResultHandler:
             if not jobs.complete(session, job.id, worker_id):
                 raise LeaseLostError()
 
-    def _instance_number(self, context: InstanceContext) -> int:
+    def _instance_number(self, work: _Work) -> int:
         """The source's rank among its study's received images: distinct per study, stable."""
-        with self._db.read_session() as session:
-            return int(
-                session.execute(
+        if work.instance_number is None:
+            context = work.context
+            with self._db.read_session() as session:
+                rank = session.execute(
                     select(func.count(Instance.id))
                     .join(Series, Instance.series_pk == Series.id)
                     .where(
@@ -265,7 +267,8 @@ class ImageResultHandler:
                         Instance.id <= context.instance_pk,
                     )
                 ).scalar_one()
-            ) or 1
+            work.instance_number = max(1, int(rank))
+        return work.instance_number
 
     # -- audit ---------------------------------------------------------------------------------
 

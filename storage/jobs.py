@@ -1,4 +1,4 @@
-"""The durable job queue (DESIGN.md §3 steps 2, 4 and 6).
+"""The durable job queue (docs/architecture.md §3 steps 2, 4 and 6).
 
 A job is enqueued in the same transaction as the thing that causes it, so "acknowledged" always
 implies "queued". Workers claim jobs with a lease: on PostgreSQL with

@@ -2,7 +2,7 @@
 
 The schema itself is owned by the Alembic migrations in ``storage/migrations``; these classes
 describe it for the ORM. Tables of other parts (the audit log) declare themselves on the same
-:class:`Base` so that one transaction can cover an action and its audit record (DESIGN.md §6.8).
+:class:`Base` so that one transaction can cover an action and its audit record (docs/architecture.md §6.8).
 """
 
 from __future__ import annotations

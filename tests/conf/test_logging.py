@@ -1,4 +1,4 @@
-"""PHI must never reach an application log line (DESIGN.md §5)."""
+"""PHI must never reach an application log line (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SIGKILL in the middle of a multi-file send: every instance that got Success survives.
 
-This is the promise a PACS relies on (DESIGN.md §3): a C-STORE success means the instance is on
+This is the promise a PACS relies on (docs/architecture.md §3): a C-STORE success means the instance is on
 disk and its job is committed, whatever happens to the process a moment later.
 """
 

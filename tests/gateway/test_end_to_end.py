@@ -40,6 +40,8 @@ def _config(tmp_path: Path, destinations: list[tuple[str, str, int]]) -> Path:
         "max_attempts = 100",
         "[inference]",
         f'model_dir = "{_model(tmp_path)}"',
+        "[results]",
+        "study_stable_seconds = 0.5",
     ]
     for name, ae, port in destinations:
         extra += ["[[dicom.destinations]]", f'name = "{name}"', f'ae_title = "{ae}"', 'host = "127.0.0.1"', f"port = {port}"]
@@ -64,6 +66,12 @@ def _storescu(port: int, files: list[Path]) -> None:
 
 def _deliveries(config: Path) -> list[dict[str, object]]:
     listed = pneumo(config, "deliveries", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [json.loads(line) for line in listed.stdout.splitlines()]
+
+
+def _studies(config: Path) -> list[dict[str, object]]:
+    listed = pneumo(config, "studies", "--json")
     assert listed.returncode == 0, listed.stderr
     return [json.loads(line) for line in listed.stdout.splitlines()]
 
@@ -110,10 +118,14 @@ def test_pacs_down_and_gateway_killed_still_exactly_once(tmp_path: Path) -> None
         restarted = ServeProcess(config, tmp_path / "serve.log").start()
         try:
             _wait(lambda: all(d["state"] == "done" for d in _deliveries(config)), 120, "all deliveries done")
+            _wait(lambda: all(s["status"] == "final" for s in _studies(config)), 60, "study results")
         finally:
             restarted.terminate()
         uids = orthanc.sop_instance_uids()
     assert len(uids) == 6 and len(set(uids)) == 6  # 3 SR + 3 SC, none twice
     assert all(d["state"] == "done" for d in _deliveries(config))
+    studies = _studies(config)  # one study result per radiograph's study, each made once
+    assert len(studies) == 3 and all((s["images"], s["analysed"], s["version"]) == (1, 1, 1) for s in studies)
+    assert {s["label"] for s in studies} <= {"PNEUMONIA", "NORMAL"}
     verify = pneumo(config, "audit", "verify")
     assert json.loads(verify.stdout)["ok"] is True

@@ -1,0 +1,62 @@
+"""Schema migrations carry existing data forward (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from alembic import command
+from sqlalchemy import select, text
+
+from storage.db import Database
+from storage.migrate import _config, upgrade
+from storage.models import DeliveryAttempt, Job
+
+
+def _upgrade_to(database: Database, revision: str) -> None:
+    config = _config(database)
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def test_0005_makes_the_outbox_channel_neutral_and_folds_summary_jobs(database_url: str) -> None:
+    database = Database(database_url)
+    try:
+        _upgrade_to(database, "0004")
+        with database.engine.begin() as connection:
+            now = "2026-11-28 06:00:00"
+            connection.execute(text(
+                "INSERT INTO patient (id, patient_id, issuer, created_at, updated_at) VALUES (1, 'P', '', :n, :n)"), {"n": now})
+            connection.execute(text(
+                "INSERT INTO study (id, study_instance_uid, patient_pk, created_at, updated_at) VALUES (1, '1.2.3', 1, :n, :n)"),
+                {"n": now})
+            connection.execute(text(
+                "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
+            for pk, uid in ((1, "1.2.3.4.5"), (2, "1.2.3.4.6")):
+                connection.execute(text(
+                    "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
+                    " sha256, origin, received_at, updated_at) VALUES (:i, :u, '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
+                    " 'x', 'generated', :n, :n)"), {"i": pk, "u": uid, "n": now})
+            rows = [
+                (1, "deliver", "deliver:pacs:1.2.3.4.5", 1, '{"destination": "pacs"}', "failed"),
+                (2, "infer", "infer:1.2.3.4.6", 2, "{}", "done"),
+                (3, "summary", "summary:1.2.3.4.6:m:1", 2, "{}", "pending"),
+            ]
+            for job_id, kind, key, instance_pk, payload, state in rows:
+                connection.execute(text(
+                    "INSERT INTO job (id, kind, dedup_key, instance_pk, payload, state, attempts, run_after, created_at,"
+                    " updated_at) VALUES (:i, :k, :d, :p, :j, :s, 1, :n, :n, :n)"),
+                    {"i": job_id, "k": kind, "d": key, "p": instance_pk, "j": payload, "s": state, "n": now})
+            connection.execute(text(
+                "INSERT INTO delivery_attempt (id, job_pk, attempt, destination, sop_instance_uid, started_at, finished_at,"
+                " outcome, dimse_status, error) VALUES (1, 1, 1, 'pacs', '1.2.3.4.5', :n, :n, 'failed', 42752, 'busy')"),
+                {"n": now})
+        upgrade(database)
+        with database.read_session() as session:
+            jobs = {job.id: job for job in session.execute(select(Job)).scalars()}
+            [attempt] = session.execute(select(DeliveryAttempt)).scalars().all()
+        assert set(jobs) == {1, 2}  # the summary job is gone ...
+        assert jobs[2].state == "pending"  # ... and its image's infer job re-runs to draw the picture
+        assert jobs[1].payload == {"channel": "dicom", "destination": "pacs", "subject": "1.2.3.4.5"}
+        assert jobs[1].dedup_key == "deliver:dicom:pacs:1.2.3.4.5" and jobs[1].state == "failed"
+        assert (attempt.channel, attempt.subject, attempt.peer_status) == ("dicom", "1.2.3.4.5", "0xA700")
+    finally:
+        database.dispose()
