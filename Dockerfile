@@ -3,7 +3,7 @@
 #          -v $PWD/pneumo.toml:/etc/pneumo/pneumo.toml:ro pneumo-gateway
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY conf conf
 COPY storage storage
 COPY audit audit
@@ -13,7 +13,7 @@ COPY hl7 hl7
 COPY inference inference
 COPY gateway gateway
 RUN python -m pip install --no-cache-dir --upgrade pip \
- && python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+ && python -m pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /var/lib/pneumo pneumo \

@@ -30,7 +30,9 @@ def _nap_type(address: str | None) -> NetworkAccessPointType | None:
     return NetworkAccessPointType.IP_ADDRESS if looks_ip else NetworkAccessPointType.MACHINE_NAME
 
 
-def application(source: AuditSource, ae_title: str, host: str | None, *, requestor: bool, role: Code | None = RoleId.APPLICATION) -> ActiveParticipant:
+def application(
+    source: AuditSource, ae_title: str, host: str | None, *, requestor: bool, role: Code | None = RoleId.APPLICATION
+) -> ActiveParticipant:
     return ActiveParticipant(
         user_id=ae_title,
         alternative_user_id=f"AETITLES={ae_title}",
@@ -47,7 +49,9 @@ def patient_object(patient_id: str, patient_name: str | None) -> ParticipantObje
     )
 
 
-def study_object(study_uid: str, sop_classes: dict[str, int], instances: Sequence[str] = (), accession: str | None = None) -> ParticipantObject:
+def study_object(
+    study_uid: str, sop_classes: dict[str, int], instances: Sequence[str] = (), accession: str | None = None
+) -> ParticipantObject:
     details = {"Accession Number": accession} if accession else {}
     return ParticipantObject(
         object_id=study_uid,
@@ -110,7 +114,10 @@ def security_alert(
         ),
         objects=(
             ParticipantObject(
-                object_id=offender_host or offender_id, id_type=ObjectIdType.NODE_ID, type_code=2, details={"Alert Description": description}
+                object_id=offender_host or offender_id,
+                id_type=ObjectIdType.NODE_ID,
+                type_code=2,
+                details={"Alert Description": description},
             ),
         ),
     )

@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
+# Run as a script (`python bench/inference.py`): the repository root goes on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.engine import EngineOptions, InferenceEngine
+from inference.errors import ModelPackageError
+from inference.manifest import load_manifest
+from inference.pipeline import classify_file
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from inference.engine import EngineOptions, InferenceEngine  # noqa: E402
-from inference.errors import ModelPackageError  # noqa: E402
-from inference.manifest import load_manifest  # noqa: E402
-from inference.pipeline import classify_file  # noqa: E402
-
 DEFAULT_MODEL = ROOT / "inference" / "models" / "pneumonia-effnetb0"
 SAMPLES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 STAGES = ("read", "decode", "preprocess", "infer", "total")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +29,10 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Run as a script (`python bench/ingest.py`): the repository root goes on the path, for `tests`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.gateway.serve_process import ServeProcess, write_config  # noqa: E402
+from tests.gateway.serve_process import ServeProcess, write_config
 
 MAX_PDU = 131072
 
@@ -154,7 +154,8 @@ def pynetdicom_target(work: Path, associations: int) -> Iterator[tuple[int, str]
     out = work / "pynetdicom"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_pynetdicom_scp.py")), str(port), str(out), str(MAX_PDU)])
+    script = Path(__file__).with_name("bare_pynetdicom_scp.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(out), str(MAX_PDU)])
     wait_for_port(port)
     try:
         yield port, "BARE"
@@ -176,7 +177,7 @@ def pneumo_2proc_target(work: Path, associations: int) -> Iterator[tuple[int, st
         yield target
 
 
-TARGETS: dict[str, Callable[[Path, int], object]] = {
+TARGETS: dict[str, Callable[[Path, int], AbstractContextManager[tuple[int, str]]]] = {
     "pneumo": pneumo_target,
     "pneumo-2proc": pneumo_2proc_target,
     "pneumo-nofsync": pneumo_nofsync_target,
@@ -189,7 +190,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--targets", nargs="+", default=["pneumo", "pneumo-2proc", "storescp", "pynetdicom"], choices=list(TARGETS))
+    parser.add_argument(
+        "--targets", nargs="+", default=["pneumo", "pneumo-2proc", "storescp", "pynetdicom"], choices=list(TARGETS)
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if shutil.which("storescu") is None:
@@ -205,7 +208,7 @@ def main() -> int:
             for name in args.targets:
                 run_dir = work / f"{name}-{associations}"
                 run_dir.mkdir()
-                with TARGETS[name](run_dir, associations) as (port, called):  # type: ignore[attr-defined]
+                with TARGETS[name](run_dir, associations) as (port, called):
                     seconds = send(port, files, associations, called)
                 results.append(Measurement(name, associations, len(files), seconds, megabytes))
                 m = results[-1]
@@ -214,8 +217,11 @@ def main() -> int:
     print()
     print(f"{'target':<14} {'assoc':>5} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
     for m in results:
-        reference = next(r for r in results if r.target == "storescp" and r.associations == m.associations) if "storescp" in args.targets else m
-        print(f"{m.target:<14} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {m.per_second / reference.per_second:>11.2f}x")
+        reference = m
+        if "storescp" in args.targets:
+            reference = next(r for r in results if r.target == "storescp" and r.associations == m.associations)
+        ratio = m.per_second / reference.per_second
+        print(f"{m.target:<14} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {ratio:>11.2f}x")
     document = {
         "benchmark": "ingest",
         "image": "RG1_UNCR.dcm (CR chest, 1955x1841, 7.2 MB)",

@@ -1,7 +1,7 @@
 """structlog set up once per process, with the stdlib loggers (pynetdicom, uvicorn, SQLAlchemy)
 routed through the same pipeline, and a redaction step so that PHI never reaches a log line.
 
-Audit records are not logs (DESIGN.md §6.8): patient and study identifiers belong in the audit
+Audit records are not logs (docs/architecture.md §6.8): patient and study identifiers belong in the audit
 trail, which is access-controlled; application logs are shipped to places that are not.
 """
 

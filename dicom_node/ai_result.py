@@ -1,10 +1,10 @@
 """The classifier result as the DICOM result builders see it.
 
-``dicom_node`` must not import ``inference`` (DESIGN.md §2), so the gateway maps the inference
+``dicom_node`` must not import ``inference`` (docs/architecture.md §2), so the gateway maps the inference
 part's output onto :class:`AiResult` and hands it to :func:`dicom_node.sr.build_ai_sr` and
 :func:`dicom_node.summary_image.build_summary_image`.
 
-The object validates itself when built (DESIGN.md §6.3, highdicom style: each message names the
+The object validates itself when built (docs/architecture.md §6.3, highdicom style: each message names the
 argument), because every value ends up in a DICOM attribute with a VR that has rules of its own
 (PS3.5 §6.2: LO is at most 64 characters and may not contain a backslash or control characters).
 Catching a bad value here gives the worker one clear error instead of an invalid object reaching
@@ -35,7 +35,7 @@ ST_MAX_CHARS = 1024
 class ResultObjectError(DicomNodeError, InvalidInputError, ValueError):
     """Base class for every error raised while building or reading a DICOM result object.
 
-    Part of the dicom_node exception tree (DESIGN.md §6.4) and a ``ValueError``: these are bad
+    Part of the dicom_node exception tree (docs/architecture.md §6.4) and a ``ValueError``: these are bad
     inputs to pure functions, raised in the worker, never at a DIMSE boundary.
     """
 
@@ -132,7 +132,7 @@ class AiResult:
             model version yields a new report instead of overwriting the old one.
         manufacturer: who made the model (Manufacturer, LO).
         device_uid: UID of the model as a device (Device Observer UID, TID 1004; Device UID
-            (0018,1002)). It must change whenever the model changes (DESIGN.md §4).
+            (0018,1002)). It must change whenever the model changes (docs/architecture.md §4).
         intended_use: short intended-use statement shown in the banner and recorded in the
             Contribution Description (ST).
         cam: class activation map [h, w] (any finite scale) or None.

@@ -166,13 +166,13 @@ class Ingestor:
                 )
                 enqueue(session, INFER_JOB, infer_job_key(meta.sop_instance_uid), instance_pk=instance.id)
                 append_audit(session, self._transfer_event(received, meta, Action.CREATE, Outcome.SUCCESS, now))
-        except IntegrityError:
+        except IntegrityError as exc:
             # Another association stored the same SOP Instance UID between our lookup and insert.
             with self._db.read_session() as session:
                 winner = find_instance(session, meta.sop_instance_uid)
             if winner is not None and winner.sha256 == stored.sha256:
                 return IngestResult.DUPLICATE
-            raise OutOfResourcesError("concurrent store of the same SOP Instance UID with other content")
+            raise OutOfResourcesError("concurrent store of the same SOP Instance UID with other content") from exc
         except (OperationalError, SQLAlchemyError) as exc:
             # The row never committed: the file we placed must not masquerade as stored.
             with contextlib.suppress(OSError):
@@ -193,7 +193,8 @@ class Ingestor:
         if staged.sha256 == existing_sha:
             result, action, outcome, note = IngestResult.DUPLICATE, Action.READ, Outcome.SUCCESS, "duplicate of a stored instance"
         elif self._on_conflict == "replace":
-            result, action, outcome, note = IngestResult.REPLACED, Action.UPDATE, Outcome.SUCCESS, "replaced stored instance with different content"
+            result, action, outcome = IngestResult.REPLACED, Action.UPDATE, Outcome.SUCCESS
+            note = "replaced stored instance with different content"
         else:
             result, action, outcome, note = (
                 IngestResult.KEPT_EXISTING, Action.READ, Outcome.MINOR_FAILURE,

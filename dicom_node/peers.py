@@ -1,4 +1,4 @@
-"""Who may associate with us (DESIGN.md §5: deny by default).
+"""Who may associate with us (docs/architecture.md §5: deny by default).
 
 A calling AE title must be configured, and when the configuration names a host, the TCP peer
 address must be one of that host's addresses. Host names are resolved once at start, so a

@@ -203,13 +203,14 @@ class QueryRetrieveService:
         except SQLAlchemyError as exc:
             raise RetrieveOutOfResourcesError(f"index unavailable: {exc.__class__.__name__}") from exc
 
-        ours = application(self._audit_source, self._settings.ae_title, self._local_host, requestor=False, role=RoleId.SOURCE)
+        source = self._audit_source
+        ours = application(source, self._settings.ae_title, self._local_host, requestor=False, role=RoleId.SOURCE)
         if destination is None:  # C-GET: the requestor receives
-            receiver = application(self._audit_source, requestor.ae_title, requestor.address, requestor=True, role=RoleId.DESTINATION)
+            receiver = application(source, requestor.ae_title, requestor.address, requestor=True, role=RoleId.DESTINATION)
             others: tuple[ActiveParticipant, ...] = ()
         else:
-            receiver = application(self._audit_source, destination.ae_title, destination.host, requestor=False, role=RoleId.DESTINATION)
-            others = (application(self._audit_source, requestor.ae_title, requestor.address, requestor=True, role=None),)
+            receiver = application(source, destination.ae_title, destination.host, requestor=False, role=RoleId.DESTINATION)
+            others = (application(source, requestor.ae_title, requestor.address, requestor=True, role=None),)
         transfer = Transfer(self, matches, (ours, receiver, others), destination)
         now = utcnow()
         events = [
@@ -311,10 +312,11 @@ class _QueryAudit:
     def write(self, outcome: Outcome, description: str | None, *, best_effort: bool = False) -> None:
         service = self.service
         patient_id = str(self.identifier.get("PatientID", "") or "").strip()
+        source = service._audit_source
         event = query_event(
-            service._audit_source,
-            requestor=application(service._audit_source, self.requestor.ae_title, self.requestor.address, requestor=True, role=None),
-            responder=application(service._audit_source, service._settings.ae_title, service._local_host, requestor=False),
+            source,
+            requestor=application(source, self.requestor.ae_title, self.requestor.address, requestor=True, role=None),
+            responder=application(source, service._settings.ae_title, service._local_host, requestor=False),
             sop_class_uid=self.sop_class_uid,
             query_base64=base64.b64encode(self.encoded).decode("ascii"),
             transfer_syntax_uid=self.transfer_syntax_uid,

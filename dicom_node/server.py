@@ -77,6 +77,7 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     kernel spreads new associations over the processes, so they stop sharing one GIL."""
 
     def server_bind(self) -> None:
+        assert self.socket is not None  # created by socketserver before binding
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -99,9 +100,10 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(
-            context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
-        )
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(
+                context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+            )
     for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
     return ae
@@ -191,7 +193,8 @@ class DicomNode:
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
         # The requestor's AE title is filled in only during negotiation, which comes after us.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
         structlog.contextvars.bind_contextvars(assoc_id=id(assoc) & 0xFFFFFF, calling_ae=calling)
         decision = self._policy.check(calling, address)

@@ -5,7 +5,7 @@ The report follows the IHE Radiology "AI Results" (AIR) profile: a Comprehensive
 "Imaging Measurement Report", built with highdicom so that the template structure, value types and
 relationship types come from a tested implementation rather than hand-written sequences.
 
-Content tree (DESIGN.md §4)::
+Content tree (docs/architecture.md §4)::
 
     CONTAINER (126000, DCM, "Imaging Measurement Report")            TID 1500
       HAS CONCEPT MOD  Language of Content Item and Descendants      TID 1204
@@ -25,11 +25,11 @@ What is *not* reported: an image that the classifier does not apply to, or an in
 failed, produces **no SR**. An SR is a clinical statement placed in the patient's study; "the model
 did not run" is an operational fact with no finding, no certainty and nothing a radiologist can act
 on, and a "no result" SR would sit in the study forever looking like a result. The reason stays
-where operational facts belong: the audit log and the FHIR/HL7 side (DESIGN.md §3 step 3). This is
+where operational facts belong: the audit log and the FHIR/HL7 side (docs/architecture.md §3 step 3). This is
 why :func:`build_ai_sr` only accepts an :class:`~dicom_node.ai_result.AiResult`, which can only
 describe a successful classification. See ``docs/sr.md``.
 
-Determinism (DESIGN.md §3 step 4): the Series and SOP Instance UIDs are derived from the source
+Determinism (docs/architecture.md §3 step 4): the Series and SOP Instance UIDs are derived from the source
 UIDs and the model id/version, and every date/time comes from ``result.completed_at`` when it is
 set, so a retried job rebuilds the same object and the PACS sees the same instance again instead
 of a second report.
@@ -53,7 +53,7 @@ from storage.uids import derive_uid, is_valid_uid
 
 COMPREHENSIVE_3D_SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"
 
-# Codes fixed by DESIGN.md §4 (SNOMED CT concepts as used by IHE AIR examples).
+# Codes fixed by docs/architecture.md §4 (SNOMED CT concepts as used by IHE AIR examples).
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
@@ -264,7 +264,7 @@ def measurement_report(source: Dataset, result: AiResult) -> hd.sr.MeasurementRe
     """TID 1500 root: language (default English), device observer, procedure reported, one group.
 
     Procedure Reported is the *imaging* procedure (a plain chest X-ray), not the algorithm
-    (DESIGN.md §4).
+    (docs/architecture.md §4).
     """
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(result)),
@@ -277,7 +277,7 @@ def contributing_equipment_item(result: AiResult, when: datetime.datetime | None
     """The single Contributing Equipment Sequence item (PS3.3 C.12.1) that identifies the model.
 
     Device UID (0018,1002) changes with the model, so a reader can tell which model produced the
-    object even when name and version strings were reused. DESIGN.md §4 puts it in this item;
+    object even when name and version strings were reused. docs/architecture.md §4 puts it in this item;
     dciodvfy (dicom3tools 2022) does not know Device UID inside this sequence and reports the
     object as a "Standard Extended SOP Class" (a warning, not an error). The same UID is also in
     General Equipment and in the SR's Device Observer UID, where it is standard.
@@ -370,7 +370,7 @@ def build_ai_sr(
     )
     # General Equipment (PS3.3 C.7.5.1) describes the model, so it carries its Device UID too.
     sr.DeviceUID = result.device_uid
-    # highdicom adds the source's acquisition equipment and itself; DESIGN.md §4 asks for exactly
+    # highdicom adds the source's acquisition equipment and itself; docs/architecture.md §4 asks for exactly
     # one item identifying the model (the acquisition equipment stays described in the source).
     sr.ContributingEquipmentSequence = [contributing_equipment_item(result, when)]
     _copy_patient_study(sr, header)

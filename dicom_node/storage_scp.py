@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import structlog
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicom_node.errors import Service, dimse_boundary
@@ -19,6 +20,7 @@ log = structlog.get_logger(__name__)
 
 def handle_store(event: Event, ingestor: Ingestor) -> int:
     request = event.request
+    assert isinstance(request, C_STORE)  # pynetdicom calls this handler for C-STORE-RQ only
     assoc = event.assoc
     received = ReceivedInstance(
         path=Path(event.dataset_path),

@@ -239,7 +239,9 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
     status = int(response.Status)
     comment = str(response.get("ErrorComment", "")) or None
     category = classify_store_status(status)
-    log.debug("delivery.c_store", destination=destination.name, status=f"0x{status:04X}", category=str(category), transcoded=transcoded)
+    log.debug(
+        "delivery.c_store", destination=destination.name, status=f"0x{status:04X}", category=str(category), transcoded=transcoded
+    )
     if category is StatusCategory.TRANSIENT:
         raise DeliveryUnavailableError(f"destination {destination.name!r} refused with status 0x{status:04X}", status=status)
     if category is StatusCategory.PERMANENT:

@@ -3,7 +3,7 @@
 Why a Secondary Capture at all: many PACS viewers cannot render a TID 1500 SR, but every viewer
 shows an image. The SC (PS3.3 A.8.1, SOP Class 1.2.840.10008.5.1.4.1.1.7) repeats the SR's result
 as burned-in text, so a radiologist sees the finding, the certainty, the model and its intended
-use whatever the viewer (DESIGN.md §4). It is secondary: the SR is the machine-readable result.
+use whatever the viewer (docs/architecture.md §4). It is secondary: the SR is the machine-readable result.
 
 Design choices:
 
@@ -15,7 +15,7 @@ Design choices:
   "hottest" region, even when the model says "no pneumonia"; painting it red on a negative study
   invites reading a finding into it. ``overlay_when_negative=True`` overrides this.
 * The object is uncompressed RGB (Explicit VR Little Endian), the most widely displayable form.
-* UIDs are derived from the source and the model (DESIGN.md §3 step 4) and date/times come from
+* UIDs are derived from the source and the model (docs/architecture.md §3 step 4) and date/times come from
   ``result.completed_at`` when set, so rebuilding gives the same object.
 """
 
@@ -314,7 +314,7 @@ def build_summary_image(
     sc.copy_patient_and_study_information(header)
     # General Series (PS3.3 C.7.3.1): Laterality is Type 2C for paired body parts; naming the body
     # part tells readers (and dciodvfy) that none is needed. The result only exists for chest
-    # radiographs (DESIGN.md §3 step 3), so CHEST is the fallback when the source omitted it.
+    # radiographs (docs/architecture.md §3 step 3), so CHEST is the fallback when the source omitted it.
     sc.BodyPartExamined = header.get("BodyPartExamined") or "CHEST"
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"

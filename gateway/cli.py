@@ -244,7 +244,9 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Recompute the audit hash chain; exit 1 if any record was edited, removed or reordered."""
     with runtime_for(settings) as runtime, runtime.database.read_session() as session:
         result = verify_chain(session)
-    print(json.dumps({"ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem}))
+    print(json.dumps(
+        {"ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem}
+    ))
     return 0 if result.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""Does the classifier apply to this instance? (DESIGN.md §3 step 3)
+"""Does the classifier apply to this instance? (docs/architecture.md §3 step 3)
 
 The model was trained on frontal chest radiographs, so it is only run on single-frame monochrome
 CR/DX images of the chest. Everything else is stored and marked not applicable — a normal

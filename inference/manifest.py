@@ -14,7 +14,6 @@ model that is not byte-for-byte the one that was validated must never produce cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -24,12 +23,12 @@ from types import MappingProxyType
 from typing import Any
 
 from inference.errors import ModelIntegrityError, ModelPackageError
+from storage.filestore import sha256_file
 from storage.uids import derive_uid
 
 MANIFEST_FILE = "model.json"
 SUPPORTED_SCHEMA = 1
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1 << 20
 
 
 #: The model shipped with the package (trained on the Kermany paediatric CXR training split).
@@ -280,15 +279,6 @@ def parse_manifest(raw: Mapping[str, Any], model_dir: Path) -> ModelManifest:
         metrics=_optional_mapping(raw, "metrics"),
         training=_optional_mapping(raw, "training"),
     )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (model files can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_manifest(model_dir: str | Path, *, verify_integrity: bool = True) -> ModelManifest:

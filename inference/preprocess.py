@@ -26,9 +26,9 @@ import io
 import math
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,8 @@ import numpy.typing as npt
 from PIL import Image, ImageFile
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from inference.errors import CorruptPixelDataError, MissingPixelDataError, UnsupportedImageError
@@ -384,7 +385,7 @@ def apply_window(values: npt.NDArray[Any], window: Window) -> FloatArray:
         out = (x > c - np.float32(0.5)).astype(np.float32)
     else:  # LINEAR: ((x - (c - 0.5)) / (w - 1) + 0.5), clamped
         out = (x - (c - np.float32(0.5))) / (w - np.float32(1.0)) + np.float32(0.5)
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    return np.asarray(np.clip(out, 0.0, 1.0, out=out), dtype=np.float32)
 
 
 def apply_voi_lut_sequence(values: npt.NDArray[Any], ds: Dataset) -> FloatArray:

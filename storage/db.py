@@ -1,4 +1,4 @@
-"""Engine and session factory: one :class:`Database` per process (DESIGN.md §6.6).
+"""Engine and session factory: one :class:`Database` per process (docs/architecture.md §6.6).
 
 SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a commit is on
 disk when it returns, and every write transaction starts with ``BEGIN IMMEDIATE``: SQLite allows

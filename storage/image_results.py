@@ -33,7 +33,6 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from audit.builders import ai_processing
 from audit.events import Action, AuditEvent, AuditSource, Outcome

@@ -253,11 +253,11 @@ def _clause(spec: KeySpec, values: tuple[str, ...]) -> ColumnElement[bool] | Non
     return text_match(column, value, case_insensitive=spec.kind == "pn")
 
 
-def text_match(column: Any, value: str, *, case_insensitive: bool) -> ColumnElement[bool]:
+def text_match(column: InstrumentedAttribute[Any], value: str, *, case_insensitive: bool) -> ColumnElement[bool]:
     """Single value or wildcard matching of a text attribute (C.2.2.2.1, C.2.2.2.4)."""
     if "*" not in value and "?" not in value and not case_insensitive:
-        return column == value  # type: ignore[no-any-return]
-    return column.regexp_match(wildcard_regex(value, case_insensitive=case_insensitive))  # type: ignore[no-any-return]
+        return column == value
+    return column.regexp_match(wildcard_regex(value, case_insensitive=case_insensitive))
 
 
 def wildcard_regex(value: str, *, case_insensitive: bool) -> str:
@@ -309,12 +309,12 @@ def _time_bounds(keyword: str, value: str, upper: bool) -> str:
 
 
 def _range_clause(
-    keyword: str, column: Any, value: str, bounds: Callable[[str, str, bool], str]
+    keyword: str, column: InstrumentedAttribute[Any], value: str, bounds: Callable[[str, str, bool], str]
 ) -> ColumnElement[bool]:
     if "-" not in value:
         if bounds is _time_bounds:  # a single time is the range it spans at its precision
             return and_(column >= bounds(keyword, value, False), column <= bounds(keyword, value, True))
-        return column == bounds(keyword, value, False)  # type: ignore[no-any-return]
+        return column == bounds(keyword, value, False)
     if value.count("-") != 1:
         raise QueryError(f"{keyword}: a range has exactly one '-'")
     low, high = (part.strip() for part in value.split("-"))
@@ -412,7 +412,9 @@ def _computed_values(session: Session, query: Query, rows: Sequence[Any]) -> dic
     if query.level is QueryLevel.SERIES and query.asks_for("NumberOfSeriesRelatedInstances") and rows:
         series_pks = sorted({row[2].id for row in rows})
         counted = session.execute(
-            select(Instance.series_pk, func.count(Instance.id)).where(Instance.series_pk.in_(series_pks)).group_by(Instance.series_pk)
+            select(Instance.series_pk, func.count(Instance.id))
+            .where(Instance.series_pk.in_(series_pks))
+            .group_by(Instance.series_pk)
         ).all()
         out["NumberOfSeriesRelatedInstances"] = {pk: n for pk, n in counted}
     return out

@@ -3,7 +3,7 @@
 Two jobs: refuse anything that is not a well-formed UID before it is used to build a file path
 (PS3.5 §9.1: digits and dots, no leading zeros in a component, at most 64 characters), and derive
 *deterministic* UIDs so that re-running the same work (a retried job, a restarted worker) produces
-the same SOP Instance UID instead of a second object (DESIGN.md §3, step 4).
+the same SOP Instance UID instead of a second object (docs/architecture.md §3, step 4).
 """
 
 from __future__ import annotations

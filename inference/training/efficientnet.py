@@ -158,6 +158,10 @@ class EfficientNetB0(nn.Module):
     average pooling is linear, ``logit = mean(cam) + b * (1 - 1/(H*W))`` exactly.
     """
 
+    # Buffers (register_buffer), declared so they type as tensors rather than ``Tensor | Module``.
+    in_mean: Tensor
+    in_std: Tensor
+
     def __init__(self, config: EfficientNetConfig | None = None) -> None:
         super().__init__()
         cfg = config or EfficientNetConfig()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import tempfile
@@ -33,8 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.filestore import sha256_file
+
 from .data import IMAGE_SIZE, LABELS, InMemoryDataset, to_float
-from .efficientnet import EfficientNetB0, ExportWrapper, count_parameters
+from .efficientnet import ExportWrapper, count_parameters
 from .train import (
     THRESHOLD_RULE,
     Metrics,
@@ -106,15 +107,6 @@ class ExportOutcome:
     int8_path: Path | None
     int8_note: str
     manifest: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(

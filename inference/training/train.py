@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.nn import functional as F
 
 from .data import (
@@ -436,8 +435,9 @@ def precise_bn(
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and BatchNorm parameters (standard; decaying them only hurts)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -541,7 +541,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         _log(f"input stats: mean {mean:.4f} std {std:.4f}; pos_weight {pos_weight.item():.4f}")
 
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits memory_format
 
     t0 = time.perf_counter()
     budget = config.time_budget_s
@@ -707,7 +707,7 @@ def load_checkpoint(path: Path) -> tuple[EfficientNetB0, TrainConfig, dict[str, 
     config = TrainConfig.from_json(ckpt["config"])
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # torch's stub omits memory_format
     return model, config, ckpt
 
 

@@ -76,7 +76,8 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
         # The PACS resends everything: all succeed, nothing is duplicated.
         resend = subprocess.run(
-            [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(restarted.dicom_port), *map(str, originals)],
+            [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(restarted.dicom_port),
+             *map(str, originals)],
             capture_output=True, text=True, check=False,
         )
         assert resend.returncode == 0, resend.stderr

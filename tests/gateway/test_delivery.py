@@ -32,8 +32,8 @@ from dicom_node.storage_scu import send_instance
 from gateway.app import Runtime, open_runtime, outbox_kind, result_fanout
 from gateway.cli_deliveries import register
 from storage import jobs
-from storage.job_kinds import DELIVER_JOB, delivery_key
 from storage.index import add_instance
+from storage.job_kinds import DELIVER_JOB, delivery_key
 from storage.metadata import extract_metadata
 from storage.models import DeliveryAttempt, Instance, InstanceOrigin, Job, JobState
 from storage.runtime import JobRegistry, JobWorker, WorkerOptions
@@ -117,7 +117,8 @@ def attempts(runtime: Runtime) -> list[DeliveryAttempt]:
 
 def transfer_audits(runtime: Runtime) -> list[AuditRecord]:
     with runtime.database.read_session() as session:
-        return list(session.execute(select(AuditRecord).where(AuditRecord.event_id == "110104").order_by(AuditRecord.seq)).scalars())
+        query = select(AuditRecord).where(AuditRecord.event_id == "110104").order_by(AuditRecord.seq)
+        return list(session.execute(query).scalars())
 
 
 def run_until(predicate: Callable[[], bool], step: Callable[[], object], deadline_s: float = 60.0) -> None:

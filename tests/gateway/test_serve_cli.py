@@ -54,7 +54,8 @@ def test_dcmtk_echo_and_store_then_list(served: ServeProcess, tmp_path: Path) ->
     }
     # -xv: propose JPEG 2000 lossless as well as uncompressed, so DCMTK sends the file as encoded.
     store = subprocess.run(
-        [dcmtk("storescu"), "-xv", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(served.dicom_port), *map(str, files.values())],
+        [dcmtk("storescu"), "-xv", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(served.dicom_port),
+         *map(str, files.values())],
         capture_output=True, text=True, check=False,
     )
     assert store.returncode == 0, store.stderr

@@ -122,7 +122,8 @@ def test_rerun_of_a_job_never_makes_a_second_report(gateway_factory: Any, tmp_pa
     assert generated_uids() == first  # the same SR and SC UIDs, rebuilt in place
     with gateway.runtime.database.read_session() as session:
         assert session.execute(select(func.count()).select_from(InferenceResult)).scalar_one() == 1
-    files = [p for p in gateway.runtime.store.root.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID in first]
+    stored = gateway.runtime.store.root.rglob("*.dcm")
+    files = [p for p in stored if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID in first]
     assert len(files) == 2
 
 

@@ -15,6 +15,7 @@ from inference.engine import (
     CUDA_PROVIDER,
     EngineOptions,
     InferenceEngine,
+    Prediction,
     select_providers,
 )
 from inference.errors import (
@@ -69,7 +70,7 @@ def test_concurrent_callers_are_batched_and_match_single(manifest: ModelManifest
         singles = [eng.predict(t) for t in tensors[:2]]  # lone callers: batch of one
         assert [p.batch_size for p in singles] == [1, 1]
         barrier = threading.Barrier(len(tensors))
-        results: dict[int, object] = {}
+        results: dict[int, Prediction] = {}
 
         def call(i: int) -> None:
             barrier.wait()
@@ -81,11 +82,11 @@ def test_concurrent_callers_are_batched_and_match_single(manifest: ModelManifest
         for t in threads:
             t.join()
     batched = [results[i] for i in range(len(tensors))]
-    assert max(p.batch_size for p in batched) > 1  # type: ignore[attr-defined]
+    assert max(p.batch_size for p in batched) > 1
     for i, p in enumerate(batched):
         prob, cam = expected(tensors[i])
-        assert p.probability == pytest.approx(prob, abs=1e-6)  # type: ignore[attr-defined]
-        np.testing.assert_allclose(p.cam, cam, atol=1e-6)  # type: ignore[attr-defined]
+        assert p.probability == pytest.approx(prob, abs=1e-6)
+        np.testing.assert_allclose(p.cam, cam, atol=1e-6)
 
 
 def test_predict_batch_equals_predict(engine: InferenceEngine) -> None:

@@ -29,7 +29,6 @@ from inference.training.export import (  # noqa: E402
     ExportConfig,
     export_model,
     export_onnx,
-    sha256_file,
 )
 from inference.training.train import (  # noqa: E402
     Stage,
@@ -41,6 +40,7 @@ from inference.training.train import (  # noqa: E402
     sensitivity_specificity,
     train,
 )
+from storage.filestore import sha256_file  # noqa: E402
 
 DATA_ROOT = Path("/work/shared/data/kermany-cxr-224")
 needs_data = pytest.mark.skipif(
