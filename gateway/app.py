@@ -175,7 +175,7 @@ class Workers:
         # of images, and a PACS that hangs delays only deliveries.
         self.others = [
             JobWorker(db, registry, [STUDY_RESULT_JOB], options, "results-0"),
-            JobWorker(db, registry, [DELIVER_JOB], options, "deliver-0"),
+            *(JobWorker(db, registry, [DELIVER_JOB], options, f"deliver-{i}") for i in range(settings.delivery.threads)),
         ]
 
     @property

@@ -44,7 +44,7 @@ from storage.filestore import FileStore
 from storage.generated import GeneratedObject, index_generated, place_generated
 from storage.jobs import ClaimedJob
 from storage.models import InferenceResult, Instance, InstanceOrigin, ResultStatus, Series, utcnow
-from storage.outbox import Fanout
+from storage.outbox import DeliveryPriority, Fanout
 from storage.results import (
     Analyser,
     DisplayImage,
@@ -111,6 +111,8 @@ class ImageResultHandler:
         result = self._existing_result(work)
         if result is None:
             result = self._analyse_and_report(job, worker_id, work)
+            if not self._wants_summary(result):
+                return  # completed with the result
         if self._wants_summary(result):
             self._summarise(job, worker_id, work, result)
         else:
@@ -176,11 +178,13 @@ class ImageResultHandler:
         self, job: ClaimedJob, worker_id: str, work: _Work, verdict: ImageVerdict,
         report: GeneratedObject | None, now: dt.datetime,
     ) -> InferenceResult:
-        """Transaction 1: SR, result row, deliveries, study trigger, audit (job completed later)."""
+        """Transaction 1: SR, result row, deliveries, study trigger, audit — and the job's
+        completion too, unless a summary image follows in transaction 2."""
         context = work.context
+        finished = not (self._options.summary_image and report is not None)
         queued = 0
         with self._db.session() as session:
-            if not jobs.holds(session, job.id, worker_id):
+            if not (jobs.complete(session, job.id, worker_id) if finished else jobs.holds(session, job.id, worker_id)):
                 raise LeaseLostError()
             sr_instance = index_generated(session, report) if report is not None else None
             result = InferenceResult(
@@ -240,7 +244,7 @@ class ImageResultHandler:
             if row is None:
                 raise NotFoundError("the result to draw disappeared")
             row.sc_instance_pk = sc_instance.id
-            queued = self._fanout.generated_instance(session, sc_instance)
+            queued = self._fanout.generated_instance(session, sc_instance, DeliveryPriority.PICTURE)
             append_audit(session, self._event(work, Action.CREATE, Outcome.SUCCESS, "summary image created", sc_instance))
             if not jobs.complete(session, job.id, worker_id):
                 raise LeaseLostError()

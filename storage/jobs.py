@@ -46,8 +46,11 @@ def enqueue(
     instance_pk: int | None = None,
     payload: dict[str, Any] | None = None,
     run_after: dt.datetime | None = None,
+    priority: int = 0,
 ) -> None:
-    """Queue a job unless one with *dedup_key* already exists (idempotent)."""
+    """Queue a job unless one with *dedup_key* already exists (idempotent).
+
+    *priority*: lower runs first among the runnable jobs of the kinds a worker claims."""
     now = utcnow()
     insert_ignore(
         session,
@@ -58,6 +61,7 @@ def enqueue(
             "instance_pk": instance_pk,
             "payload": payload or {},
             "state": JobState.PENDING,
+            "priority": priority,
             "attempts": 0,
             "run_after": run_after or now,
             "created_at": now,
@@ -83,6 +87,7 @@ def rearm(session: Session, kind: str, dedup_key: str, run_after: dt.datetime, *
             "dedup_key": dedup_key,
             "payload": payload or {},
             "state": JobState.PENDING,
+            "priority": 0,
             "attempts": 0,
             "run_after": run_after,
             "created_at": utcnow(),
@@ -115,7 +120,8 @@ def requeue(session: Session, dedup_key: str) -> None:
 def claim(
     database: Database, kinds: Iterable[str], worker_id: str, lease: dt.timedelta
 ) -> ClaimedJob | None:
-    """Take the oldest runnable job of *kinds*, or one whose previous holder's lease expired."""
+    """Take the most urgent runnable job of *kinds* (lowest priority, then oldest), or one whose
+    previous holder's lease expired."""
     now = utcnow()
     with database.session() as session:
         job = session.execute(
@@ -127,7 +133,7 @@ def claim(
                     and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
                 ),
             )
-            .order_by(Job.run_after, Job.id)
+            .order_by(Job.priority, Job.run_after, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).scalar_one_or_none()

@@ -154,6 +154,8 @@ class Job(Base):
     instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"), index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    # Lower runs first among runnable jobs: the SR's deliveries go ahead of the summary image's.
+    priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_after: Mapped[dt.datetime] = mapped_column(default=utcnow)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column()

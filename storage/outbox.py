@@ -58,7 +58,17 @@ class Route:
     destination: str
 
 
-def enqueue_delivery(session: Session, route: Route, subject: str, *, instance_pk: int | None = None) -> None:
+class DeliveryPriority(enum.IntEnum):
+    """Which deliveries go first when the outbox has a backlog (lower first)."""
+
+    REPORT = 0  # what a clinician reads: the SR, the study result
+    PICTURE = 10  # the summary image: a convenience copy of the same result
+
+
+def enqueue_delivery(
+    session: Session, route: Route, subject: str, *, instance_pk: int | None = None,
+    priority: DeliveryPriority = DeliveryPriority.REPORT,
+) -> None:
     """Queue *subject* for *route* inside the caller's transaction (the one storing the subject)."""
     jobs.enqueue(
         session,
@@ -66,6 +76,7 @@ def enqueue_delivery(session: Session, route: Route, subject: str, *, instance_p
         delivery_key(route.channel, route.destination, subject),
         instance_pk=instance_pk,
         payload={"channel": route.channel, "destination": route.destination, "subject": subject},
+        priority=priority,
     )
 
 
@@ -80,14 +91,16 @@ class Fanout:
         self.object_routes = tuple(objects)
         self.study_result_routes = tuple(study_results)
 
-    def generated_instance(self, session: Session, instance: Instance) -> int:
+    def generated_instance(
+        self, session: Session, instance: Instance, priority: DeliveryPriority = DeliveryPriority.REPORT
+    ) -> int:
         """Queue *instance* on every object route; returns how many deliveries were queued."""
         if not self.object_routes:
             return 0
         if instance.id is None:
             session.flush()
         for route in self.object_routes:
-            enqueue_delivery(session, route, instance.sop_instance_uid, instance_pk=instance.id)
+            enqueue_delivery(session, route, instance.sop_instance_uid, instance_pk=instance.id, priority=priority)
         return len(self.object_routes)
 
     def study_result(self, session: Session, study_result_pk: int) -> int:

@@ -3,6 +3,7 @@
 * ``study_result``: one row per version of a study's result (final / amended / not-analysed).
 * ``model``: the identity of every model version that judged images.
 * ``job.rerun_after``: a job re-armed while running goes back to pending when it completes.
+* ``job.priority``: lower runs first among runnable jobs (an SR's delivery before a picture's).
 * ``delivery_attempt``: ``channel`` and ``subject`` (what was carried) instead of the DICOM-only
   ``sop_instance_uid``; ``peer_status`` (text in the channel's terms) instead of ``dimse_status``.
 * ``deliver`` jobs: payloads name their channel and subject; dedup keys become
@@ -64,6 +65,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("job") as batch:
         batch.add_column(sa.Column("rerun_after", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("priority", sa.Integer, nullable=False, server_default="0"))
     with op.batch_alter_table("delivery_attempt") as batch:
         batch.add_column(sa.Column("channel", sa.String(32), nullable=False, server_default="dicom"))
         batch.alter_column("sop_instance_uid", new_column_name="subject", existing_type=sa.String(64),
@@ -131,6 +133,7 @@ def downgrade() -> None:
                            type_=sa.String(64), existing_nullable=False)
         batch.drop_column("channel")
     with op.batch_alter_table("job") as batch:
+        batch.drop_column("priority")
         batch.drop_column("rerun_after")
     op.drop_table("study_result")
     op.drop_table("model")
