@@ -24,6 +24,7 @@ USER pneumo
 WORKDIR /var/lib/pneumo
 ENV PNEUMO_DATA_DIR=/var/lib/pneumo \
     PNEUMO_FHIR__BIND=0.0.0.0 \
+    PNEUMO_DICOM__BIND=0.0.0.0 \
     PNEUMO_LOG__FORMAT=json \
     PNEUMO_CONFIG=/etc/pneumo/pneumo.toml
 EXPOSE 11112 8080

@@ -15,7 +15,11 @@ GENESIS_HASH = "0" * 64
 
 
 class AuditRecord(Base):
-    """One append-only audit record; ``hash`` covers ``seq``, ``prev_hash`` and ``event``."""
+    """One append-only audit record; ``hash`` covers every column (see ``audit.store``).
+
+    ``hash_version`` says how ``hash`` was computed: 1 legacy SHA-256 (records written before
+    migration 0007), 2 SHA-256 over every column, 3 HMAC-SHA256 over every column.
+    """
 
     __tablename__ = "audit_record"
 
@@ -26,6 +30,7 @@ class AuditRecord(Base):
     event: Mapped[dict[str, Any]] = mapped_column()
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash_version: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class AuditChainHead(Base):

@@ -1,15 +1,39 @@
 """Append-only, hash-chained audit store and its verification.
 
-Each record carries the SHA-256 of its predecessor; the record's own hash covers its sequence
-number, that predecessor hash and the canonical JSON of the event. Editing, deleting, inserting
-or reordering any record breaks the chain at that point, which :func:`verify_chain` reports.
+Each record carries the hash of its predecessor, and its own hash covers every stored column:
+``seq``, ``recorded_at``, ``event_id``, ``outcome``, the canonical JSON of the event, the
+predecessor hash and the hash version itself. Editing, deleting, inserting or reordering any
+record breaks the chain at that point, which :func:`verify_chain` reports.
+
+A plain hash chain only proves internal consistency: whoever can write the database can also
+re-hash everything after an edit, move the chain head back after deleting the newest records, or
+wipe the table. Two things the database does not hold close those gaps:
+
+* an **HMAC key** (:class:`AuditSigner`, from ``audit.hmac_key_file``): records are sealed with
+  HMAC-SHA256, so re-hashing after an edit needs the key, not just write access;
+* **anchor checkpoints** (:mod:`audit.anchor`): the chain head ``(seq, hash)`` copied to an
+  append-only file outside the database and to the structured log; :func:`verify_chain` checks the
+  chain against them, which detects truncation, a wiped table and a re-hashed prefix.
+
+Hash versions (column ``hash_version``; migration 0007 gave existing rows version 1):
+
+1. legacy: SHA-256 over ``seq``, ``prev_hash``, ``recorded_at`` and the event JSON. The
+   ``event_id`` and ``outcome`` columns are copies of fields inside the event JSON, so verification
+   checks them against it; records written before the upgrade stay verifiable as they were.
+2. SHA-256 over every column (no key configured).
+3. HMAC-SHA256 over every column.
+
+A version never goes down along the chain: a keyed record followed by an unkeyed one is reported,
+so an attacker without the key cannot re-hash the tail in an older, keyless form.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,33 +43,126 @@ from sqlalchemy.orm import Session
 from audit.events import AuditEvent
 from audit.models import GENESIS_HASH, AuditChainHead, AuditRecord
 
+HASH_LEGACY = 1
+HASH_SHA256 = 2
+HASH_HMAC_SHA256 = 3
+HASH_VERSIONS = frozenset({HASH_LEGACY, HASH_SHA256, HASH_HMAC_SHA256})
+
+#: ``Session.info`` key under which :func:`append` finds the process's :class:`AuditSigner`.
+SIGNER_INFO_KEY = "pneumo.audit.signer"
+
+#: Shortest accepted HMAC key: the SHA-256 block of security, as RFC 2104 recommends.
+MIN_KEY_BYTES = 32
+
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def record_hash(seq: int, prev_hash: str, recorded_at: str, event: dict[str, Any]) -> str:
+    """Version 1 (legacy) hash: kept only to verify records written before migration 0007."""
     payload = canonical_json({"seq": seq, "prev": prev_hash, "recorded_at": recorded_at, "event": event})
     return hashlib.sha256(payload).hexdigest()
 
 
+def record_payload(
+    version: int, seq: int, prev_hash: str, recorded_at: str, event_id: str, outcome: int, event: dict[str, Any]
+) -> bytes:
+    """What versions 2 and 3 hash: every stored column, the version included."""
+    return canonical_json(
+        {
+            "v": version,
+            "seq": seq,
+            "prev": prev_hash,
+            "recorded_at": recorded_at,
+            "event_id": event_id,
+            "outcome": outcome,
+            "event": event,
+        }
+    )
+
+
+class AuditSigner:
+    """Seals audit records: HMAC-SHA256 with a key held outside the database, else SHA-256.
+
+    One per process, built from settings by the composition root and carried to :func:`append`
+    in ``Session.info`` (see :func:`signer_session_info`), so the many call sites that append
+    inside their own transactions need no extra argument. The key never appears in ``repr``,
+    logs or the database.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes | None = None) -> None:
+        if key is not None and len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the audit HMAC key must be at least {MIN_KEY_BYTES} bytes")
+        self._key = key
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
+
+    @property
+    def version(self) -> int:
+        """The hash version new records get."""
+        return HASH_HMAC_SHA256 if self._key is not None else HASH_SHA256
+
+    def seal(self, payload: bytes) -> str:
+        """The hash of a new record's *payload*, under :attr:`version`."""
+        if self._key is not None:
+            return hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+        return hashlib.sha256(payload).hexdigest()
+
+    def digest(self, version: int, payload: bytes) -> str | None:
+        """The hash of *payload* under *version*; None when it is keyed and we hold no key."""
+        if version == HASH_HMAC_SHA256:
+            return None if self._key is None else hmac.new(self._key, payload, hashlib.sha256).hexdigest()
+        return hashlib.sha256(payload).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"AuditSigner(keyed={self.keyed})"
+
+
+def signer_session_info(signer: AuditSigner) -> dict[str, object]:
+    """``Session.info`` entries that make every session of a ``Database`` seal with *signer*."""
+    return {SIGNER_INFO_KEY: signer}
+
+
+_UNKEYED = AuditSigner()
+
+
+def _signer_of(session: Session) -> AuditSigner:
+    signer = session.info.get(SIGNER_INFO_KEY)
+    return signer if isinstance(signer, AuditSigner) else _UNKEYED
+
+
 def append(session: Session, event: AuditEvent) -> AuditRecord:
-    """Append *event* inside the caller's transaction (committed, or rolled back, with it)."""
+    """Append *event* inside the caller's transaction (committed, or rolled back, with it).
+
+    The record is sealed with the signer found in ``session.info`` (HMAC when the process has a
+    key), else plain SHA-256.
+    """
+    signer = _signer_of(session)
     head = session.execute(
         select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
     ).scalar_one()
     seq = head.last_seq + 1
     recorded_at = dt.datetime.now(dt.UTC)
     data = event.to_dict()
-    digest = record_hash(seq, head.last_hash, recorded_at.isoformat(), data)
+    event_id = event.event_id.code
+    outcome = int(event.outcome)
+    version = signer.version
+    payload = record_payload(version, seq, head.last_hash, recorded_at.isoformat(), event_id, outcome, data)
+    digest = signer.seal(payload)
     record = AuditRecord(
         seq=seq,
         recorded_at=recorded_at,
-        event_id=event.event_id.code,
-        outcome=int(event.outcome),
+        event_id=event_id,
+        outcome=outcome,
         event=data,
         prev_hash=head.last_hash,
         hash=digest,
+        hash_version=version,
     )
     session.add(record)
     head.last_seq = seq
@@ -55,18 +172,82 @@ def append(session: Session, event: AuditEvent) -> AuditRecord:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """The chain head as it was at *at*: record *seq* had hash *hash* (see :mod:`audit.anchor`)."""
+
+    seq: int
+    hash: str
+    at: str = ""
+
+
+@dataclass(frozen=True)
 class ChainVerification:
     ok: bool
     records: int
     first_bad_seq: int | None = None
     problem: str | None = None
+    #: First record sealed with the HMAC key (None: no keyed records).
+    keyed_from_seq: int | None = None
+    #: Highest sequence number pinned by an anchor checkpoint (None: no checkpoints checked).
+    anchored_seq: int | None = None
 
 
-def verify_chain(session: Session, *, batch: int = 5000) -> ChainVerification:
-    """Walk the whole chain in order, recomputing every hash."""
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison that also copes with non-ASCII junk written into a hash column."""
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def _check_record(row: AuditRecord, signer: AuditSigner, newest_version: int) -> str | None:
+    """What is wrong with *row* on its own (None: nothing), given the newest version seen before it."""
+    version = row.hash_version
+    if version not in HASH_VERSIONS:
+        return f"unknown hash version {version}"
+    if version < newest_version:
+        return f"hash version went down from {newest_version} to {version} (records re-hashed without the key?)"
+    event = row.event if isinstance(row.event, dict) else {}
+    event_id = event.get("event_id")
+    if not isinstance(event_id, dict) or event_id.get("code") != row.event_id or event.get("outcome") != row.outcome:
+        return "the event_id or outcome column does not match the recorded event"
+    recorded_at = row.recorded_at.astimezone(dt.UTC).isoformat()
+    if version == HASH_LEGACY:
+        expected = record_hash(row.seq, row.prev_hash, recorded_at, row.event)
+    else:
+        payload = record_payload(version, row.seq, row.prev_hash, recorded_at, row.event_id, row.outcome, row.event)
+        digest = signer.digest(version, payload)
+        if digest is None:
+            return "record is sealed with an HMAC key; configure audit.hmac_key_file to verify it"
+        expected = digest
+    if not _same(expected, row.hash):
+        return "record content does not match its hash"
+    return None
+
+
+def verify_chain(
+    session: Session,
+    *,
+    signer: AuditSigner | None = None,
+    checkpoints: Sequence[Checkpoint] | None = None,
+    batch: int = 5000,
+) -> ChainVerification:
+    """Walk the whole chain in order, recomputing every hash.
+
+    *signer* must hold the HMAC key when records were sealed with one. *checkpoints* (from the
+    anchor file) pin ``(seq, hash)`` pairs the chain must still contain: a different hash at an
+    anchored seq means the records after the last matching checkpoint were rewritten, and a chain
+    shorter than the newest checkpoint means its newest records were removed.
+    """
+    signer = signer or _UNKEYED
+    pins = sorted((c for c in checkpoints or () if c.seq >= 1), key=lambda c: c.seq)
+    anchored_seq = pins[-1].seq if pins else None
+    pin_index, last_good_pin = 0, 0
     head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1)).scalar_one()
     expected_prev, expected_seq, count = GENESIS_HASH, 1, 0
+    newest_version, keyed_from = HASH_LEGACY, None
     last_seq = 0
+
+    def bad(seq: int, problem: str) -> ChainVerification:
+        return ChainVerification(False, count, seq, problem, keyed_from, anchored_seq)
+
     while True:
         rows = session.execute(
             select(AuditRecord).where(AuditRecord.seq > last_seq).order_by(AuditRecord.seq).limit(batch)
@@ -75,15 +256,35 @@ def verify_chain(session: Session, *, batch: int = 5000) -> ChainVerification:
             break
         for row in rows:
             if row.seq != expected_seq:
-                return ChainVerification(False, count, expected_seq, f"record {expected_seq} is missing")
+                return bad(expected_seq, f"record {expected_seq} is missing")
             if row.prev_hash != expected_prev:
-                return ChainVerification(False, count, row.seq, "predecessor hash does not match")
-            recorded_at = row.recorded_at.astimezone(dt.UTC).isoformat()
-            if record_hash(row.seq, row.prev_hash, recorded_at, row.event) != row.hash:
-                return ChainVerification(False, count, row.seq, "record content does not match its hash")
+                return bad(row.seq, "predecessor hash does not match")
+            problem = _check_record(row, signer, newest_version)
+            if problem is not None:
+                return bad(row.seq, problem)
+            while pin_index < len(pins) and pins[pin_index].seq == row.seq:
+                pin = pins[pin_index]
+                if not _same(pin.hash, row.hash):
+                    return bad(
+                        last_good_pin + 1,
+                        f"records {last_good_pin + 1}..{row.seq} were rewritten: record {row.seq} differs from "
+                        f"the anchor checkpoint of {pin.at or 'an earlier run'}",
+                    )
+                last_good_pin = row.seq
+                pin_index += 1
+            if row.hash_version == HASH_HMAC_SHA256 and keyed_from is None:
+                keyed_from = row.seq
+            newest_version = max(newest_version, row.hash_version)
             expected_prev, expected_seq, count = row.hash, row.seq + 1, count + 1
             last_seq = row.seq
         session.expunge_all()
+    if pins and pins[-1].seq > count:
+        pin = pins[-1]
+        return bad(
+            count + 1,
+            f"newest records were removed: the anchor checkpoint of {pin.at or 'an earlier run'} holds record "
+            f"{pin.seq}, the audit log ends at {count}",
+        )
     if head.last_seq != count or head.last_hash != expected_prev:
-        return ChainVerification(False, count, count + 1, "newest records were removed (chain head ahead)")
-    return ChainVerification(True, count)
+        return bad(count + 1, "newest records were removed (chain head ahead)")
+    return ChainVerification(True, count, None, None, keyed_from, anchored_seq)

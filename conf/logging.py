@@ -3,13 +3,38 @@ routed through the same pipeline, and a redaction step so that PHI never reaches
 
 Audit records are not logs (docs/architecture.md §6.8): patient and study identifiers belong in the audit
 trail, which is access-controlled; application logs are shipped to places that are not.
+
+Everything a process writes goes through the one redacting pipeline, not only our own log calls:
+
+* **Python warnings** (``logging.captureWarnings``): pydicom warns about every non-conformant
+  value it reads *with the value* (``Invalid value for VR DA: '05/04/1923'``); the default
+  ``warnings.showwarning`` would print that straight to stderr.
+* **Exception text**: pydicom and highdicom put values into exception messages (``Unable to
+  convert '05/04/1923' to 'DA' object``), which reach log lines as ``detail``/``error`` fields and
+  rendered tracebacks. Redaction runs on every string field, and again after the traceback is
+  rendered.
+* **Raw stderr** (``capture_stderr``, the default for a real process): ``sys.stderr`` is replaced
+  by a stream that turns each line into a log record, and uncaught exceptions (main thread and
+  worker threads) are logged with their traceback instead of printed. Tracebacks stay useful —
+  files, lines, functions and exception types are kept — while quoted literals, where libraries
+  put values, are redacted. Native code writing to file descriptor 2 directly (ONNX Runtime's
+  C++ logger) is not intercepted; none of it sees DICOM data.
+
+Text redaction is deny-by-default for values: a quoted literal (``'...'``, ``"..."``, ``b'...'``)
+is replaced wholesale, since a library quoting a value is exactly how PHI leaks; DICOM VR names,
+lower-case snake_case names (our settings keys and arguments) and the file paths of traceback lines
+are kept. Text after a PHI label ("Patient's Name", "PatientID",
+"(0010,0020)", "Accession Number") is removed to the end of the line.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
+import threading
+import types
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -31,28 +56,154 @@ PHI_KEYS: frozenset[str] = frozenset(
 )
 
 # pynetdicom logs DIMSE messages and whole identifiers at DEBUG; its INFO lines can include
-# "Patient Name" / "Patient ID" text when a peer's dataset is echoed. Scrub those patterns.
+# "Patient Name" / "Patient ID" text when a peer's dataset is echoed; highdicom warns about
+# 'argument "patient_name"'. Scrub from the label to the end of the line.
 _PHI_TEXT = re.compile(
-    r"(?i)(patient'?s?\s*(name|id|birth\s*date)|\(0010,[0-9a-f]{4}\)|accession\s*number)"
-    r"[^\n]*"
+    r"(?i)(patient[\s_']*s?[\s_]*(name|id\b|birth[\s_]*date|sex\b)|\(0010,[0-9a-f]{4}\)|"
+    r"accession[\s_]*(number|no\b)|\(0008,0050\))[^\n]*"
 )
+# A quoted literal (Python repr or a library's f-string); it may span lines, as pydicom quotes raw
+# values without escaping them. The path of a traceback line is matched first so that it is kept.
+_QUOTED = re.compile(r"""(?P<path>File "[^"\n]*")|b?(?P<q>['"])(?P<body>(?:\\.|(?!(?P=q))[^\\])*)(?P=q)""")
+# pydicom's DA/DT/TM constructors quote the raw value unescaped, so it may itself hold a quote.
+_UNCONVERTIBLE = re.compile(r"(Unable to convert (?:non-conformant value )?)'.*?'( to '[A-Z]{2}' object)", re.DOTALL)
+#: Quoted words that are kept: DICOM Value Representations (PS3.5 §6.2), never patient data.
+_SAFE_LITERALS = frozenset(
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+    "US UT UV".split()
+)
+#: Quoted snake_case names are ours (settings keys, arguments: 'onnx_sha256'), never patient data.
+_SAFE_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
+_STDERR_LOGGER = "stderr"
+
+
+def scrub_text(text: str) -> str:
+    """*text* with PHI-labelled text and quoted literals replaced by ``[redacted]``."""
+    text = _UNCONVERTIBLE.sub(rf"\1'{REDACTED}'\2", text)
+    text = _PHI_TEXT.sub(REDACTED, text)
+
+    def _literal(match: re.Match[str]) -> str:
+        body = match.group("body")
+        if match.group("path") or body == REDACTED or body in _SAFE_LITERALS or _SAFE_NAME.fullmatch(body):
+            return match.group(0)
+        quote = match.group("q")
+        return f"{quote}{REDACTED}{quote}"
+
+    return _QUOTED.sub(_literal, text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, tuple):
+        return tuple(_scrub(item) for item in value)
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    return value
 
 
 def redact_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: drop the values of PHI keys and scrub PHI-looking text from messages."""
+    """structlog processor: drop the values of PHI keys and scrub every string field.
+
+    Every field, not only the message: exception text (``detail``, ``error``, a rendered
+    ``exception``) is where libraries put the values they choke on.
+    """
     event_dict.pop("color_message", None)  # uvicorn's ANSI duplicate of "event"
     for key in list(event_dict):
         if key.lower() in PHI_KEYS:
             event_dict[key] = REDACTED
-    message = event_dict.get("event")
-    if isinstance(message, str) and _PHI_TEXT.search(message):
-        event_dict["event"] = _PHI_TEXT.sub(REDACTED, message)
+        elif key not in ("timestamp", "level", "logger", "_record", "_from_structlog"):
+            event_dict[key] = _scrub(event_dict[key])
     return event_dict
 
 
-def configure_logging(settings: LogSettings, *, stream: Any = None) -> None:
-    """Configure structlog and the stdlib root logger. Call once, from the composition root."""
-    stream = stream if stream is not None else sys.stderr
+class StderrToLog(io.TextIOBase):
+    """A ``sys.stderr`` replacement: each written line becomes a WARNING record of the logger
+    ``stderr``, so a library's ``print(..., file=sys.stderr)`` is redacted like any log line.
+
+    *target* is the real stream; the log handler writes there. A write made while a line is
+    being logged (a handler error reported by :mod:`logging`) goes to *target* scrubbed, so the
+    stream can never recurse into itself.
+    """
+
+    def __init__(self, target: Any) -> None:
+        super().__init__()
+        self.target = target
+        self._buffer = ""
+        self._lock = threading.Lock()
+        self._busy = threading.local()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.target, "encoding", "utf-8") or "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        """The real descriptor, for code that needs one (faulthandler, subprocess)."""
+        return int(self.target.fileno())
+
+    def write(self, text: str) -> int:
+        if getattr(self._busy, "active", False):
+            self.target.write(scrub_text(text))
+            return len(text)
+        with self._lock:
+            self._buffer += text
+            *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            line, self._buffer = self._buffer, ""
+        if line:
+            self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        self._busy.active = True
+        try:
+            logging.getLogger(_STDERR_LOGGER).warning(line.rstrip())
+        finally:
+            self._busy.active = False
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    """``sys.excepthook``: the crash, with its traceback, as one redacted log record."""
+    logging.getLogger("pneumo.crash").critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: a thread that died of an exception, logged like a crash."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    logging.getLogger("pneumo.crash").critical("thread_crashed", exc_info=exc_info, extra={"thread_name": name})
+
+
+def configure_logging(settings: LogSettings, *, stream: Any = None, capture_stderr: bool | None = None) -> None:
+    """Configure structlog and the stdlib root logger. Call once, from the composition root.
+
+    *stream*: where log lines go (default: the process's real stderr). *capture_stderr*
+    (default: True when logging to the real stderr) routes ``sys.stderr`` writes and uncaught
+    exceptions through the pipeline (see the module docstring). Python warnings are always
+    captured.
+    """
+    if capture_stderr is None:
+        capture_stderr = stream is None
+    if stream is None:
+        stream = sys.stderr.target if isinstance(sys.stderr, StderrToLog) else sys.stderr
     use_json = settings.format == "json" or (
         settings.format == "auto" and not getattr(stream, "isatty", lambda: False)()
     )
@@ -82,6 +233,7 @@ def configure_logging(settings: LogSettings, *, stream: Any = None) -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_phi,  # again: the rendered traceback ends with the exception's message
             renderer,
         ],
     )
@@ -92,6 +244,14 @@ def configure_logging(settings: LogSettings, *, stream: Any = None) -> None:
     root.setLevel(settings.level)
     # pynetdicom is chatty at INFO (one line per PDU exchange); keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))
+    # highdicom logs every attribute it copies (INFO/DEBUG): noise, and a PHI risk if it ever
+    # logged values; its warnings still come through.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    if capture_stderr:
+        sys.stderr = StderrToLog(stream)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_thread_crash

@@ -36,6 +36,10 @@ def _ae_title(value: str) -> str:
     return stripped
 
 
+#: The DIMSE services a peer may be granted (``dicom.peers[].permissions``).
+DicomService = Literal["echo", "store", "find", "move", "get"]
+
+
 class DicomPeer(_Section):
     """A remote application entity allowed to associate with us (and a C-MOVE destination)."""
 
@@ -45,6 +49,11 @@ class DicomPeer(_Section):
         description="Host name or IP the peer connects from; None accepts the AE title from any host.",
     )
     port: int | None = Field(default=None, ge=1, le=65535)
+    permissions: list[DicomService] = Field(
+        default_factory=lambda: list[DicomService](["echo", "store"]),
+        description="DIMSE services this peer may request. The default is what a PACS pushing images "
+        "needs; query (find) and retrieve (move, get) must be granted explicitly.",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -86,6 +95,24 @@ class DicomSettings(_Section):
         description="Same SOP Instance UID with different bytes: keep the first copy or replace it.",
     )
     acse_timeout: float = 30.0
+    association_request_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="ARTIM (PS3.8 9.1.5): seconds a new connection has to deliver its complete "
+        "A-ASSOCIATE-RQ before it is closed.",
+    )
+    max_pending_per_host: int = Field(
+        default=8,
+        ge=1,
+        description="Per acceptor process: connections from one address that have not yet sent a complete "
+        "A-ASSOCIATE-RQ. A new one beyond this closes that address's oldest.",
+    )
+    max_pending_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Per acceptor process: connections from all addresses that have not yet sent a complete "
+        "A-ASSOCIATE-RQ. A new one beyond this closes the oldest, preferring addresses of no configured peer.",
+    )
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
 
@@ -113,6 +140,14 @@ class StorageSettings(_Section):
         description="fsync files and directories before acknowledging; turn off only for throwaway test data.",
     )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    min_free_mb: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Free-space floor (MiB) of the file store and its staging area: below it /ready is not ready "
+            "and new instances are refused with 0xA700 (PS3.4 B.2.3), leaving room for the database; 0 = off."
+        ),
+    )
 
 
 class WorkerSettings(_Section):
@@ -145,6 +180,15 @@ class InferenceSettings(_Section):
     max_wait_ms: float = Field(default=2.0, ge=0)
     allow_cuda: bool = True
     summary_image: bool = Field(default=True, description="Also produce the Secondary Capture summary image.")
+    # Applicability sanity limits (inference/applicability.py): outside them an image is not-applicable.
+    min_image_side: int = Field(
+        default=224, ge=1, le=65535,
+        description="Smallest Rows/Columns accepted: the bundled model's input size, so an image is never enlarged "
+        "(the model would judge detail that is not there).",
+    )
+    max_image_side: int = Field(default=8192, ge=1, le=65535, description="Largest Rows/Columns accepted.")
+    max_aspect_ratio: float = Field(default=2.0, ge=1.0, description="Largest longer/shorter side ratio accepted.")
+    min_bits_stored: int = Field(default=8, ge=1, le=16, description="Smallest Bits Stored accepted.")
 
 
 class ResultsSettings(_Section):
@@ -156,6 +200,25 @@ class ResultsSettings(_Section):
         description="Quiet period after a study's last image result before its study result is made. "
         "A modality sends a chest study's images within seconds; 10 s keeps the EHR's wait short "
         "while most studies are reported once, not amended. Late images make an amended result.",
+    )
+
+
+class AuditSettings(_Section):
+    """Tamper evidence of the audit log beyond its hash chain (docs/configuration.md, ``[audit]``)."""
+
+    hmac_key_file: Path | None = Field(
+        default=None,
+        description="File holding the HMAC-SHA256 key (at least 32 bytes) that seals every audit record. "
+        "Kept out of the database so that write access to it is not enough to re-hash an edited chain. "
+        "Every process that writes (serve, worker) and `audit verify` need it.",
+    )
+    anchor_file: Path | None = Field(
+        default=None,
+        description="Append-only file of audit chain-head checkpoints; default <data_dir>/audit-anchor.log.",
+    )
+    anchor_every: int = Field(default=100, ge=1, description="Checkpoint after this many new records ...")
+    anchor_interval_seconds: float = Field(
+        default=5.0, gt=0, description="... or this many seconds after the last checkpoint, if the chain grew."
     )
 
 
@@ -188,6 +251,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @property
     def effective_database_url(self) -> str:
@@ -202,6 +266,10 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def audit_anchor_file(self) -> Path:
+        return self.audit.anchor_file or self.data_dir / "audit-anchor.log"
 
 
 def load_settings(

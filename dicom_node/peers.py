@@ -1,8 +1,13 @@
-"""Who may associate with us (docs/architecture.md §5: deny by default).
+"""Who may associate with us, and what each peer may ask for (docs/architecture.md §5: deny by
+default).
 
 A calling AE title must be configured, and when the configuration names a host, the TCP peer
 address must be one of that host's addresses. Host names are resolved once at start, so a
 DNS outage later cannot turn into "accept everyone".
+
+Each peer is granted DIMSE services (``permissions``); the default, echo and store, is what a
+PACS pushing images needs. Query (C-FIND) and retrieve (C-MOVE, C-GET) disclose patient data, so
+they are granted per peer; :func:`service_of` says which service a proposed SOP Class needs.
 """
 
 from __future__ import annotations
@@ -10,15 +15,43 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from conf.settings import DicomPeer
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from conf.settings import DicomPeer, DicomService
+
+#: The SOP Classes that need a service other than "store" (every other one we offer is a
+#: Storage SOP Class, PS3.4 Annex B).
+_SERVICE_BY_SOP_CLASS: dict[str, DicomService] = {
+    str(Verification): "echo",
+    str(StudyRootQueryRetrieveInformationModelFind): "find",
+    str(StudyRootQueryRetrieveInformationModelMove): "move",
+    str(StudyRootQueryRetrieveInformationModelGet): "get",
+}
+
+
+def service_of(sop_class_uid: str) -> DicomService:
+    """The permission a presentation context for *sop_class_uid* needs."""
+    return _SERVICE_BY_SOP_CLASS.get(sop_class_uid.strip(), "store")
 
 
 @dataclass(frozen=True)
 class PeerDecision:
     allowed: bool
     reason: str | None = None
+    permissions: frozenset[DicomService] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class _Grant:
+    addresses: frozenset[str] | None  # None: any address
+    permissions: frozenset[DicomService]
 
 
 def _addresses(host: str) -> frozenset[str]:
@@ -33,7 +66,8 @@ def _addresses(host: str) -> frozenset[str]:
     return frozenset(str(ipaddress.ip_address(info[4][0])) for info in infos)
 
 
-def _normalise(address: str) -> str:
+def normalise_address(address: str) -> str:
+    """An IP address in canonical form; IPv4-mapped IPv6 addresses as plain IPv4."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -45,15 +79,24 @@ def _normalise(address: str) -> str:
 
 class PeerPolicy:
     def __init__(self, peers: Iterable[DicomPeer]) -> None:
-        self._allowed: dict[str, frozenset[str] | None] = {
-            peer.ae_title: (_addresses(peer.host) if peer.host else None) for peer in peers
+        self._grants: dict[str, _Grant] = {
+            peer.ae_title: _Grant(_addresses(peer.host) if peer.host else None, frozenset(peer.permissions))
+            for peer in peers
         }
+
+    @property
+    def peer_addresses(self) -> frozenset[str]:
+        """Every address a configured peer with a host may connect from (resolved at start)."""
+        found: set[str] = set()
+        for grant in self._grants.values():
+            found |= grant.addresses or frozenset()
+        return frozenset(found)
 
     def check(self, calling_ae: str, address: str) -> PeerDecision:
         title = calling_ae.strip()
-        if title not in self._allowed:
+        grant = self._grants.get(title)
+        if grant is None:
             return PeerDecision(False, f"calling AE title {title!r} is not a configured peer")
-        hosts = self._allowed[title]
-        if hosts is not None and _normalise(address) not in hosts:
+        if grant.addresses is not None and normalise_address(address) not in grant.addresses:
             return PeerDecision(False, f"calling AE title {title!r} is not allowed from {address}")
-        return PeerDecision(True)
+        return PeerDecision(True, permissions=grant.permissions)

@@ -14,9 +14,9 @@ import datetime as dt
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.ai_result import AiResult, AiResultError
+from dicom_node.ai_result import AiResult, AiResultError, ResultObjectError
 from dicom_node.sr import build_ai_sr
-from dicom_node.summary_image import build_summary_image
+from dicom_node.summary_image import SummaryImageError, build_summary_image
 from storage.results import DisplayImage, ImageVerdict, ModelIdentity
 
 SR_SERIES_NUMBER = 9901
@@ -61,7 +61,13 @@ class DicomReports:
         completed_at: dt.datetime,
         instance_number: int,
     ) -> Dataset:
-        return build_summary_image(
-            source, display, ai_result(verdict, model, completed_at),
-            series_number=SUMMARY_SERIES_NUMBER, instance_number=instance_number,
-        )
+        try:
+            return build_summary_image(
+                source, display, ai_result(verdict, model, completed_at),
+                series_number=SUMMARY_SERIES_NUMBER, instance_number=instance_number,
+            )
+        except ResultObjectError:
+            raise
+        except (ValueError, TypeError) as exc:  # highdicom refused a value copied from the source
+            # The message may quote the refused value (PHI); name the exception type only.
+            raise SummaryImageError(f"highdicom refused the source header ({exc.__class__.__name__})") from exc

@@ -1,8 +1,22 @@
 """The DICOM application entity: which services and transfer syntaxes we offer, who may
-associate, and the lifecycle of the listening server.
+associate and what each peer may ask for, and the lifecycle of the listening server.
 
 Transfer syntaxes are those of docs/architecture.md §4. Received data is kept in the encoding it arrived in
 (no transcoding on receipt); the pylibjpeg plugins only matter when someone decodes pixels later.
+
+Association negotiation (PS3.8 7.1.1, 9.3.2) is where a peer is checked, in this order, each
+rejection audited as a PS3.15 A.5.3.11 Security Alert before the peer learns of it:
+
+1. the calling AE title must be a configured peer, from its host (A-ASSOCIATE-RJ rejected-permanent,
+   service-user, reason 3 "calling-AE-title-not-recognized");
+2. the called AE title must be ours when ``require_called_ae_title`` (reason 7
+   "called-AE-title-not-recognized");
+3. the presentation contexts offered to the peer are those its ``permissions`` grant: a context
+   for a service it was not granted is answered "abstract-syntax-not-supported (provider
+   rejection)" (PS3.8 Table 9-18, result 3), so a C-FIND / C-MOVE / C-GET request can never
+   arrive on it. Storage contexts are offered when "store" (the peer sends, SCU role) or "get"
+   (the peer receives C-GET sub-operations, SCP role, PS3.7 D.3.3.4) is granted; a C-STORE from a
+   peer granted only "get" is answered 0x0124 "Refused: Not Authorized" (PS3.7 C.5).
 """
 
 from __future__ import annotations
@@ -11,29 +25,35 @@ import datetime as dt
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from audit.builders import security_alert
-from audit.events import AuditEvent, AuditSource, EventType
-from conf.settings import DicomSettings
+from audit.events import AuditEvent, AuditSource, Code, EventType
+from conf.settings import DicomService, DicomSettings
 from dicom_node.ingest import Ingestor
-from dicom_node.peers import PeerPolicy
+from dicom_node.listener import (
+    AdmissionLimits,
+    GuardedAssociationServer,
+    ReusePortAssociationServer,
+)
+from dicom_node.peers import PeerPolicy, service_of
 from dicom_node.qr_scp import handle_find, handle_get, handle_move
 from dicom_node.query_retrieve import QueryRetrieveService
-from dicom_node.storage_scp import handle_store
+from dicom_node.storage_scp import handle_store, install_receive_file
 from dicom_node.verification import handle_echo
 
 log = structlog.get_logger(__name__)
@@ -60,8 +80,11 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 AuditSink = Callable[[AuditEvent], None]
 
-# Association rejection (PS3.8 9.3.4): rejected-permanent, service-user, calling-AE-not-recognised.
-_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+# Association rejection (PS3.8 9.3.4, Table 9-21): rejected-permanent, service-user, and the reason.
+_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
+_CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+#: PS3.7 C.5: "Refused: Not Authorized", for a C-STORE from a peer not granted "store".
+NOT_AUTHORIZED = 0x0124
 
 
 #: Study Root Query/Retrieve (PS3.4 C.6.2); identifiers are small, so the native syntaxes do.
@@ -72,14 +95,32 @@ QUERY_RETRIEVE_SOP_CLASSES: tuple[str, ...] = (
 )
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """A listening socket that other acceptor processes may bind too (Linux SO_REUSEPORT): the
-    kernel spreads new associations over the processes, so they stop sharing one GIL."""
+class GatewayAE(AE):
+    """pynetdicom's AE, counting only associations that still serve (or negotiate) towards
+    ``maximum_associations``.
 
-    def server_bind(self) -> None:
-        assert self.socket is not None  # created by socketserver before binding
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    pynetdicom counts every live association thread when it checks the limit ("local-limit-
+    exceeded", PS3.8 Table 9-21). Two kinds of them serve nothing:
+
+    * a rejected, aborted or released association stays alive in Sta13 (awaiting transport
+      close, PS3.8 9.2) until its peer closes or the ARTIM timer expires;
+    * an association whose A-ASSOCIATE-RQ never reached it (pynetdicom could not decode it: A-ABORT,
+      Sta13) waits for it until the connection is closed. The listener hands over only
+      connections whose request is already in the receive buffer, so a healthy association
+      leaves this state within milliseconds.
+
+    A burst of refused requests whose senders keep their ends open must not lock a configured peer
+    out while those run down.
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [
+            assoc
+            for assoc in super().active_associations
+            if assoc.requestor.primitive is not None
+            and not (assoc.is_rejected or assoc.is_aborted or assoc.is_released)
+        ]
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -91,10 +132,11 @@ def build_ae(settings: DicomSettings) -> AE:
     proposes the SCP role for itself gets it, so that C-STORE sub-operations can flow back on
     its association (PS3.4 C.4.3).
     """
-    ae = AE(ae_title=settings.ae_title)
+    ae = GatewayAE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
-    ae.require_called_aet = settings.require_called_ae_title
+    # Checked (and audited) by DicomNode._on_requested instead: pynetdicom rejects silently.
+    ae.require_called_aet = False
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
@@ -107,6 +149,37 @@ def build_ae(settings: DicomSettings) -> AE:
     for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
     return ae
+
+
+def contexts_for(ae: AE, permissions: frozenset[DicomService]) -> list[PresentationContext]:
+    """The AE's supported presentation contexts a peer with *permissions* is offered.
+
+    Storage contexts keep the SCU role for the peer only with "store" and the SCP role only with
+    "get" (role selection, PS3.7 D.3.3.4); every other context needs its own service.
+    """
+    offered: list[PresentationContext] = []
+    for supported in ae.supported_contexts:
+        abstract_syntax = str(supported.abstract_syntax)
+        service = service_of(abstract_syntax)
+        if service == "store":
+            scu, scp = "store" in permissions, "get" in permissions
+            if not (scu or scp):
+                continue
+            context = build_context(abstract_syntax, list(supported.transfer_syntax))
+            context.scu_role, context.scp_role = scu, scp
+        elif service in permissions:
+            context = build_context(abstract_syntax, list(supported.transfer_syntax))
+        else:
+            continue
+        offered.append(context)
+    return offered
+
+
+def refused_services(proposed: list[PresentationContext], permissions: frozenset[DicomService]) -> set[DicomService]:
+    """The services a peer proposed contexts for but was not granted (storage counts as
+    granted with "get" too: a C-GET requestor proposes storage contexts to receive on)."""
+    effective: set[DicomService] = set(permissions) | ({"store"} if "get" in permissions else set())
+    return {service_of(str(cx.abstract_syntax)) for cx in proposed} - effective
 
 
 class DicomNode:
@@ -127,7 +200,9 @@ class DicomNode:
         self._audit_source = audit_source
         self._policy = PeerPolicy(settings.peers)
         self._ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._contexts: dict[frozenset[DicomService], list[PresentationContext]] = {}
+        self._permissions: weakref.WeakKeyDictionary[Any, frozenset[DicomService]] = weakref.WeakKeyDictionary()
+        self._server: GuardedAssociationServer | None = None
 
     @property
     def port(self) -> int:
@@ -143,13 +218,14 @@ class DicomNode:
         # Receive datasets straight to files (no decode, bounded memory); process-wide setting,
         # owned by the composition root's only DICOM node.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        install_receive_file()  # a full disk answers 0xA700 instead of dropping the association
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, _on_closed),
             (evt.EVT_ABORTED, _on_closed),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self._ingestor]),
+            (evt.EVT_C_STORE, self._on_store),
         ]
         if self._query_retrieve is not None:
             # pynetdicom logs every Q/R request identifier at INFO: patient names, IDs and
@@ -160,21 +236,31 @@ class DicomNode:
                 (evt.EVT_C_MOVE, handle_move, [self._query_retrieve]),
                 (evt.EVT_C_GET, handle_get, [self._query_retrieve]),
             ]
-        if self._settings.acceptor_processes > 1:
-            # AE.start_server has no server_class; this is its non-blocking path with ours.
-            server = self._ae.make_server(
-                (self._settings.bind, self._settings.port),
-                evt_handlers=handlers,
-                server_class=ReusePortAssociationServer,
-            )
-            threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
-            self._ae._servers.append(server)  # ThreadedAssociationServer.shutdown() removes it
-            self._server = server
-        else:
-            self._server = self._ae.start_server(
-                (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
-            )
-        log.info("dicom.listening", ae_title=self._settings.ae_title, port=self.port)
+        server_class = (
+            ReusePortAssociationServer if self._settings.acceptor_processes > 1 else GuardedAssociationServer
+        )
+        # AE.start_server takes no server class; this is its non-blocking path with ours.
+        server = self._ae.make_server(
+            (self._settings.bind, self._settings.port),
+            evt_handlers=handlers,
+            server_class=server_class,
+            limits=self._admission_limits(),
+        )
+        assert isinstance(server, GuardedAssociationServer)  # make_server builds server_class
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        self._ae._servers.append(server)  # ThreadedAssociationServer.shutdown() removes it
+        self._server = server
+        log.info("dicom.listening", ae_title=self._settings.ae_title, bind=self._settings.bind, port=self.port)
+
+    def _admission_limits(self) -> AdmissionLimits:
+        settings = self._settings
+        return AdmissionLimits(
+            request_timeout=settings.association_request_timeout,
+            per_host=settings.max_pending_per_host,
+            total=settings.max_pending_connections,
+            network_timeout=settings.network_timeout,
+            peer_addresses=self._policy.peer_addresses,
+        )
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop accepting, let in-flight associations finish (up to *grace_seconds*), then abort."""
@@ -191,42 +277,80 @@ class DicomNode:
         log.info("dicom.stopped", unfinished=len([a for a in active if a.is_alive()]))
 
     def _on_requested(self, event: Event) -> None:
+        """EVT_REQUESTED: the A-ASSOCIATE-RQ is in; decide before pynetdicom negotiates."""
         assoc = event.assoc
-        # The requestor's AE title is filled in only during negotiation, which comes after us.
+        # The requestor's AE titles are filled in only during negotiation, which comes after us.
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+        called = str(primitive.called_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
         structlog.contextvars.bind_contextvars(assoc_id=id(assoc) & 0xFFFFFF, calling_ae=calling)
         decision = self._policy.check(calling, address)
-        if decision.allowed:
+        if not decision.allowed:
+            self._reject(assoc, calling, address, decision.reason or "association rejected", _CALLING_AE_NOT_RECOGNISED)
             return
-        log.warning("dicom.association.rejected", address=address, reason=decision.reason)
+        if self._settings.require_called_ae_title and called != self._settings.ae_title:
+            reason = f"called AE title {called!r} is not ours ({self._settings.ae_title!r})"
+            self._reject(assoc, calling, address, reason, _CALLED_AE_NOT_RECOGNISED)
+            return
+        permissions = decision.permissions
+        self._permissions[assoc] = permissions
+        assoc.acceptor.supported_contexts = self._offered(permissions)
+        proposed = list(primitive.presentation_context_definition_list) if primitive is not None else []
+        refused = refused_services(proposed, permissions)
+        if refused:
+            self._alert_restricted(calling, address, f"{calling} is not granted {', '.join(sorted(refused))}")
+
+    def _offered(self, permissions: frozenset[DicomService]) -> list[PresentationContext]:
+        if permissions not in self._contexts:
+            self._contexts[permissions] = contexts_for(self._ae, permissions)
+        return self._contexts[permissions]
+
+    def _on_store(self, event: Event) -> int:
+        """EVT_C_STORE: only for a peer granted "store" (a C-GET-only peer may still have a
+        storage context in the SCU role when it proposed no role selection)."""
+        if "store" not in self._permissions.get(event.assoc, frozenset()):
+            requestor = event.assoc.requestor
+            calling = str(requestor.ae_title).strip()
+            self._alert_restricted(calling, requestor.address, f"{calling} is not granted store")
+            return NOT_AUTHORIZED
+        return handle_store(event, self._ingestor)
+
+    def _reject(self, assoc: Any, calling: str, address: str, reason: str, diagnostic: int) -> None:
+        log.warning("dicom.association.rejected", address=address, reason=reason)
+        self._write_alert(EventType.NODE_AUTHENTICATION, calling, address, reason)
+        # Audited first, so the record exists by the time the peer learns of the rejection.
+        _send_reject(assoc, diagnostic)
+
+    def _alert_restricted(self, calling: str, address: str, reason: str) -> None:
+        log.warning("dicom.service.refused", address=address, reason=reason)
+        self._write_alert(EventType.USE_OF_RESTRICTED_FUNCTION, calling, address, reason)
+
+    def _write_alert(self, event_type: Code, calling: str, address: str, description: str) -> None:
         try:
             self._audit(
                 security_alert(
                     self._audit_source,
-                    event_type=EventType.NODE_AUTHENTICATION,
+                    event_type=event_type,
                     reporter_ae=self._settings.ae_title,
                     offender_id=calling,
                     offender_host=address,
-                    description=decision.reason or "association rejected",
+                    description=description,
                     when=dt.datetime.now(dt.UTC),
                 )
             )
-        except Exception:  # noqa: BLE001 - the rejection stands even if the audit store is down
+        except Exception:  # noqa: BLE001 - the refusal stands even if the audit store is down
             log.exception("audit.write_failed", event="security-alert")
-        # Audited first, so the record exists by the time the peer learns of the rejection.
-        _reject_calling_ae(assoc)
 
 
-def _reject_calling_ae(assoc: Any, wait_seconds: float = 2.0) -> None:
+def _send_reject(assoc: Any, diagnostic: int, wait_seconds: float = 2.0) -> None:
     """Send A-ASSOCIATE-RJ and wait until the DUL has actually written it.
 
     pynetdicom closes the socket as soon as the EVT_REQUESTED handler returns; the reject is
     only queued for the DUL thread by then, so without this wait the peer often sees a bare
     connection close (A-P-ABORT) instead of the reason.
     """
-    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
     deadline = time.monotonic() + wait_seconds
     # Sta13: "awaiting transport close" — entered right after the RJ PDU was sent (PS3.8 9.2).
     while assoc.dul.state_machine.current_state not in ("Sta13", "Sta1") and time.monotonic() < deadline:

@@ -49,6 +49,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from dicom_node.ai_result import AiResult, ResultObjectError
+from storage.metadata import is_valid_value
 from storage.uids import derive_uid, is_valid_uid
 
 COMPREHENSIVE_3D_SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -84,6 +85,8 @@ _TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+#: Patient's Sex (0010,0040) Enumerated Values (PS3.3 C.7.1.1); highdicom refuses any other.
+_PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
 _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
 _REQUIRED_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -161,23 +164,46 @@ def check_source(source: Dataset) -> None:
 
 
 def evidence_header(source: Dataset) -> Dataset:
-    """A copy of *source* without bulk data, with empty Type 2 Patient/Study attributes added.
+    """A copy of *source* without bulk data or invalid values, with empty Type 2 Patient/Study
+    attributes added.
 
     highdicom copies the Patient and Study modules from the evidence and reads the Type 2 ones as
     attributes; a source that omitted them (non-conformant, but common in practice) must still
     yield a valid object with the attributes present and empty (PS3.5 §7.4.3).
     Bulk data (pixel data, overlays, LUT data, icon images: every binary VR) is dropped so that
     building a result never deep-copies a whole radiograph; none of it is copied into the result.
+
+    A value that is not valid for its VR (PS3.5 §6.2) is dropped too, at every nesting level
+    (:func:`storage.metadata.is_valid_value`): a Patient's Birth Date sent as ``05/04/1923``
+    makes highdicom's ``DA()`` raise, which would fail the report of a perfectly good image, and
+    copying it would put a non-conformant value into the PACS. A dropped Type 2 attribute is then
+    written empty like an absent one. Patient's Sex outside its Enumerated Values M/F/O is dropped
+    for the same reason (highdicom refuses it).
     """
-    header = Dataset()
-    for element in source:
-        if element.tag.group == 0x0002 or element.VR in _BULK_VRS or element.keyword == "IconImageSequence":
-            continue
-        header.add(copy.deepcopy(element))
+    header = _valid_elements(source, top_level=True)
+    sex = header.get("PatientSex")
+    if sex not in (None, "") and str(sex) not in _PATIENT_SEX_VALUES:
+        del header.PatientSex
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, None)
     return header
+
+
+def _valid_elements(dataset: Dataset, *, top_level: bool = False) -> Dataset:
+    """Deep copy of *dataset* keeping only non-bulk elements with valid values (see above)."""
+    copied = Dataset()
+    for element in dataset:
+        if element.VR in _BULK_VRS or element.keyword == "IconImageSequence":
+            continue
+        if top_level and element.tag.group == 0x0002:
+            continue
+        if element.VR == "SQ":
+            items = [_valid_elements(item) for item in element.value or []]
+            copied.add_new(element.tag, "SQ", items)
+        elif is_valid_value(element.VR, element.value):
+            copied.add(copy.deepcopy(element))
+    return copied
 
 
 def content_datetime(source: Dataset, result: AiResult) -> datetime.datetime | None:
@@ -317,6 +343,36 @@ def _copy_patient_study(sop: Dataset, header: Dataset) -> None:
 # --------------------------------------------------------------------------------- public API
 
 
+def _comprehensive_3d_sr(
+    header: Dataset,
+    result: AiResult,
+    when: datetime.datetime | None,
+    series_number: int,
+    instance_number: int,
+    institution_name: str | None,
+) -> hd.sr.Comprehensive3DSR:
+    """highdicom's Comprehensive 3D SR over the cleaned evidence header (see :func:`build_ai_sr`)."""
+    return hd.sr.Comprehensive3DSR(
+        evidence=[header],
+        content=measurement_report(header, result),
+        series_instance_uid=sr_series_uid(header.StudyInstanceUID, result),
+        series_number=series_number,
+        sop_instance_uid=sr_instance_uid(header.SOPInstanceUID, result),
+        instance_number=instance_number,
+        manufacturer=result.manufacturer,
+        manufacturer_model_name=result.model_name,
+        software_versions=result.model_version,
+        series_description=SERIES_DESCRIPTION,
+        institution_name=institution_name,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        performed_procedure_codes=[PLAIN_CHEST_XRAY],
+        content_date=None if when is None else when.date(),
+        content_time=None if when is None else when.time(),
+    )
+
+
 def build_ai_sr(
     source: Dataset,
     result: AiResult,
@@ -337,7 +393,8 @@ def build_ai_sr(
     inference produces no SR (see the module docstring and ``docs/sr.md``).
 
     Raises:
-        SrBuildError: the source cannot be referenced (missing/invalid UIDs, not an image).
+        SrBuildError: the source cannot be referenced (missing/invalid UIDs, not an image), or
+            highdicom refuses its header for a reason :func:`evidence_header` does not clean.
     """
     if not isinstance(result, AiResult):
         raise SrBuildError(f'Argument "result" must be an AiResult, got {type(result).__name__}.')
@@ -349,25 +406,12 @@ def build_ai_sr(
 
     header = evidence_header(source)
     when = content_datetime(source, result)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[header],
-        content=measurement_report(header, result),
-        series_instance_uid=sr_series_uid(header.StudyInstanceUID, result),
-        series_number=series_number,
-        sop_instance_uid=sr_instance_uid(header.SOPInstanceUID, result),
-        instance_number=instance_number,
-        manufacturer=result.manufacturer,
-        manufacturer_model_name=result.model_name,
-        software_versions=result.model_version,
-        series_description=SERIES_DESCRIPTION,
-        institution_name=institution_name,
-        is_complete=True,
-        is_final=True,
-        is_verified=False,
-        performed_procedure_codes=[PLAIN_CHEST_XRAY],
-        content_date=None if when is None else when.date(),
-        content_time=None if when is None else when.time(),
-    )
+    try:
+        sr = _comprehensive_3d_sr(header, result, when, series_number, instance_number, institution_name)
+    except (ValueError, TypeError, AttributeError) as exc:
+        # Whatever else highdicom refuses in a hostile header: a refusal of this source (a
+        # verdict), not a crash to retry. Only the type is kept: the message may quote a value.
+        raise SrBuildError(f"highdicom refused the source header ({exc.__class__.__name__})") from exc
     # General Equipment (PS3.3 C.7.5.1) describes the model, so it carries its Device UID too.
     sr.DeviceUID = result.device_uid
     # highdicom adds the source's acquisition equipment and itself; docs/architecture.md §4 asks for exactly

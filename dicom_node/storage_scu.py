@@ -16,24 +16,42 @@ errors:
   "Mistyped argument" 0212, "Unrecognized operation" 0211), or it accepted no presentation
   context for the SOP Class, or our own stored file cannot be read.
 
-Transfer syntax (PS3.5 §10, PS3.8 §9.3.2.2): the object is offered in the syntax it is stored in,
-in a presentation context of its own, plus a second context with Explicit and Implicit VR Little
-Endian, which every Storage SCP must support. The stored bytes are sent unchanged whenever the
-peer accepts the stored syntax; only otherwise is the pixel data decoded and the object sent
-uncompressed (lossless either way: decoding never adds loss).
+Transfer syntax (PS3.5 §10 and Annex A, PS3.8 §9.3.2.2 and §9.3.3.2): the SCP picks one transfer
+syntax per presentation context, and a Storage SCP may insist on any one of them — an older PACS
+accepting only Implicit VR Little Endian is valid and common. So we offer every encoding we can
+really produce, and re-encode the dataset for the one the peer accepted (see
+:func:`requested_contexts` and :func:`transcode`). The stored bytes go unchanged whenever the peer
+accepts the stored syntax; otherwise the object is decoded if compressed and encoded anew —
+never lossily, and always with the same SOP Instance UID (it is the same instance in another
+encoding, PS3.5 §10). A peer that accepts only syntaxes we cannot produce losslessly gets a
+permanent :class:`DeliveryRejectedError` naming what was offered and what it answered.
 """
 
 from __future__ import annotations
 
 import enum
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import structlog
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -44,7 +62,23 @@ from storage.outbox import DeliveryFailedError
 
 log = structlog.get_logger(__name__)
 
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Native (unencapsulated) encodings, in the order we list them; the SCP picks among them by its own
+# preference. Implicit VR Little Endian is the default every SCP supports (PS3.5 §10.1); Explicit
+# VR Big Endian is retired (PS3.5 A.3) but still a valid choice of an old peer; deflate is lossless.
+NATIVE_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+# Lossless encapsulated syntaxes (PS3.5 A.4) we can produce from native pixel data, best first;
+# offered only where the installed pydicom encoder plugins can actually encode them.
+LOSSLESS_ENCODABLE: tuple[UID, ...] = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
+# For an object without Pixel Data an encapsulated syntax only means Explicit VR Little Endian
+# (PS3.5 A.4 a-c), so any lossless one will do; no lossy one is offered: its label would claim a
+# lossy compression that never happened.
+LOSSLESS_LABELS: tuple[UID, ...] = (*LOSSLESS_ENCODABLE, JPEGLosslessSV1)
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # "other" VRs swapped for Big Endian
 
 
 class StatusCategory(enum.StrEnum):
@@ -125,17 +159,37 @@ class SendResult:
         return self.status != 0x0000
 
 
-def requested_contexts(sop_class_uid: str, stored_syntax: str) -> list[tuple[str, list[str]]]:
+def _encodable(syntax: UID) -> bool:
+    try:
+        return bool(get_encoder(syntax).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def requested_contexts(sop_class_uid: str, stored_syntax: str, *, has_pixel_data: bool) -> list[tuple[str, list[str]]]:
     """The presentation contexts to propose: (abstract syntax, transfer syntaxes) pairs.
 
-    The stored syntax goes in a context of its own so that the SCP, which picks one syntax per
-    context (PS3.8 §9.3.3.2), cannot choose an uncompressed syntax instead of it and force a
-    needless decode; Explicit/Implicit VR Little Endian follow as the fallback every SCP supports.
+    The SCP picks one syntax per context (PS3.8 §9.3.3.2), so the order of contexts is our order of
+    preference and the syntaxes inside one context are the SCP's to choose from:
+
+    1. a compressed stored syntax alone, so that the SCP cannot pick an uncompressed one instead
+       and force a needless decode (an uncompressed stored syntax leads the native context);
+    2. every native encoding in one context — the SCP's preference decides (``storescp +xi``
+       picks Implicit VR LE, ``+xb`` Big Endian, ``+xd`` Deflated);
+    3. one context per lossless encapsulated syntax, for a peer that accepts nothing native: for
+       an object with Pixel Data those we can encode, for one without any lossless label.
     """
-    if stored_syntax in _UNCOMPRESSED:
-        others = [ts for ts in _UNCOMPRESSED if ts != stored_syntax]
-        return [(sop_class_uid, [stored_syntax, *others])]
-    return [(sop_class_uid, [stored_syntax]), (sop_class_uid, list(_UNCOMPRESSED))]
+    stored = UID(stored_syntax)
+    native = [str(ts) for ts in NATIVE_SYNTAXES]
+    contexts: list[tuple[str, list[str]]] = []
+    if stored in NATIVE_SYNTAXES:
+        native = [str(stored), *(ts for ts in native if ts != stored)]
+    else:
+        contexts.append((sop_class_uid, [str(stored)]))
+    contexts.append((sop_class_uid, native))
+    extra = [ts for ts in LOSSLESS_ENCODABLE if _encodable(ts)] if has_pixel_data else list(LOSSLESS_LABELS)
+    contexts.extend((sop_class_uid, [str(ts)]) for ts in extra if ts != stored)
+    return contexts
 
 
 def _read(path: Path) -> Dataset:
@@ -149,33 +203,140 @@ def _read(path: Path) -> Dataset:
     return dataset
 
 
-def _choose_context(assoc: Association, sop_class_uid: str, stored_syntax: str) -> PresentationContext:
-    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class_uid]
-    for context in accepted:
-        if context.transfer_syntax and context.transfer_syntax[0] == stored_syntax:
-            return context
-    for wanted in _UNCOMPRESSED:
-        for context in accepted:
-            if context.transfer_syntax and context.transfer_syntax[0] == wanted:
-                return context
-    raise DeliveryRejectedError("destination accepted no presentation context for the SOP Class")
+def _names(syntaxes: Sequence[str]) -> str:
+    return ", ".join(UID(ts).name for ts in syntaxes) or "none"
 
 
-def _transcode(dataset: Dataset, target: str) -> None:
-    """Re-encode *dataset* in place for an uncompressed *target* syntax (lossless decode)."""
+def _ranked(assoc: Association, sop_class_uid: str, stored_syntax: str) -> list[PresentationContext]:
+    """The accepted contexts for the SOP Class, best first: the stored syntax (no re-encoding),
+    then a native one, then the lossless encapsulated ones in our order of preference."""
+
+    def rank(context: PresentationContext) -> int:
+        syntax = context.transfer_syntax[0]
+        if syntax == stored_syntax:
+            return 0
+        if syntax in NATIVE_SYNTAXES:
+            return 1
+        return 2 + (LOSSLESS_LABELS.index(syntax) if syntax in LOSSLESS_LABELS else len(LOSSLESS_LABELS))
+
+    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class_uid and cx.transfer_syntax]
+    return sorted(accepted, key=rank)
+
+
+class CannotEncodeError(Exception):
+    """The dataset cannot be put losslessly into one particular transfer syntax."""
+
+
+def _reencoded(dataset: Dataset, syntax: UID) -> Dataset:
+    """Serialise *dataset* as a Part 10 stream in *syntax* and parse it back.
+
+    pydicom converts every element while writing in an encoding other than the one it was read
+    in (VR, byte order, deflate); parsing the result back gives a dataset whose original encoding
+    *is* the target, which pynetdicom then sends as it is instead of refusing the mismatch between
+    the dataset's encoding and its Transfer Syntax UID. It also proves the new encoding parses.
+    """
+    dataset.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    buffer.seek(0)
+    return dcmread(buffer)
+
+
+def _swap_other_words(dataset: Dataset) -> None:
+    """Byte-swap OW/OF/OL/OD/OV values in place for Explicit VR Big Endian (PS3.5 §7.3, A.3).
+
+    pydicom writes these "other" values as the bytes it holds, which after reading a Little
+    Endian file are little-endian words; numbers with other VRs are converted by the writer.
+    """
+    for element in dataset.iterall():
+        size = _WORD_SIZES.get(str(element.VR))
+        if size and isinstance(element.value, bytes) and len(element.value) % size == 0:
+            element.value = np.frombuffer(element.value, dtype=f"<u{size}").byteswap().tobytes()
+
+
+def transcode(dataset: Dataset, target: str) -> Dataset:
+    """Return *dataset* re-encoded in the *target* transfer syntax, losslessly, same SOP Instance UID.
+
+    Compressed pixel data are decoded first (decoding adds no loss). Then, by target: a native
+    syntax re-encodes the dataset (Big Endian also swaps the "other" word values); a lossless
+    encapsulated one compresses the pixel data with pydicom's encoder and checks that decoding
+    the result gives back exactly the same pixel values — an object without Pixel Data is simply
+    Explicit VR Little Endian under that label (PS3.5 A.4). The SOP Instance UID is kept: this is
+    the same instance in another encoding (PS3.5 §10), and the deterministic UID is what makes a
+    re-send idempotent at the PACS.
+
+    Raises:
+        CannotEncodeError: *target* cannot hold this dataset losslessly (or is not supported).
+        DeliveryRejectedError: the stored compressed pixel data cannot be decoded.
+    """
+    wanted = UID(target)
     stored = UID(str(dataset.file_meta.TransferSyntaxUID))
-    if stored.is_compressed:
+    if stored.is_encapsulated and "PixelData" in dataset:
         try:
-            # Same SOP Instance UID: this is the same instance in another encoding (PS3.5 §10),
-            # and the deterministic UID is what makes a re-send idempotent at the PACS.
             dataset.decompress(generate_instance_uid=False)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "cannot send this"
             raise DeliveryRejectedError(f"cannot decode {stored.name} pixel data: {exc.__class__.__name__}") from exc
-    elif stored not in (*_UNCOMPRESSED, DeflatedExplicitVRLittleEndian):
-        # Explicit VR Big Endian: pydicom keeps OW pixel bytes as read, so relabelling would
-        # corrupt them. Retired since 2006 (PS3.5 A.3); refuse rather than guess.
-        raise DeliveryRejectedError(f"cannot convert {stored.name} to {UID(target).name}")
-    dataset.file_meta.TransferSyntaxUID = UID(target)
+    if wanted in NATIVE_SYNTAXES:
+        try:
+            if wanted == ExplicitVRBigEndian:
+                dataset = _reencoded(dataset, ExplicitVRLittleEndian)  # gives every element a concrete VR
+                _swap_other_words(dataset)
+            return _reencoded(dataset, wanted)
+        except Exception as exc:  # noqa: BLE001 - pydicom cannot write some element in this encoding
+            raise CannotEncodeError(f"cannot encode the dataset as {wanted.name}: {exc.__class__.__name__}") from exc
+    if wanted not in LOSSLESS_LABELS:
+        raise CannotEncodeError(f"{wanted.name} is not a lossless syntax we produce")
+    try:
+        native = _reencoded(dataset, ExplicitVRLittleEndian)
+        if "PixelData" not in native:
+            return _reencoded(native, wanted)
+    except Exception as exc:  # noqa: BLE001 - pydicom cannot write some element in this encoding
+        raise CannotEncodeError(f"cannot encode the dataset as {wanted.name}: {exc.__class__.__name__}") from exc
+    if wanted not in LOSSLESS_ENCODABLE:
+        raise CannotEncodeError(f"no encoder for {wanted.name}")
+    try:
+        expected = native.pixel_array
+        native.compress(wanted, generate_instance_uid=False)
+        result = _reencoded(native, wanted)
+        lossless = bool(np.array_equal(result.pixel_array, expected))
+    except Exception as exc:  # noqa: BLE001 - an encoder refusing these pixels: try another syntax
+        raise CannotEncodeError(f"{wanted.name} encoder failed: {exc.__class__.__name__}") from exc
+    if not lossless:
+        raise CannotEncodeError(f"{wanted.name} did not round-trip the pixel values exactly")
+    return result
+
+
+def _prepare(
+    dataset: Dataset, assoc: Association, sop_class_uid: str, stored_syntax: str, offered: Sequence[str], destination: str
+) -> tuple[Dataset, str]:
+    """Pick the best accepted context we can fill and return the dataset encoded for it."""
+    accepted = _ranked(assoc, sop_class_uid, stored_syntax)
+    reasons: list[str] = []
+    for context in accepted:
+        syntax = str(context.transfer_syntax[0])
+        if syntax == stored_syntax:
+            return dataset, syntax
+        try:
+            return transcode(dataset, syntax), syntax
+        except CannotEncodeError as exc:
+            reasons.append(str(exc))
+    raise DeliveryRejectedError(
+        f"destination {destination!r} accepted no presentation context we can fill for "
+        f"{UID(sop_class_uid).name}: offered {_names(offered)}; "
+        f"accepted {_names([str(cx.transfer_syntax[0]) for cx in accepted])}"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+    )
+
+
+def _refused_everything(
+    assoc: Association, sop_class_uid: str, offered: Sequence[str], destination: str
+) -> DeliveryRejectedError:
+    """Negotiation completed and the peer refused every context (PS3.8 §9.3.3.2 results 3/4)."""
+    answers = sorted({cx.status for cx in assoc.rejected_contexts})
+    return DeliveryRejectedError(
+        f"destination {destination!r} accepted no presentation context for {UID(sop_class_uid).name}: "
+        f"offered {_names(offered)}; accepted none ({', '.join(answers)})"
+    )
 
 
 def _association_failure(assoc: Association, destination: DicomDestination) -> DeliveryUnavailableError:
@@ -201,33 +362,35 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
     sop_instance_uid = str(dataset.SOPInstanceUID)
     stored_syntax = str(dataset.file_meta.TransferSyntaxUID)
 
+    contexts = requested_contexts(sop_class_uid, stored_syntax, has_pixel_data="PixelData" in dataset)
+    offered = list(dict.fromkeys(ts for _, syntaxes in contexts for ts in syntaxes))
+
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
-    for abstract, syntaxes in requested_contexts(sop_class_uid, stored_syntax):
+    for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
 
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
-            # Negotiation completed and refused every context (PS3.8 §9.3.3.2 results 3/4):
-            # pynetdicom then aborts, but the answer is about the SOP Class, not the peer's state.
-            raise DeliveryRejectedError("destination accepted no presentation context for the SOP Class")
+            # pynetdicom aborts after such a negotiation, but the answer is about the SOP Class
+            # and our encodings, not the peer's state: sending again gets the same answer.
+            raise _refused_everything(assoc, sop_class_uid, offered, destination.name)
         raise _association_failure(assoc, destination)
     try:
-        context = _choose_context(assoc, sop_class_uid, stored_syntax)
-        sent_syntax = str(context.transfer_syntax[0])
+        dataset, sent_syntax = _prepare(dataset, assoc, sop_class_uid, stored_syntax, offered, destination.name)
         transcoded = sent_syntax != stored_syntax
-        if transcoded:
-            _transcode(dataset, sent_syntax)
         try:
             response = assoc.send_c_store(dataset)
         except RuntimeError as exc:  # the association went away before the request was sent
             raise DeliveryUnavailableError(f"association with {destination.name!r} lost before sending") from exc
         except (ValueError, AttributeError) as exc:  # pynetdicom could not encode the dataset
-            raise DeliveryRejectedError(f"dataset cannot be encoded for sending: {exc.__class__.__name__}") from exc
+            raise DeliveryRejectedError(
+                f"dataset cannot be encoded for sending as {UID(sent_syntax).name}: {exc.__class__.__name__}"
+            ) from exc
     finally:
         if assoc.is_established:
             assoc.release()
@@ -240,7 +403,12 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
     comment = str(response.get("ErrorComment", "")) or None
     category = classify_store_status(status)
     log.debug(
-        "delivery.c_store", destination=destination.name, status=f"0x{status:04X}", category=str(category), transcoded=transcoded
+        "delivery.c_store",
+        destination=destination.name,
+        status=f"0x{status:04X}",
+        category=str(category),
+        transfer_syntax=UID(sent_syntax).name,
+        transcoded=transcoded,
     )
     if category is StatusCategory.TRANSIENT:
         raise DeliveryUnavailableError(f"destination {destination.name!r} refused with status 0x{status:04X}", status=status)

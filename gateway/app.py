@@ -15,26 +15,32 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
+from audit.anchor import AnchorFile, AnchorOptions, ChainAnchor, load_signer
 from audit.builders import application_activity
 from audit.events import AuditEvent, AuditSource
 from audit.store import append as append_audit
+from audit.store import signer_session_info
 from conf.settings import Settings
 from dicom_node.delivery_channel import DicomChannel
 from dicom_node.ingest import Ingestor
 from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.reports import DicomReports
 from dicom_node.server import DicomNode
+from gateway.acceptors import AcceptorProcesses
 from gateway.http import HttpServer, build_app
 from inference.analyser import ClassifierAnalyser
+from inference.applicability import rules_from_settings
 from inference.engine import EngineOptions, InferenceEngine
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.image_results import ImageResultHandler, ImageResultOptions
+from storage.integrity import run_checks
 from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_RESULT_JOB
 from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, Fanout, OutboxHandler, Route
@@ -65,21 +71,43 @@ class Runtime:
 
 
 @contextlib.contextmanager
-def runtime_for(settings: Settings, *, migrate: bool = True) -> Iterator[Runtime]:
+def runtime_for(settings: Settings, *, migrate: bool = True, startup_checks: bool = False) -> Iterator[Runtime]:
     """``with runtime_for(settings) as runtime:`` — what every short CLI command runs inside."""
-    runtime = open_runtime(settings, migrate=migrate)
+    runtime = open_runtime(settings, migrate=migrate, startup_checks=startup_checks)
     try:
         yield runtime
     finally:
         runtime.close()
 
 
-def open_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
+def open_runtime(settings: Settings, *, migrate: bool = True, startup_checks: bool = False) -> Runtime:
+    """Open the database (migrating it) and the file store.
+
+    With *startup_checks* (the long-running processes: ``serve``, ``worker``) the database file
+    is checked before the migrations touch it, and the database must index this file store
+    (:mod:`storage.integrity`); otherwise :class:`~storage.integrity.StoreIntegrityError` is
+    raised and nothing is served. Short commands skip them: ``pneumo db check`` runs them on demand.
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
-    if migrate:
+    # The audit signer rides in Session.info so every audit.store.append seals with the HMAC key.
+    signer = load_signer(settings.audit.hmac_key_file)
+    database = Database(
+        settings.effective_database_url,
+        sqlite_synchronous=settings.storage.sqlite_synchronous,
+        session_info=signer_session_info(signer),
+    )
+    if startup_checks:
+        try:
+            _run_startup_checks(settings, database, migrate=migrate)
+        except BaseException:
+            database.dispose()
+            raise
+    elif migrate:
         upgrade(database)
-    store = FileStore(settings.dicom_dir, settings.tmp_dir, fsync=settings.storage.fsync)
+    store = FileStore(
+        settings.dicom_dir, settings.tmp_dir, fsync=settings.storage.fsync,
+        min_free_bytes=settings.storage.min_free_mb * 2**20,
+    )
     host = socket.gethostname()
     return Runtime(
         settings=settings,
@@ -88,6 +116,16 @@ def open_runtime(settings: Settings, *, migrate: bool = True) -> Runtime:
         audit_source=AuditSource(source_id=f"{settings.dicom.ae_title}@{host}"),
         host_name=host,
     )
+
+
+def _run_startup_checks(settings: Settings, database: Database, *, migrate: bool) -> None:
+    report = run_checks(database, settings.dicom_dir, initialise=True, migrate=migrate)
+    for warning in report.warnings:
+        log.warning("storage.startup_check_warning", detail=warning)
+    if not report.ok:
+        log.error("storage.startup_check_failed", problems=report.problems)
+        report.raise_if_failed()
+    log.info("storage.startup_checks_passed", **{k: v for k, v in report.facts.items() if k != "quick_check"})
 
 
 def build_engine(settings: Settings) -> InferenceEngine:
@@ -146,7 +184,7 @@ class Workers:
         image_results = ImageResultHandler(
             runtime.database,
             runtime.store,
-            ClassifierAnalyser(engine),
+            ClassifierAnalyser(engine, rules_from_settings(settings.inference)),
             DicomReports(),
             fanout,
             runtime.audit_source,
@@ -248,10 +286,14 @@ class DicomOnly:
 
 
 class Gateway:
-    """``pneumo serve``: the DICOM node, the HTTP server and the workers, in one process."""
+    """``pneumo serve``: the DICOM node, the HTTP server and the workers, in one process, plus
+    the supervised extra acceptor processes of ``dicom.acceptor_processes`` (started by the
+    same command line with *config_path*)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, config_path: Path | None = None) -> None:
         self.runtime = runtime
+        self._config_path = config_path
+        self.acceptors: AcceptorProcesses | None = None
         settings = runtime.settings
         self.workers = Workers(runtime, build_engine(settings)) if settings.worker.enabled else None
         removed = runtime.store.sweep_staging()
@@ -261,15 +303,33 @@ class Gateway:
         self.http = HttpServer(build_app(self.readiness), settings.fhir.bind, settings.fhir.port)
         self._stopped = threading.Event()
         self._started = False
+        self.anchor = ChainAnchor(
+            runtime.database,
+            AnchorFile(settings.audit_anchor_file, fsync=settings.storage.fsync),
+            load_signer(settings.audit.hmac_key_file),
+            AnchorOptions(settings.audit.anchor_every, settings.audit.anchor_interval_seconds),
+        )
 
     def readiness(self) -> dict[str, bool]:
+        """``/ready``: every part up, every acceptor process listening (a dead one is being
+        restarted), and room on the disk for what a C-STORE Success promises to keep."""
         database_ok = self.runtime.database.ping()
         return {
             "database": database_ok,
             "migrations": database_ok and is_current(self.runtime.database),
             "dicom": self.dicom.running,
+            "acceptors": self.acceptors.running if self.acceptors else True,
             "workers": self.workers.running if self.workers else True,
+            "disk": self._disk_ok(),
         }
+
+    def _disk_ok(self) -> bool:
+        """Free space of the store at or above ``storage.min_free_mb``: below it new instances
+        are refused anyway, so a load balancer should send them to another node."""
+        try:
+            return self.runtime.store.disk_space().ok
+        except OSError:  # the store's file system is gone (unmounted): certainly not ready
+            return False
 
     def start(self) -> None:
         self.runtime.audit(
@@ -279,9 +339,14 @@ class Gateway:
             )
         )
         self._started = True
+        self.anchor.start()
         if self.workers:
             self.workers.start()
         self.dicom.start()
+        extra = self.runtime.settings.dicom.acceptor_processes - 1
+        if extra > 0:
+            self.acceptors = AcceptorProcesses(self._config_path, self.dicom.port, extra)
+            self.acceptors.start()
         self.http.start()
         log.info("gateway.started", dicom_port=self.dicom.port, http_port=self.http.port)
 
@@ -289,6 +354,8 @@ class Gateway:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.acceptors is not None:
+            self.acceptors.stop()
         self.dicom.stop()
         self.http.stop()
         if self.workers:
@@ -301,6 +368,7 @@ class Gateway:
                 host=self.runtime.host_name, when=dt.datetime.now(dt.UTC), user=_user(),
             )
         )
+        self.anchor.stop()
         log.info("gateway.stopped")
 
 

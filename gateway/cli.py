@@ -19,16 +19,19 @@ from typing import Any
 import structlog
 from sqlalchemy import and_, select
 
-from audit.store import verify_chain
+from audit.anchor import AnchorFile, AuditKeyError, load_signer, verify_anchored
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
-from gateway.acceptors import AcceptorProcesses, parent_alive
+from gateway.acceptors import parent_alive
 from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
+from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
+from inference.applicability import rules_from_settings
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from inference.pipeline import ClassificationOutcome, classify_file
+from storage.integrity import StoreIntegrityError
 from storage.job_kinds import INFER_JOB
 from storage.models import Instance, Job, Series, Study
 from storage.study_results import list_studies
@@ -39,22 +42,16 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the DICOM node and the HTTP server until SIGTERM/SIGINT."""
-    with runtime_for(settings) as runtime:
-        gateway = Gateway(runtime)
+    """Run the DICOM node and the HTTP server until SIGTERM/SIGINT (after the start-up checks)."""
+    with runtime_for(settings, startup_checks=True) as runtime:
+        gateway = Gateway(runtime, config_path=args.config)
         stop = _stop_on_signals()
-        acceptors: AcceptorProcesses | None = None
         try:
             gateway.start()
-            if settings.dicom.acceptor_processes > 1:
-                acceptors = AcceptorProcesses(args.config, gateway.dicom.port, settings.dicom.acceptor_processes - 1)
-                acceptors.start()
             _announce({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port})
             while not stop.wait(1.0):
                 pass
         finally:
-            if acceptors is not None:
-                acceptors.stop()
             gateway.stop()
     return 0
 
@@ -78,7 +75,7 @@ def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run only the job workers (inference, study results, delivery), e.g. on extra hosts sharing PostgreSQL."""
-    with runtime_for(settings) as runtime:
+    with runtime_for(settings, startup_checks=True) as runtime:
         workers = Workers(runtime, build_engine(settings))
         stop = _stop_on_signals()
         try:
@@ -99,11 +96,12 @@ def _announce(event: dict[str, Any]) -> None:
 def cmd_infer(args: argparse.Namespace, settings: Settings) -> int:
     """Classify DICOM files directly (no database): one JSON line per file."""
     engine = build_engine(settings if args.model is None else _with_model(settings, args.model))
+    rules = rules_from_settings(settings.inference)
     unreadable = 0
     try:
         for path in args.files:
             try:
-                outcome = classify_file(path, engine)
+                outcome = classify_file(path, engine, rules)
             except (PreprocessingError, OSError) as exc:
                 unreadable += 1
                 print(json.dumps({"file": str(path), "error": f"{exc.__class__.__name__}: {exc}"}))
@@ -241,12 +239,18 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    """Recompute the audit hash chain; exit 1 if any record was edited, removed or reordered."""
+    """Recompute the audit hash chain (with the HMAC key, if configured) and check it against the
+    anchor checkpoints; exit 1 if any record was edited, removed, reordered or re-hashed."""
+    signer = load_signer(settings.audit.hmac_key_file)
+    anchor = AnchorFile(settings.audit_anchor_file)
     with runtime_for(settings) as runtime, runtime.database.read_session() as session:
-        result = verify_chain(session)
-    print(json.dumps(
-        {"ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem}
-    ))
+        result = verify_anchored(session, signer, anchor)
+    print(json.dumps({
+        "ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem,
+        "keyed_from_seq": result.keyed_from_seq, "anchored_seq": result.anchored_seq, "anchor_file": str(anchor.path),
+    }))
+    if not result.ok:
+        print(f"pneumo: audit log NOT intact at record {result.first_bad_seq}: {result.problem}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
@@ -300,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_model_export)
 
     register_deliveries(commands)
+    register_db(commands)
 
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -322,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except ModelPackageError as exc:
         print(f"pneumo: model package refused: {exc}", file=sys.stderr)
+        return 2
+    except StoreIntegrityError as exc:
+        print(f"pneumo: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except AuditKeyError as exc:
+        print(f"pneumo: audit key refused: {exc}", file=sys.stderr)
         return 2
 
 

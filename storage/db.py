@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,21 @@ from sqlalchemy.orm import Session, sessionmaker
 class Database:
     """Owns the engines and hands out sessions; pass it explicitly to whoever needs the DB."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "FULL",
+        echo: bool = False,
+        session_info: Mapping[str, object] | None = None,
+    ) -> None:
+        """*session_info* is copied into every session's ``Session.info``.
+
+        It carries process-wide collaborators that code deep inside a transaction needs without
+        threading them through every call: the audit signer (``audit.store.signer_session_info``),
+        which ``audit.store.append`` reads, so its many call sites seal records with the HMAC key
+        without each being handed the key.
+        """
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
@@ -38,8 +52,9 @@ class Database:
         self._write_lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        info = dict(session_info or {})
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info=info)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False, info=info)
 
     @staticmethod
     def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, echo: bool) -> Engine:

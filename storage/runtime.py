@@ -26,6 +26,7 @@ from typing import Protocol
 import structlog
 
 from conf.errors import LeaseLostError, PneumoError
+from conf.logging import scrub_text
 from storage import jobs
 from storage.db import Database
 from storage.jobs import ClaimedJob
@@ -96,14 +97,15 @@ def run_job(registry: JobRegistry, job: ClaimedJob, worker_id: str, database: Da
         return "lease-lost"
     except Exception as exc:  # noqa: BLE001 - the one place where any handler failure is booked
         permanent = isinstance(exc, PneumoError) and not exc.retryable
-        detail = str(exc) if permanent else "".join(traceback.format_exception_only(exc)).strip()
+        # Stored in the job row and shown to operators: no quoted values (they may be PHI).
+        detail = scrub_text(str(exc) if permanent else "".join(traceback.format_exception_only(exc)).strip())
         state = jobs.fail(
             database, job.id, worker_id, detail, permanent=permanent, max_attempts=kind.retry.max_attempts,
             backoff_base=kind.retry.backoff_base, backoff_cap=kind.retry.backoff_cap,
         )
         log.warning(
             "job.dead_lettered" if state == "failed" else "job.failed",
-            error=exc.__class__.__name__, detail=str(exc)[:200], state=state, attempts=job.attempts,
+            error=exc.__class__.__name__, detail=detail[:200], state=state, attempts=job.attempts,
         )
         return state
     log.debug("job.done", attempts=job.attempts)

@@ -59,10 +59,13 @@ class StoreScp:
     """DCMTK ``storescp`` writing every received instance into *out_dir* (default syntaxes:
     uncompressed only, so compressed objects must be transcoded to reach it)."""
 
-    def __init__(self, out_dir: Path, *, ae_title: str = "STORESCP", port: int | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, *, ae_title: str = "STORESCP", port: int | None = None, options: tuple[str, ...] = ()
+    ) -> None:
         self.out_dir = out_dir
         self.ae_title = ae_title
         self.port = port or free_port()
+        self.options = options  # extra storescp flags, e.g. ("+xi",) to accept Implicit VR LE only
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
@@ -72,7 +75,7 @@ class StoreScp:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = (self.out_dir.parent / f"storescp-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, "-aet", self.ae_title, "-od", str(self.out_dir), str(self.port)],
+            [binary, *self.options, "-aet", self.ae_title, "-od", str(self.out_dir), str(self.port)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port, self.proc)

@@ -5,10 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
+import warnings
 
+import pytest
 import structlog
+from pydicom import config
+from pydicom.valuerep import DA, validate_value
 
-from conf.logging import configure_logging
+from conf.logging import REDACTED, StderrToLog, configure_logging, scrub_text
 from conf.settings import LogSettings
 
 
@@ -23,3 +29,116 @@ def test_json_lines_without_phi() -> None:
     text = stream.getvalue()
     for phi in ("DOE^JANE", "MRN-4711", "ACC9"):
         assert phi not in text
+
+
+# Issue "Keep every promise under attack and faults", rows 12-13: values from a hostile header
+# reached log lines through pydicom's warnings, exception details and raw stderr.
+BIRTH_DATE = "05/04/1923"
+SWALLOWED = "185059\x08\x00P\x00SH\n\x00ACC7774242"
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    out = io.StringIO()
+    configure_logging(LogSettings(level="DEBUG", format="json"), stream=out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (f"Invalid value for VR DA: {BIRTH_DATE!r}.", "Invalid value for VR DA"),
+        (f"Unable to convert '{BIRTH_DATE}' to 'DA' object", "to 'DA' object"),
+        (f"Unable to convert non-conformant value '{SWALLOWED}' to 'TM' object", "to 'TM' object"),
+        ("Unable to convert 'O'Brien^Pat' to 'DA' object", "Unable to convert"),  # a quote inside
+        ('value of argument "patient_name" is potentially invalid: "Doe Jane"', "value of argument"),
+        ("[parameters: ('MRN8675309', b'ACC\\'5551212', 3)]", "3)]"),
+        ("Patient's Birth Date: 19230405", ""),
+        ("PatientID=MRN8675309", ""),
+    ],
+)
+def test_scrub_text_removes_quoted_and_labelled_values(text: str, kept: str) -> None:
+    scrubbed = scrub_text(text)
+    for phi in ("1923", "ACC7774242", "O'Brien", "Brien", "Doe Jane", "MRN8675309", "5551212"):
+        assert phi not in scrubbed
+    assert kept in scrubbed and REDACTED in scrubbed
+
+
+def test_traceback_keeps_files_and_types_but_not_values(stream: io.StringIO) -> None:
+    try:
+        DA(BIRTH_DATE)
+    except ValueError:
+        structlog.get_logger("test").exception("job.crashed")
+    [line] = _lines(stream)
+    rendered = str(line["exception"])
+    assert BIRTH_DATE not in rendered
+    assert 'File "' in rendered and "valuerep.py" in rendered and "ValueError: Unable to convert" in rendered
+
+
+def test_every_field_is_scrubbed(stream: io.StringIO) -> None:
+    structlog.get_logger("test").warning(
+        "job.failed", error="ValueError", detail=f"Unable to convert '{BIRTH_DATE}' to 'DA' object",
+        nested={"why": [f"bad {BIRTH_DATE!r}"]},
+    )
+    logging.getLogger("pydicom").warning("Invalid value for VR DA: %r.", BIRTH_DATE)
+    assert BIRTH_DATE not in stream.getvalue()
+    first, second = _lines(stream)
+    assert first["error"] == "ValueError" and second["logger"] == "pydicom"
+
+
+def test_python_warnings_go_through_the_pipeline(stream: io.StringIO) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)  # pytest's catch_warnings replaced the hook configure set:
+        logging.captureWarnings(True)  # install it again, as configure_logging did
+        validate_value("DA", BIRTH_DATE, config.WARN)  # pydicom's warn_and_log: a log AND a warning
+    logging.captureWarnings(False)
+    lines = _lines(stream)
+    assert {line["logger"] for line in lines} == {"pydicom", "py.warnings"}
+    assert BIRTH_DATE not in stream.getvalue() and "Invalid value for VR DA" in stream.getvalue()
+
+
+def test_highdicom_chatter_is_off_at_info() -> None:
+    configure_logging(LogSettings(level="INFO", format="json"), stream=io.StringIO())
+    assert not logging.getLogger("highdicom.base").isEnabledFor(logging.INFO)
+    assert logging.getLogger("highdicom.base").isEnabledFor(logging.WARNING)
+
+
+def test_stderr_and_crashes_are_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With capture_stderr (the default for a real process) nothing bypasses redaction."""
+    real = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", real)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    configure_logging(LogSettings(level="INFO", format="json"))
+    assert isinstance(sys.stderr, StderrToLog) and sys.stderr.target is real
+    print(f"lib: Patient ID MRN8675309\nlib: bad value {BIRTH_DATE!r}", file=sys.stderr)
+    sys.stderr.write("partial ")
+    sys.stderr.write("line\n")
+
+    def crash() -> None:
+        raise ValueError(f"Unable to convert '{BIRTH_DATE}' to 'DA' object")
+
+    worker = threading.Thread(target=crash, name="infer-0")
+    worker.start()
+    worker.join()
+    try:
+        crash()
+    except ValueError:
+        sys.excepthook(*sys.exc_info())  # what the interpreter does with an uncaught exception
+    configure_logging(LogSettings(level="INFO", format="json"))  # again: still the real stream
+    assert isinstance(sys.stderr, StderrToLog) and sys.stderr.target is real
+
+    text = real.getvalue()
+    assert "MRN8675309" not in text and BIRTH_DATE not in text
+    lines = _lines(real)
+    assert [line["logger"] for line in lines[:3]] == ["stderr"] * 3
+    assert lines[2]["event"] == "partial line"
+    crashed = {str(line["event"]): line for line in lines[3:]}
+    assert crashed["thread_crashed"]["thread_name"] == "infer-0"
+    assert "ValueError" in str(crashed["thread_crashed"]["exception"])
+    assert 'File "' in str(crashed["uncaught_exception"]["exception"])

@@ -36,11 +36,14 @@ from storage.models import InstanceOrigin
 from tests.conftest import copy_with_new_uids, dcmtk, sample
 from tests.dicom_node.test_storage_scp import audit_events, send
 
+#: These tests exercise the services themselves, so every peer is granted all of them
+#: (per-peer permissions: tests/dicom_node/test_permissions.py).
+ALL_SERVICES = ["echo", "store", "find", "move", "get"]
 QR_PEERS = [
-    {"ae_title": "TESTSCU", "host": "127.0.0.1"},
-    {"ae_title": "FINDSCU", "host": "127.0.0.1"},
-    {"ae_title": "MOVESCU", "host": "127.0.0.1"},
-    {"ae_title": "GETSCU", "host": "127.0.0.1"},
+    {"ae_title": "TESTSCU", "host": "127.0.0.1", "permissions": ALL_SERVICES},
+    {"ae_title": "FINDSCU", "host": "127.0.0.1", "permissions": ALL_SERVICES},
+    {"ae_title": "MOVESCU", "host": "127.0.0.1", "permissions": ALL_SERVICES},
+    {"ae_title": "GETSCU", "host": "127.0.0.1", "permissions": ALL_SERVICES},
 ]
 DEADLINE_S = 30.0
 

@@ -293,3 +293,68 @@ def test_sr_refuses_bad_numbers_and_result(source: Dataset) -> None:
 def test_read_ai_sr_rejects_other_objects(source: Dataset) -> None:
     with pytest.raises(SrParseError):
         read_ai_sr(source)
+
+
+# ------------------------------------------------------------------- invalid source values
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:The value length", "ignore:The string")
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientBirthDate", "05/04/1923"),  # not a DA (PS3.5 §6.2): highdicom's DA() raises
+        ("PatientBirthDate", "19231340"),  # matches the DA pattern, is no date
+        ("StudyDate", "2023-01-01"),
+        ("StudyTime", "185059\x08\x00P\x00SH\n\x00ACC7774242"),  # a length that swallowed elements
+        ("PatientSex", "X"),  # not an Enumerated Value (PS3.3 C.7.1.1): highdicom refuses it
+        ("AccessionNumber", "ACC\x00555"),  # control character in SH
+        ("AccessionNumber", "A" * 17),  # longer than SH allows
+    ],
+)
+def test_invalid_source_values_are_written_empty_not_fatal(
+    source: Dataset, tmp_path: Path, keyword: str, value: str
+) -> None:
+    """Issue row 12: a bad demographic value must not stop the report of a valid image.
+
+    The value is written empty (all of these are Type 2, PS3.5 §7.4.3), in the SR and the SC.
+    """
+    from dicom_node.summary_image import build_summary_image
+
+    bad = copy.deepcopy(source)
+    setattr(bad, keyword, value)
+    sr = build_ai_sr(bad, make_result())
+    assert keyword in sr and sr[keyword].value in ("", None)
+    back = pydicom.dcmread(write(sr, tmp_path / "sr.dcm"))
+    assert back[keyword].value in ("", None) and back.PatientID == source.PatientID
+    assert read_ai_sr(back).findings[0].source_sop_instance_uid == source.SOPInstanceUID
+    sc = build_summary_image(bad, np.full((256, 256), 0.5, dtype=np.float32), make_result())
+    assert keyword in sc and sc[keyword].value in ("", None)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_invalid_values_are_dropped_inside_sequences_too(source: Dataset) -> None:
+    from dicom_node.sr import evidence_header
+
+    bad = copy.deepcopy(source)
+    item = Dataset()
+    item.PatientID, item.IssuerOfPatientID, item.PatientBirthDate = "OTHER-1", "HOSP", "05/04/1923"
+    bad.OtherPatientIDsSequence = [item]
+    header = evidence_header(bad)
+    copied = header.OtherPatientIDsSequence[0]
+    assert copied.PatientID == "OTHER-1" and "PatientBirthDate" not in copied
+    assert "PixelData" not in header and "PatientBirthDate" in header
+
+
+def test_any_other_highdicom_refusal_is_a_build_error_without_the_value(
+    source: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal of the source (InvalidInputError: a verdict), not a crash the job retries."""
+    import highdicom
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("Unable to convert '05/04/1923' to 'DA' object")
+
+    monkeypatch.setattr(highdicom.sr, "Comprehensive3DSR", refuse)
+    with pytest.raises(SrBuildError, match="highdicom refused the source header") as raised:
+        build_ai_sr(source, make_result())
+    assert "1923" not in str(raised.value)

@@ -1,17 +1,41 @@
-"""Storage SCU against real peers over TCP: DCMTK storescp and a pynetdicom SCP with set statuses."""
+"""Storage SCU against real peers over TCP: DCMTK storescp and a pynetdicom SCP with set statuses.
+
+The transfer-syntax tests send our real report objects — a Comprehensive 3D SR built by
+``build_ai_sr``, the RGB Secondary Capture built by ``build_summary_image`` — and a real radiograph
+to ``storescp`` run with each ``+x`` option, and with configuration profiles that accept a single
+syntax, and check the file storescp wrote: it parses (dcmdump and pydicom), carries the negotiated
+syntax, keeps the SOP Instance UID and decodes to identical pixel values.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from conf.settings import DicomDestination
+from dicom_node.ai_result import AiResult
+from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import (
     DeliveryRejectedError,
     DeliveryUnavailableError,
@@ -20,11 +44,25 @@ from dicom_node.storage_scu import (
     requested_contexts,
     send_instance,
 )
+from dicom_node.summary_image import build_summary_image
 from tests.conftest import copy_with_new_uids, sample
 from tests.dicom_peers import StatusScp, StoreScp, free_port
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+ENCODABLE = [RLELossless, JPEGLSLossless, JPEG2000Lossless]  # pydicom 3 + pylibjpeg/pyjpegls plugins
+RESULT = AiResult(
+    probability=0.83,
+    threshold=0.5,
+    model_id="pneumo-test",
+    model_name="Pneumo test model",
+    model_version="1.0.0",
+    manufacturer="Pneumo Gateway tests",
+    device_uid="1.2.826.0.1.3680043.8.498.1",
+    intended_use="Test only",
+    completed_at=dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC),
+)
 
 
 def _dest(port: int, ae_title: str = "STORESCP") -> DicomDestination:
@@ -57,13 +95,27 @@ def test_classify_store_status(status: int, category: StatusCategory) -> None:
 @pytest.mark.parametrize(
     ("stored", "expected"),
     [
-        (ExplicitVRLittleEndian, [(CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]),
-        (ImplicitVRLittleEndian, [(CT, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]),
-        (RLELossless, [(CT, [RLELossless]), (CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]),
+        (ExplicitVRLittleEndian, [(CT, NATIVE), *((CT, [ts]) for ts in ENCODABLE)]),
+        (
+            ImplicitVRLittleEndian,
+            [(CT, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]),
+             *((CT, [ts]) for ts in ENCODABLE)],
+        ),
+        (RLELossless, [(CT, [RLELossless]), (CT, NATIVE), (CT, [JPEGLSLossless]), (CT, [JPEG2000Lossless])]),
     ],
 )
 def test_requested_contexts(stored: str, expected: list[tuple[str, list[str]]]) -> None:
-    assert requested_contexts(CT, stored) == expected
+    """Stored syntax first (alone when compressed), every native encoding in one context for the
+    SCP to choose from, then one context per lossless syntax we can encode."""
+    assert requested_contexts(CT, stored, has_pixel_data=True) == expected
+
+
+def test_requested_contexts_without_pixel_data_offer_lossless_labels_only() -> None:
+    sr = "1.2.840.10008.5.1.4.1.1.88.34"
+    contexts = requested_contexts(sr, ExplicitVRLittleEndian, has_pixel_data=False)
+    assert contexts == [(sr, NATIVE), *((sr, [ts]) for ts in [*ENCODABLE, JPEGLosslessSV1])]
+    assert not any(UID(ts).is_encapsulated and not ts.endswith((".4.57", ".4.70", ".4.80", ".4.90", ".5"))
+                   for _, syntaxes in contexts for ts in syntaxes)  # nothing lossy is ever offered
 
 
 def test_sends_to_storescp_unchanged(tmp_path: Path) -> None:
@@ -163,3 +215,161 @@ def test_silent_peer_times_out_as_transient(tmp_path: Path) -> None:
         with pytest.raises(DeliveryUnavailableError):
             send_instance(path, _dest(listener.getsockname()[1]), "PNEUMO", 1)
         assert time.monotonic() - started < 10
+
+
+# --- transfer syntaxes a real storescp insists on -------------------------------------------------
+
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+# What storescp 3.6.x picks from our native context (the other +x options accept their compressed
+# preference *and* the native syntaxes, so the stored Explicit VR LE goes unchanged).
+PICKED = {"+xb": ExplicitVRBigEndian, "+xd": DeflatedExplicitVRLittleEndian, "+xi": ImplicitVRLittleEndian}
+X_OPTIONS = ["+x=", "+xe", "+xb", "+xs", "+xy", "+xx", "+xv", "+xw", "+xt", "+xu", "+xm", "+xr", "+xd", "+xi", "+xa"]
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Our SR and RGB summary SC for a real radiograph, and that radiograph (16-bit MONOCHROME1),
+    each stored as Explicit VR Little Endian like the gateway stores them."""
+    directory = tmp_path_factory.mktemp("objects")
+    radiograph = copy_with_new_uids(sample("RG1_UNCR.dcm"), directory)
+    source = pydicom.dcmread(radiograph)
+    display = np.random.default_rng(7).random((320, 256)).astype(np.float32)
+    paths = {"radiograph": radiograph}
+    for name, built in (("sr", build_ai_sr(source, RESULT)), ("sc", build_summary_image(source, display, RESULT))):
+        paths[name] = directory / f"{name}.dcm"
+        built.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+def _fresh(path: Path, directory: Path) -> tuple[Path, Dataset]:
+    """A copy of *path* under a new SOP Instance UID (storescp names files by it)."""
+    copy = copy_with_new_uids(path, directory)
+    return copy, pydicom.dcmread(copy)
+
+
+def _dcmdump_parses(path: Path) -> None:
+    if shutil.which("dcmdump") is None:
+        pytest.skip("DCMTK dcmdump not installed")
+    done = subprocess.run(["dcmdump", "-q", "+E", str(path)], capture_output=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+def _check_arrived(arrived: Path, sent: Dataset, syntax: str) -> Dataset:
+    """The file storescp wrote parses, carries *syntax*, is the same instance with the same content."""
+    _dcmdump_parses(arrived)
+    got = pydicom.dcmread(arrived)
+    assert got.file_meta.TransferSyntaxUID == syntax
+    assert got.SOPInstanceUID == sent.SOPInstanceUID and got.SOPClassUID == sent.SOPClassUID
+    if "PixelData" in sent:
+        # same kind and width; a Big Endian file decodes to a big-endian array of the same values
+        got_type, sent_type = got.pixel_array.dtype, sent.pixel_array.dtype
+        assert (got_type.kind, got_type.itemsize) == (sent_type.kind, sent_type.itemsize)
+        assert np.array_equal(got.pixel_array, sent.pixel_array)
+        assert got.PhotometricInterpretation == sent.PhotometricInterpretation
+    else:
+        assert got == sent  # every element, sequences included, survives the re-encoding
+    return got
+
+
+@pytest.mark.parametrize("option", X_OPTIONS)
+@pytest.mark.parametrize("kind", ["sr", "sc", "radiograph"])
+def test_storescp_transfer_syntax_options(option: str, kind: str, objects: dict[str, Path], tmp_path: Path) -> None:
+    """Every storescp ``+x`` preference gets the object, in the syntax it negotiated."""
+    path, sent = _fresh(objects[kind], tmp_path / "in")
+    with StoreScp(tmp_path / "out", options=(option,)) as scp:
+        result = send_instance(path, _dest(scp.port), "PNEUMO", 30)
+        [arrived] = scp.received()
+    if option == "+xa":  # "accept all": which native syntax it prefers depends on the DCMTK build
+        assert result.transfer_syntax_uid in NATIVE
+    expected = result.transfer_syntax_uid if option == "+xa" else PICKED.get(option, ExplicitVRLittleEndian)
+    assert result.status == 0x0000 and result.transfer_syntax_uid == expected
+    assert result.transcoded == (expected != ExplicitVRLittleEndian)
+    _check_arrived(arrived, sent, expected)
+
+
+def _single_syntax_profile(directory: Path, dcmtk_name: str) -> tuple[str, ...]:
+    """storescp options for a configuration profile accepting our SOP classes in one syntax only."""
+    classes = ["Comprehensive3DSRStorage", "SecondaryCaptureImageStorage", "ComputedRadiographyImageStorage"]
+    lines = ["[[TransferSyntaxes]]", "[Only]", f"TransferSyntax1 = {dcmtk_name}", "[[PresentationContexts]]", "[OnlyOne]"]
+    lines += [f"PresentationContext{n} = {sop}\\Only" for n, sop in enumerate(classes, start=1)]
+    lines += ["[[Profiles]]", "[OnlyOne]", "PresentationContexts = OnlyOne"]
+    config = directory / f"storescp-{dcmtk_name.replace(':', '-')}.cfg"
+    directory.mkdir(parents=True, exist_ok=True)
+    config.write_text("\n".join(lines) + "\n")
+    return ("-xf", str(config), "OnlyOne")
+
+
+@pytest.mark.parametrize(
+    ("dcmtk_name", "syntax", "dcmtk_decoder"),
+    [
+        ("RLELossless", RLELossless, "dcmdrle"),
+        ("JPEGLSLossless", JPEGLSLossless, "dcmdjpls"),
+        ("JPEG2000LosslessOnly", JPEG2000Lossless, None),  # DCMTK has no free JPEG 2000 codec
+        ("LittleEndianImplicit", ImplicitVRLittleEndian, None),
+        ("OppositeEndianExplicit", ExplicitVRBigEndian, None),
+        ("DeflatedLittleEndianExplicit", DeflatedExplicitVRLittleEndian, None),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sr", "sc", "radiograph"])
+def test_peer_accepting_one_syntax_only(
+    dcmtk_name: str, syntax: str, dcmtk_decoder: str | None, kind: str, objects: dict[str, Path], tmp_path: Path
+) -> None:
+    """A peer that accepts a single syntax gets it: compressed losslessly when it is an encapsulated
+    one (and DCMTK's own decoder agrees with pydicom's), re-encoded when native."""
+    path, sent = _fresh(objects[kind], tmp_path / "in")
+    with StoreScp(tmp_path / "out", options=_single_syntax_profile(tmp_path, dcmtk_name)) as scp:
+        result = send_instance(path, _dest(scp.port), "PNEUMO", 60)
+        [arrived] = scp.received()
+    assert result.status == 0x0000 and result.transcoded and result.transfer_syntax_uid == syntax
+    _check_arrived(arrived, sent, syntax)
+    if dcmtk_decoder and "PixelData" in sent and shutil.which(dcmtk_decoder):
+        decoded = tmp_path / "decoded.dcm"
+        subprocess.run([dcmtk_decoder, str(arrived), str(decoded)], check=True, capture_output=True, timeout=120)
+        assert np.array_equal(pydicom.dcmread(decoded).pixel_array, sent.pixel_array)
+
+
+@pytest.mark.parametrize("dcmtk_name", ["MPEG2MainProfile@MainLevel", "JPEGBaseline"])
+def test_peer_accepting_only_what_we_cannot_produce_is_permanent(
+    dcmtk_name: str, objects: dict[str, Path], tmp_path: Path
+) -> None:
+    """Lossy-only peers: nothing is sent, and the error names what was offered and answered."""
+    path, _ = _fresh(objects["sc"], tmp_path / "in")
+    with StoreScp(tmp_path / "out", options=_single_syntax_profile(tmp_path, dcmtk_name)) as scp:
+        with pytest.raises(DeliveryRejectedError) as caught:
+            send_instance(path, _dest(scp.port), "PNEUMO", 30)
+        assert scp.received() == []
+    message = str(caught.value)
+    assert not caught.value.transient
+    assert "Secondary Capture Image Storage" in message and "Transfer Syntax(es) Not Supported" in message
+    for offered in ("Explicit VR Big Endian", "Deflated Explicit VR Little Endian", "RLE Lossless"):
+        assert offered in message
+
+
+def test_peer_accepting_compressed_syntax_we_cannot_fill_names_it(tmp_path: Path) -> None:
+    """The peer accepts only JPEG 2000 Lossless, but these pixels (32-bit) exceed what the
+    encoder takes: a permanent rejection naming the accepted syntax, nothing sent."""
+
+    def to_32_bit(ds: Dataset) -> None:
+        pixels = ds.pixel_array.astype(np.uint32) << 16
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+        ds.PixelData = pixels.tobytes()
+        ds["PixelData"].VR = "OW"
+
+    path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in", mutate=to_32_bit)
+    with StatusScp([CT], [JPEG2000Lossless]) as scp:
+        with pytest.raises(DeliveryRejectedError, match="accepted JPEG 2000 Image Compression") as caught:
+            send_instance(path, _dest(scp.port, scp.ae_title), "PNEUMO", 30)
+        assert scp.received == {}
+    assert "encoder failed" in str(caught.value) or "round-trip" in str(caught.value)
+
+
+def test_big_endian_round_trip_keeps_the_sop_instance_uid(tmp_path: Path) -> None:
+    """A re-send to a Big Endian peer is the same instance: same UID, same pixels (PS3.5 §10)."""
+    path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in", sop_uid=generate_uid())
+    sent = pydicom.dcmread(path)
+    with StoreScp(tmp_path / "out", options=("+xb",)) as scp:
+        first = send_instance(path, _dest(scp.port), "PNEUMO", 30)
+        second = send_instance(path, _dest(scp.port), "PNEUMO", 30)
+        [arrived] = scp.received()  # storescp overwrites by SOP Instance UID: one file
+    assert first.transfer_syntax_uid == second.transfer_syntax_uid == ExplicitVRBigEndian
+    _check_arrived(arrived, sent, ExplicitVRBigEndian)

@@ -37,7 +37,9 @@ def test_health_and_ready(served: ServeProcess) -> None:
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{base}/ready")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": True, "migrations": True, "dicom": True, "workers": True}
+    assert ready.json()["checks"] == {
+        "database": True, "migrations": True, "dicom": True, "acceptors": True, "workers": True, "disk": True
+    }
 
 
 def test_dcmtk_echo_and_store_then_list(served: ServeProcess, tmp_path: Path) -> None:

@@ -1,0 +1,581 @@
+"""The listening socket's defences: what happens to a TCP connection before it is an association,
+and what is left behind when an association ends.
+
+pynetdicom starts an association thread for every accepted connection and counts those threads
+against ``maximum_associations``. A connection that never completes its A-ASSOCIATE-RQ (half-open,
+or a bare connect) would then hold a slot while the thread waits: 100 of them lock every real peer
+out with "Local Limit Exceeded". So before pynetdicom sees a connection, :class:`GuardedAssociationServer`
+
+* runs the ARTIM timer of PS3.8 9.1.5 / 9.2 itself (state Sta2: transport connected, awaiting the
+  A-ASSOCIATE-RQ PDU; expiry closes the transport connection, action AA-2): the connection gets
+  ``association_request_timeout`` seconds to deliver a complete first PDU, read with ``MSG_PEEK``
+  so pynetdicom still reads it normally; a connection closed by its peer is dropped at once;
+* answers any first PDU other than an A-ASSOCIATE-RQ with an A-ABORT and closes (Sta2 actions
+  AA-1 / AA-2), without starting an association;
+* drops a connection at once when its peer half-closes (FIN, ``POLLRDHUP``) before the first PDU
+  is complete: the PDU can never be completed, so waiting for the ARTIM timer would be pointless;
+* decodes the complete A-ASSOCIATE-RQ with pynetdicom's own PDU class and checks what pynetdicom's
+  negotiation takes for granted (:func:`check_associate_rq`): a request that fails is answered
+  with an A-ASSOCIATE-RJ (PS3.8 9.3.4) or an A-ABORT (PS3.8 9.3.8) and closed at once, so it never
+  becomes an association (and never holds a ``maximum_associations`` slot);
+* bounds the connections that are still in that state, per remote address and in total; a new
+  connection beyond a bound closes the *oldest* pending one (of that address, or of an address
+  no configured peer uses), never the new one. A real peer sends its A-ASSOCIATE-RQ within
+  milliseconds of connecting, so it always gets through, even from the address an attacker uses.
+
+Only connections with a complete A-ASSOCIATE-RQ become pynetdicom associations, so pending ones
+never count against ``maximum_associations``.
+
+When an association ends (released, aborted, or the connection dropped mid-dataset), the
+temporary files pynetdicom wrote for its C-STORE data sets (``STORE_RECV_CHUNKED_DATASET``) and did
+not hand to the Storage SCP are removed, and the DUL reactor and the connection are closed even
+when the association thread died of an exception (:class:`CleaningRequestHandler`). An acceptor's
+ARTIM timer in state Sta13 (awaiting transport close, after it sent an A-ASSOCIATE-RJ, an A-ABORT
+or an A-RELEASE-RP) runs :data:`TRANSPORT_CLOSE_TIMEOUT` seconds, not the ACSE timeout: a peer that
+never closes its end cannot keep the association alive for long.
+"""
+
+from __future__ import annotations
+
+import enum
+import select
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicom_node.peers import normalise_address
+
+log = structlog.get_logger(__name__)
+
+#: PS3.8 9.3.1: PDU type (1 byte), reserved (1), PDU length (4, big endian).
+PDU_HEADER_LENGTH = 6
+A_ASSOCIATE_RQ_TYPE = 0x01
+#: The first PDU must be in the receive buffer up to this many bytes before pynetdicom reads it, and
+#: an A-ASSOCIATE-RQ up to this long is validated whole (:func:`check_associate_rq`) first. It
+#: cannot be much more: ``MSG_PEEK`` only sees what the receive buffer holds, and the kernel does
+#: not open the TCP window further until data is consumed (Linux: about 128 KiB by default). A
+#: longer A-ASSOCIATE-RQ (rare: 128 contexts with many transfer syntaxes) is read by pynetdicom
+#: under the socket's network timeout, unvalidated; :class:`CleaningRequestHandler` still closes
+#: its connection when pynetdicom fails on it.
+PEEK_LIMIT = 64 * 1024
+#: No A-ASSOCIATE-RQ is this long (128 presentation contexts with a dozen transfer syntaxes each
+#: are under 100 KiB); a longer one is an attack on memory, since pynetdicom reads a PDU whole.
+MAX_ASSOCIATE_RQ_LENGTH = 1024 * 1024
+#: A-ABORT PDU (PS3.8 9.3.8), service-user source, reason not significant: Sta2 action AA-1.
+A_ABORT_PDU = bytes([0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00])
+#: A-ABORT PDU (PS3.8 9.3.8, Table 9-26), service-provider source (2), "invalid-PDU-parameter
+#: value" (6): an A-ASSOCIATE-RQ that cannot be decoded.
+A_ABORT_INVALID_PDU = bytes([0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x02, 0x06])
+#: A-ABORT PDU, service-provider source (2), "reason-not-specified" (0): pynetdicom failed on an
+#: association and left its connection open (AA-8).
+A_ABORT_PROVIDER_PDU = bytes([0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x02, 0x00])
+#: Seconds an acceptor association waits in Sta13 (awaiting transport close) for its peer to close,
+#: the ARTIM timer of PS3.8 9.1.5 after AE-8, AA-1 or AR-4 (capped by the ACSE timeout).
+TRANSPORT_CLOSE_TIMEOUT = 2.0
+_POLL_SECONDS = 0.05
+#: poll(2) events that mean no more data will come: peer FIN (Linux POLLRDHUP), hang-up, error.
+_HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+_LOG_INTERVAL_SECONDS = 10.0
+
+
+def a_associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4, Table 9-21): type 3, length 4, reserved, *result*
+    (1 rejected-permanent, 2 rejected-transient), *source* and *reason*/diag."""
+    return struct.pack(">BBLBBBB", 0x03, 0x00, 4, 0x00, result, source, reason)
+
+
+#: PS3.8 Table 9-21: rejected-permanent; source 2 = service-provider (ACSE related function) with
+#: reasons 1 "no-reason-given" and 2 "application-context-name-not-supported"; source 3 =
+#: service-provider (presentation related function) with reason 2 "protocol-version-not-supported".
+REJECT_NO_REASON = a_associate_rj(0x01, 0x02, 0x01)
+REJECT_APPLICATION_CONTEXT = a_associate_rj(0x01, 0x02, 0x02)
+REJECT_PROTOCOL_VERSION = a_associate_rj(0x01, 0x03, 0x02)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an A-ASSOCIATE-RQ is refused by the listener, and the PDU that answers it."""
+
+    reason: str
+    answer: bytes
+
+
+def check_associate_rq(pdu: bytes) -> Refusal | None:
+    """Decode a complete A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) with pynetdicom's own decoder and check
+    what pynetdicom's acceptor negotiation assumes without checking; None when it may proceed.
+
+    * the PDU decodes, including its AE titles and every item (else A-ABORT, PS3.8 9.3.8:
+      service-provider, "invalid-PDU-parameter value");
+    * the protocol version has bit 0 set (PS3.8 9.3.2; else A-ASSOCIATE-RJ "protocol-version-not-
+      supported");
+    * an Application Context Item is present (PS3.8 9.3.2.1; else "application-context-name-not-
+      supported");
+    * at least one Presentation Context Item, each with an odd context ID 1-255 unique in the PDU,
+      an Abstract Syntax Sub-Item and at least one Transfer Syntax Sub-Item (PS3.8 9.3.2.2), and a
+      User Information Item with a Maximum Length Sub-Item (PS3.8 9.3.2.3, PS3.8 D.1); else
+      A-ASSOCIATE-RJ rejected-permanent, service-provider (ACSE), "no-reason-given".
+
+    Whether the calling AE may associate, and which contexts are accepted, is decided later by
+    pynetdicom and :class:`dicom_node.server.DicomNode` (and audited there).
+    """
+    try:
+        decoded = A_ASSOCIATE_RQ()
+        decoded.decode(pdu)
+        primitive = decoded.to_primitive()
+    except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise anything on bad input
+        return Refusal(f"undecodable ({exc.__class__.__name__})", A_ABORT_INVALID_PDU)
+    version = int(getattr(decoded, "protocol_version", 0) or 0)
+    if not version & 0x0001:
+        return Refusal(f"protocol version 0x{version:04X}", REJECT_PROTOCOL_VERSION)
+    if not primitive.application_context_name:
+        return Refusal("no application context", REJECT_APPLICATION_CONTEXT)
+    contexts = primitive.presentation_context_definition_list
+    if not contexts:
+        return Refusal("no presentation context", REJECT_NO_REASON)
+    seen: set[int] = set()
+    for context in contexts:
+        context_id = context.context_id
+        if context_id is None or not 1 <= context_id <= 255 or context_id % 2 == 0 or context_id in seen:
+            return Refusal(f"presentation context ID {context_id} invalid or repeated", REJECT_NO_REASON)
+        seen.add(context_id)
+        if not context.abstract_syntax:
+            return Refusal(f"presentation context {context_id} without abstract syntax", REJECT_NO_REASON)
+        if not context.transfer_syntax or not all(context.transfer_syntax):
+            return Refusal(f"presentation context {context_id} without transfer syntax", REJECT_NO_REASON)
+    user_information = primitive.user_information
+    if not user_information or not any(isinstance(item, MaximumLengthNotification) for item in user_information):
+        return Refusal("no maximum length in user information", REJECT_NO_REASON)
+    return None
+
+
+class FirstPdu(enum.Enum):
+    """How a new connection's first PDU turned out (PS3.8 state Sta2)."""
+
+    ASSOCIATE_RQ = "associate-rq"
+    CLOSED = "closed"
+    TIMED_OUT = "timed-out"
+    NOT_ASSOCIATE_RQ = "not-associate-rq"
+    TOO_LONG = "too-long"
+
+
+def await_associate_rq(sock: socket.socket, timeout: float, cancelled: threading.Event | None = None) -> FirstPdu:
+    """Wait up to *timeout* seconds until *sock* holds a complete A-ASSOCIATE-RQ PDU (or the
+    first :data:`PEEK_LIMIT` bytes of one), without consuming it. *cancelled* (set when the
+    connection is evicted) ends the wait as :attr:`FirstPdu.CLOSED`, and so does the peer's
+    half-close (FIN) while the PDU is still incomplete: ``MSG_PEEK`` would go on returning the
+    buffered bytes, so the FIN is seen with ``POLLRDHUP`` (PS3.8 Sta2: the transport connection
+    closed before an A-ASSOCIATE-RQ arrived, AA-5)."""
+    cancelled = cancelled or threading.Event()
+    deadline = time.monotonic() + timeout
+    wanted = PDU_HEADER_LENGTH
+    peer_closed = False
+    while True:
+        remaining = deadline - time.monotonic()
+        if cancelled.is_set():
+            return FirstPdu.CLOSED
+        if remaining <= 0:
+            return FirstPdu.TIMED_OUT
+        try:
+            sock.settimeout(remaining)
+            data = sock.recv(wanted, socket.MSG_PEEK)
+        except TimeoutError:
+            return FirstPdu.TIMED_OUT
+        except OSError:
+            return FirstPdu.CLOSED
+        if not data:
+            return FirstPdu.CLOSED
+        if len(data) >= PDU_HEADER_LENGTH:
+            pdu_type, _, length = struct.unpack(">BBL", data[:PDU_HEADER_LENGTH])
+            if pdu_type != A_ASSOCIATE_RQ_TYPE:
+                return FirstPdu.NOT_ASSOCIATE_RQ
+            if length > MAX_ASSOCIATE_RQ_LENGTH:
+                return FirstPdu.TOO_LONG
+            wanted = min(PDU_HEADER_LENGTH + length, PEEK_LIMIT)
+            if len(data) >= wanted:
+                return FirstPdu.ASSOCIATE_RQ
+        if peer_closed:  # looked once more after the FIN: the PDU stays incomplete
+            return FirstPdu.CLOSED
+        # Part of the PDU is here: recv(MSG_PEEK) would return at once again, so wait a little,
+        # or until the peer half-closes.
+        peer_closed = _peer_half_closed(sock, min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def _peer_half_closed(sock: socket.socket, wait: float) -> bool:
+    """Whether the peer has shut down its sending side (or the connection failed), waiting up
+    to *wait* seconds for it; data still unread in the receive buffer does not hide it."""
+    poller = select.poll()
+    try:
+        poller.register(sock, _HANGUP_EVENTS)
+        return any(events & _HANGUP_EVENTS for _, events in poller.poll(int(wait * 1000)))
+    except (OSError, ValueError):
+        return True
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """``dicom.association_request_timeout``, ``max_pending_per_host``, ``max_pending_connections``."""
+
+    request_timeout: float
+    per_host: int
+    total: int
+    #: Applied to a connection once it has sent its A-ASSOCIATE-RQ (pynetdicom reads blocking).
+    network_timeout: float | None
+    #: Addresses of configured peers: their pending connections are evicted last.
+    peer_addresses: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False)
+class PendingConnection:
+    sock: socket.socket
+    host: str
+    evicted: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class PendingConnections:
+    """Connections that have not yet delivered a complete A-ASSOCIATE-RQ, oldest first."""
+
+    limits: AdmissionLimits
+    _pending: OrderedDict[int, PendingConnection] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, sock: socket.socket, host: str) -> PendingConnection:
+        """Register a new connection, first closing the oldest pending ones it displaces."""
+        entry = PendingConnection(sock, normalise_address(host))
+        with self._lock:
+            victims = self._make_room(entry.host)
+            self._pending[id(entry)] = entry
+        for victim in victims:
+            victim.evicted.set()
+            _close_quietly(victim.sock, shutdown_only=True)  # wakes a blocked recv; its thread closes it
+        return entry
+
+    def release(self, entry: PendingConnection) -> None:
+        with self._lock:
+            self._pending.pop(id(entry), None)
+
+    def evict_all(self) -> None:
+        """Close every pending connection (the server is stopping: none may become an association)."""
+        with self._lock:
+            victims = [self._evict(entry) for entry in list(self._pending.values())]
+        for victim in victims:
+            victim.evicted.set()
+            _close_quietly(victim.sock, shutdown_only=True)
+
+    def count(self, host: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for e in self._pending.values() if host is None or e.host == normalise_address(host))
+
+    def _make_room(self, host: str) -> list[PendingConnection]:
+        """Evict the oldest pending connections still short of a complete A-ASSOCIATE-RQ.
+
+        One whose request is already in its receive buffer (its thread has not looked yet, on a
+        busy machine) is about to leave the pending state by itself and is never evicted; when
+        every candidate is such a one, the new connection is admitted over the limit.
+        """
+        victims: list[PendingConnection] = []
+        waiting = [e for e in self._pending.values() if not has_complete_pdu(e.sock)]
+        same_host = [e for e in waiting if e.host == host]
+        while same_host and len(same_host) + self._complete_count(host, waiting) >= self.limits.per_host:
+            victim = same_host.pop(0)
+            waiting.remove(victim)
+            victims.append(self._evict(victim))
+        while waiting and len(self._pending) >= self.limits.total:
+            strangers = [e for e in waiting if e.host not in self.limits.peer_addresses]
+            victim = (strangers or waiting)[0]
+            waiting.remove(victim)
+            victims.append(self._evict(victim))
+        return victims
+
+    def _complete_count(self, host: str, waiting: list[PendingConnection]) -> int:
+        return sum(1 for e in self._pending.values() if e.host == host and e not in waiting)
+
+    def _evict(self, entry: PendingConnection) -> PendingConnection:
+        del self._pending[id(entry)]
+        return entry
+
+
+def peek_first_pdu(sock: socket.socket) -> bytes | None:
+    """The complete first PDU in *sock*'s receive buffer, without consuming it; None when it is
+    longer than :data:`PEEK_LIMIT` (or not all there), so it cannot be checked before pynetdicom
+    reads it."""
+    try:
+        header = sock.recv(PDU_HEADER_LENGTH, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(header) < PDU_HEADER_LENGTH:
+            return None
+        wanted = PDU_HEADER_LENGTH + int(struct.unpack(">L", header[2:6])[0])
+        if wanted > PEEK_LIMIT:
+            return None
+        data = sock.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return data if len(data) == wanted else None
+
+
+def has_complete_pdu(sock: socket.socket) -> bool:
+    """Whether *sock*'s receive buffer already holds a complete first PDU (never blocks)."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        header = sock.recv(PDU_HEADER_LENGTH, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if len(header) < PDU_HEADER_LENGTH:
+            return False
+        wanted = min(PDU_HEADER_LENGTH + int(struct.unpack(">L", header[2:6])[0]), PEEK_LIMIT)
+        return len(sock.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)) >= wanted
+    except (OSError, ValueError):
+        return False
+
+
+class _Throttled:
+    """At most one warning per reason every few seconds: a flood must not flood the log too."""
+
+    def __init__(self, interval: float = _LOG_INTERVAL_SECONDS) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, host: str, detail: str | None = None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(reason, -self._interval) < self._interval:
+                self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            suppressed = self._suppressed.pop(reason, 0)
+        extra = {} if detail is None else {"detail": detail}
+        log.warning("dicom.connection.dropped", reason=reason, address=host, similar_since_last=suppressed, **extra)
+
+
+class TempFiles:
+    """The chunked C-STORE data set files pynetdicom creates for one association."""
+
+    def __init__(self) -> None:
+        self._seen: list[Any] = []
+
+    def on_dimse_recv(self, event: Event) -> None:
+        """EVT_DIMSE_RECV: a complete message; a C-STORE-RQ's file is handed to the SCP next."""
+        if getattr(event.message, "_data_set_file", None) is not None:
+            self._seen.append(event.message._data_set_file)
+
+    def remove_left_over(self, assoc: Any) -> int:
+        """After the association thread ended: remove every file no handler consumed.
+
+        pynetdicom deletes a data set file after the C-STORE handler returns. What is left is the
+        message that was arriving when the association ended (``dimse.message``) and messages
+        received but never handled. Files are matched by the path pynetdicom created, so a file
+        the Storage SCP moved elsewhere is never touched.
+        """
+        handles = list(self._seen)
+        partial = getattr(getattr(assoc, "dimse", None), "message", None)
+        if getattr(partial, "_data_set_file", None) is not None:
+            handles.append(partial._data_set_file)  # type: ignore[union-attr]
+        removed = 0
+        for handle in {id(h): h for h in handles}.values():
+            removed += _remove_temp_file(handle)
+        if removed:
+            log.info("dicom.store.partial_removed", files=removed)
+        return removed
+
+
+def _remove_temp_file(handle: Any) -> int:
+    try:
+        handle.close()
+    except (OSError, ValueError):
+        pass
+    try:
+        Path(handle.name).unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.error("dicom.store.partial_remove_failed", error=exc.__class__.__name__)
+        return 0
+    return 1
+
+
+class CleaningRequestHandler(RequestHandler):
+    """pynetdicom's handler, plus: a short ARTIM timer for Sta13, then wait for the association
+    to end, however it ends, and close what it left open. Runs in the connection's own thread,
+    so waiting costs nothing else."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        # pynetdicom runs the ARTIM timer (PS3.8 9.1.5) with the ACSE timeout. It is only ever
+        # started in Sta2 (AE-5: the A-ASSOCIATE-RQ is already in the receive buffer, the
+        # listener saw to that) and on entering Sta13 (AE-8, AA-1, AR-4): there a peer that
+        # keeps its end open would hold a maximum_associations slot for the whole ACSE timeout.
+        # The ACSE timeout itself (waiting for the A-ASSOCIATE-RQ / A-RELEASE-RP primitives) is
+        # assoc.acse_timeout and stays as configured.
+        acse_timeout = assoc.acse_timeout
+        assoc.dul.artim_timer.timeout = (
+            TRANSPORT_CLOSE_TIMEOUT if acse_timeout is None else min(acse_timeout, TRANSPORT_CLOSE_TIMEOUT)
+        )
+        temp_files = TempFiles()
+        transport_closed = threading.Event()
+        assoc.bind(evt.EVT_DIMSE_RECV, temp_files.on_dimse_recv)
+        assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: transport_closed.set())
+        try:
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            self._join(assoc, transport_closed)
+        finally:
+            temp_files.remove_left_over(assoc)
+            self._close_association(assoc)
+
+    @staticmethod
+    def _join(assoc: Any, transport_closed: threading.Event) -> None:
+        """Wait for the association thread, waking it when it waits for nothing.
+
+        pynetdicom's acceptor thread first waits up to the ACSE timeout for the A-ASSOCIATE
+        indication. When the DUL never delivers one (the request could not be decoded, PS3.8
+        Evt19: A-ABORT, Sta13, then the transport closed by the peer or by ARTIM, AA-2 / AR-5),
+        the thread would go on waiting, and counting against ``maximum_associations``, for the
+        rest of the ACSE timeout. Once the transport is closed, no primitive can arrive any more:
+        if none has (and none is queued, checked twice a poll apart so one being taken off the
+        queue is not missed), the thread is woken exactly as if its wait had timed out.
+        """
+        dul = assoc.dul
+        idle_polls = 0
+        while assoc.is_alive():
+            assoc.join(_POLL_SECONDS * 4)
+            waiting_for_nothing = (
+                transport_closed.is_set() and assoc.requestor.primitive is None and dul.to_user_queue.empty()
+            )
+            idle_polls = idle_polls + 1 if waiting_for_nothing else 0
+            if idle_polls == 2:
+                dul.to_user_queue.put(None)  # receive_pdu() returns None: "timed out", pynetdicom cleans up
+
+    def _close_association(self, assoc: Any) -> None:
+        """Stop the DUL reactor and close the connection once the association thread is gone.
+
+        On every path where the association thread ends normally pynetdicom has closed the
+        socket (released, aborted, rejected, timed out). When the thread died of an exception
+        (pynetdicom failing on a request it should have refused), the socket is still open, the
+        DUL thread may still be running and nobody would ever close the connection: the peer
+        would wait forever. It then gets an A-ABORT (PS3.8 9.3.8, service-provider) and the
+        connection is closed (AA-8); closing an already closed socket is harmless. A DUL still
+        running after a normal end (Sta13 after a rejection, socket already closed) is stopped.
+        """
+        dul = assoc.dul
+        crashed = self.request.fileno() != -1
+        if dul.is_alive():
+            dul.kill_dul()
+            dul.join(timeout=5.0)
+        if crashed:
+            log.warning("dicom.association.thread_failed", address=str(self.client_address[0]))
+            try:
+                self.request.settimeout(1.0)
+                self.request.sendall(A_ABORT_PROVIDER_PDU)
+            except OSError:
+                pass
+        _close_quietly(self.request)
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """A pynetdicom server that admits only connections with a complete A-ASSOCIATE-RQ."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        ae: Any,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: Any = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        limits: AdmissionLimits,
+    ) -> None:
+        self.limits = limits
+        self.pending = PendingConnections(limits)
+        self._throttled = _Throttled()
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=CleaningRequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Called by the accept loop: book the connection (so eviction is exact), then wait for
+        its A-ASSOCIATE-RQ in a thread of its own."""
+        entry = self.pending.admit(request, str(client_address[0]))
+        threading.Thread(
+            target=self._serve_connection, args=(request, client_address, entry), name="DicomConnection", daemon=True
+        ).start()
+
+    def server_close(self) -> None:
+        """Stop listening, and close the connections still waiting for their A-ASSOCIATE-RQ."""
+        super().server_close()
+        self.pending.evict_all()
+
+    def _serve_connection(self, request: socket.socket, client_address: Any, entry: PendingConnection) -> None:
+        try:
+            outcome = await_associate_rq(request, self.limits.request_timeout, entry.evicted)
+        finally:
+            self.pending.release(entry)
+        if outcome is not FirstPdu.ASSOCIATE_RQ or entry.evicted.is_set():
+            self._drop(request, entry, outcome)
+            return
+        refusal = check_associate_rq(pdu) if (pdu := peek_first_pdu(request)) is not None else None
+        if refusal is not None:
+            self._refuse(request, entry, refusal)
+            return
+        request.settimeout(self.limits.network_timeout)
+        self.process_request_thread(request, client_address)
+
+    def _refuse(self, request: socket.socket, entry: PendingConnection, refusal: Refusal) -> None:
+        """Answer an invalid A-ASSOCIATE-RQ (A-ASSOCIATE-RJ or A-ABORT) and close at once: the
+        connection never becomes an association (PS3.8 Sta2 -> Sta1; the rejection's Sta13 is
+        skipped, the peer learns the reason from the PDU and then sees the close)."""
+        try:
+            request.settimeout(1.0)
+            request.sendall(refusal.answer)
+        except OSError:
+            pass
+        self._throttled.warn("invalid-associate-rq", entry.host, refusal.reason)
+        _close_quietly(request)
+
+    def _drop(self, request: socket.socket, entry: PendingConnection, outcome: FirstPdu) -> None:
+        if outcome in (FirstPdu.NOT_ASSOCIATE_RQ, FirstPdu.TOO_LONG):
+            try:
+                request.settimeout(1.0)
+                request.sendall(A_ABORT_PDU)
+            except OSError:
+                pass
+        reason = "evicted" if entry.evicted.is_set() else outcome.value
+        if reason == FirstPdu.CLOSED.value:
+            log.debug("dicom.connection.closed_before_request", address=entry.host)
+        else:
+            self._throttled.warn(reason, entry.host)
+        _close_quietly(request)
+
+
+class ReusePortAssociationServer(GuardedAssociationServer):
+    """A listening socket that other acceptor processes may bind too (Linux SO_REUSEPORT): the
+    kernel spreads new associations over the processes, so they stop sharing one GIL."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None  # created by socketserver before binding
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _close_quietly(sock: socket.socket, *, shutdown_only: bool = False) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    if not shutdown_only:
+        sock.close()
