@@ -153,3 +153,22 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     for gateway in started:
         gateway.stop()
         gateway.runtime.close()
+
+
+def sample_ai_result() -> Any:
+    """One valid classifier result for tests that need a report to send (SR, summary image)."""
+    import datetime as dt
+
+    from dicom_node.ai_result import AiResult
+
+    return AiResult(
+        probability=0.83,
+        threshold=0.5,
+        model_id="pneumo-test",
+        model_name="Pneumo test model",
+        model_version="1.0.0",
+        manufacturer="Pneumo Gateway tests",
+        device_uid="1.2.826.0.1.3680043.8.498.1",
+        intended_use="Test only",
+        completed_at=dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC),
+    )

@@ -42,15 +42,8 @@ class ServedLog:
     log: Path
 
 
-def _serve_and_stop(root: Path, *, keyed: bool) -> ServedLog:
-    key_file = None
-    extra = ""
-    if keyed:
-        key_file = root / "audit.key"
-        key_file.write_text(hashlib.sha256(b"test key").hexdigest() + "\n")
-        key_file.chmod(0o600)
-        extra = f'[audit]\nhmac_key_file = "{key_file}"\nanchor_every = 5\n'
-    config = write_config(root / "pneumo.toml", root / "var", extra=extra)
+def _store_images_and_stop(config: Path, root: Path) -> None:
+    """Run `pneumo serve` on *config*, C-STORE IMAGES real CTs with DCMTK storescu, stop it cleanly."""
     files = [copy_with_new_uids(sample("CT_small.dcm"), root / "in") for _ in range(IMAGES)]
     server = ServeProcess(config, root / "serve.log").start()
     try:
@@ -63,6 +56,18 @@ def _serve_and_stop(root: Path, *, keyed: bool) -> ServedLog:
         assert server.terminate() == 0
     finally:
         server.kill()
+
+
+def _serve_and_stop(root: Path, *, keyed: bool) -> ServedLog:
+    key_file = None
+    extra = ""
+    if keyed:
+        key_file = root / "audit.key"
+        key_file.write_text(hashlib.sha256(b"test key").hexdigest() + "\n")
+        key_file.chmod(0o600)
+        extra = f'[audit]\nhmac_key_file = "{key_file}"\nanchor_every = 5\n'
+    config = write_config(root / "pneumo.toml", root / "var", extra=extra)
+    _store_images_and_stop(config, root)
     verify = pneumo(config, "audit", "verify")
     result = json.loads(verify.stdout)
     assert verify.returncode == 0 and result["ok"] is True, verify.stdout + verify.stderr
@@ -216,18 +221,7 @@ def test_verify_without_the_key_cannot_pass_a_keyed_log(served_keyed: ServedLog,
 def test_postgresql_edit_and_truncation_are_detected(postgres_url: str, tmp_path: Path) -> None:
     """The same attacks on a PostgreSQL audit log written by a real server."""
     config = write_config(tmp_path / "pneumo.toml", tmp_path / "var", database_url=postgres_url)
-    files = [copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in") for _ in range(IMAGES)]
-    server = ServeProcess(config, tmp_path / "serve.log").start()
-    try:
-        store = subprocess.run(
-            [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(server.dicom_port),
-             *map(str, files)],
-            capture_output=True, text=True, check=False,
-        )
-        assert store.returncode == 0, store.stderr
-        assert server.terminate() == 0
-    finally:
-        server.kill()
+    _store_images_and_stop(config, tmp_path)
 
     def verify() -> tuple[int, dict[str, Any]]:
         result = pneumo(config, "audit", "verify")

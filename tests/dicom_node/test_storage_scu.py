@@ -9,7 +9,6 @@ syntax, keeps the SOP Instance UID and decodes to identical pixel values.
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import socket
 import subprocess
@@ -34,7 +33,6 @@ from pydicom.uid import (
 )
 
 from conf.settings import DicomDestination
-from dicom_node.ai_result import AiResult
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import (
     DeliveryRejectedError,
@@ -45,24 +43,14 @@ from dicom_node.storage_scu import (
     send_instance,
 )
 from dicom_node.summary_image import build_summary_image
-from tests.conftest import copy_with_new_uids, sample
+from tests.conftest import copy_with_new_uids, sample, sample_ai_result
 from tests.dicom_peers import StatusScp, StoreScp, free_port
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 ENCODABLE = [RLELossless, JPEGLSLossless, JPEG2000Lossless]  # pydicom 3 + pylibjpeg/pyjpegls plugins
-RESULT = AiResult(
-    probability=0.83,
-    threshold=0.5,
-    model_id="pneumo-test",
-    model_name="Pneumo test model",
-    model_version="1.0.0",
-    manufacturer="Pneumo Gateway tests",
-    device_uid="1.2.826.0.1.3680043.8.498.1",
-    intended_use="Test only",
-    completed_at=dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC),
-)
+RESULT = sample_ai_result()
 
 
 def _dest(port: int, ae_title: str = "STORESCP") -> DicomDestination:

@@ -26,7 +26,6 @@ from sqlalchemy import select
 from audit.models import AuditRecord
 from audit.store import verify_chain
 from conf.settings import DicomDestination, Settings
-from dicom_node.ai_result import AiResult
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import send_instance
 from gateway.app import Runtime, open_runtime, outbox_kind, result_fanout
@@ -37,20 +36,10 @@ from storage.job_kinds import DELIVER_JOB, delivery_key
 from storage.metadata import extract_metadata
 from storage.models import DeliveryAttempt, Instance, InstanceOrigin, Job, JobState
 from storage.runtime import JobRegistry, JobWorker, WorkerOptions
-from tests.conftest import make_settings, sample
+from tests.conftest import make_settings, sample, sample_ai_result
 from tests.dicom_peers import Orthanc, StatusScp, StoreScp, free_port
 
-RESULT = AiResult(
-    probability=0.83,
-    threshold=0.5,
-    model_id="pneumo-test",
-    model_name="Pneumo test model",
-    model_version="1.0.0",
-    manufacturer="Pneumo Gateway tests",
-    device_uid="1.2.826.0.1.3680043.8.498.1",
-    intended_use="Test only",
-    completed_at=dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC),
-)
+RESULT = sample_ai_result()
 
 
 @pytest.fixture(scope="module")
