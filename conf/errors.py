@@ -9,6 +9,9 @@ kind                     DIMSE (dicom_node.errors)    job runtime         HTTP /
 InvalidInputError        0xC000-range / 0xA900        dead-letter         400 / ACK AE
 NotFoundError            0xC000 (unable to process)   dead-letter         404 / ACK AE
 ConflictError            0xC000                       dead-letter         409 / ACK AE
+AuthenticationError      -                            -                   401 / -
+PermissionDeniedError    (association rejected)       -                   403 / ACK AR
+NotAcceptableError       -                            -                   406 / -
 UnavailableError         0xA700 (out of resources)    retry with backoff  503 / ACK AR
 LeaseLostError           -                            drop silently       -
 =======================  ===========================  ==================  =====================
@@ -40,6 +43,18 @@ class NotFoundError(PneumoError):
 
 class ConflictError(PneumoError):
     """The request contradicts what is already stored (same UID, other content)."""
+
+
+class AuthenticationError(PneumoError):
+    """The caller did not prove who it is: no credentials, or a bad or expired token."""
+
+
+class PermissionDeniedError(PneumoError):
+    """The caller is known but not allowed to do this (a missing SMART scope, a denied service)."""
+
+
+class NotAcceptableError(PneumoError):
+    """The caller asked for a representation we cannot produce (an unsupported ``_format``)."""
 
 
 class UnavailableError(PneumoError):

@@ -134,6 +134,47 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class FhirAuthSettings(_Section):
+    """Who may call the FHIR API (docs/fhir.md, "Security"): SMART Backend Services bearer JWTs."""
+
+    mode: Literal["jwt", "anonymous"] = Field(
+        default="jwt",
+        description="jwt: every request but /fhir/metadata and the SMART configuration needs a bearer JWT. "
+        "anonymous: no token needed; allowed only when [fhir] bind is a loopback address (logged loudly).",
+    )
+    issuer: str | None = Field(default=None, description="Expected `iss` claim (the hospital's token service).")
+    audience: str | None = Field(default=None, description="Expected `aud` claim (this gateway).")
+    jwks_file: Path | None = Field(default=None, description="JWK Set file with the RS256/ES256 public keys.")
+    jwks_url: str | None = Field(default=None, description="JWK Set URL (fetched and cached) instead of jwks_file.")
+    hs256_secret: str = Field(
+        default="", description="Shared HS256 secret, for development only (at least 32 characters); empty = off."
+    )
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    token_endpoint: str | None = Field(
+        default=None, description="Published in /.well-known/smart-configuration (the IdP's token endpoint)."
+    )
+
+    @field_validator("hs256_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: str) -> str:
+        if value and len(value) < 32:
+            raise ValueError("fhir.auth.hs256_secret must be at least 32 characters (or empty to disable it)")
+        return value
+
+
+class FhirSettings(HttpSettings):
+    """The HTTP server of `pneumo serve`: /health, /ready and the FHIR R4 API under /fhir."""
+
+    base_url: str | None = Field(
+        default=None,
+        description="Public base URL of the FHIR API (e.g. https://pneumo.hospital.example/fhir) used in links "
+        "and fullUrls; default: taken from each request.",
+    )
+    default_count: int = Field(default=20, ge=1, le=1000, description="Page size when a search names no _count.")
+    max_count: int = Field(default=200, ge=1, le=1000, description="Largest _count honoured (larger is capped).")
+    auth: FhirAuthSettings = Field(default_factory=FhirAuthSettings)
+
+
 class StorageSettings(_Section):
     fsync: bool = Field(
         default=True,
@@ -244,7 +285,7 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/pneumo.db"
     )
     dicom: DicomSettings = Field(default_factory=DicomSettings)
-    fhir: HttpSettings = Field(default_factory=HttpSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)

@@ -291,3 +291,74 @@ class StudyResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
     study: Mapped[Study] = relationship()
+
+
+# -- the FHIR projection (fhir_api; docs/fhir.md) ------------------------------------------------
+
+
+class FhirResource(Base):
+    """The current version of one FHIR resource we serve, as served (JSON with ``meta``).
+
+    Resources are projections of the index and result tables, written by ``fhir_api``'s projection
+    job whenever a study's results change, so that a read is one indexed row and a search one
+    query over :class:`FhirSearchIndex`. ``id`` grows with each new logical resource (never with
+    an update): a search's paging snapshot is "resources with ``id`` at most N", so pages stay
+    stable while new reports arrive. ``digest`` is of the content without ``meta``: an unchanged
+    projection makes no new version.
+    """
+
+    __tablename__ = "fhir_resource"
+    __table_args__ = (
+        UniqueConstraint("resource_type", "logical_id", name="uq_fhir_resource_type_id"),
+        Index("ix_fhir_resource_type_updated", "resource_type", "last_updated", "id"),
+        Index("ix_fhir_resource_type_date", "resource_type", "sort_date", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(40))
+    logical_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[dt.datetime] = mapped_column()
+    # The resource's own date (DiagnosticReport/Observation effective, ImagingStudy started): `_sort=date`.
+    sort_date: Mapped[dt.datetime | None] = mapped_column()
+    # The study whose projection wrote it (None for shared resources: Patient, Device, Subscription).
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    content: Mapped[str] = mapped_column(Text)
+
+
+class FhirResourceVersion(Base):
+    """Every version of every resource, the current one included (``_history``, vread)."""
+
+    __tablename__ = "fhir_resource_version"
+    __table_args__ = (UniqueConstraint("resource_pk", "version_id", name="uq_fhir_resource_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_pk: Mapped[int] = mapped_column(ForeignKey("fhir_resource.id"))
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[dt.datetime] = mapped_column()
+    content: Mapped[str] = mapped_column(Text)
+
+
+class FhirSearchIndex(Base):
+    """One searchable value of the current version of a resource (replaced with each version).
+
+    Token parameters (``identifier``, ``status``, ``code``) fill ``system``/``value``; reference
+    parameters (``patient``, ``subject``, ``result``) ``value`` as ``Type/id``; string parameters
+    ``value`` normalised (lower case, no accents); date parameters the range ``[low, high)``.
+    """
+
+    __tablename__ = "fhir_search_index"
+    __table_args__ = (
+        Index("ix_fhir_search_value", "resource_type", "param", "value", "resource_pk"),
+        Index("ix_fhir_search_date", "resource_type", "param", "low", "resource_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_pk: Mapped[int] = mapped_column(ForeignKey("fhir_resource.id"), index=True)
+    resource_type: Mapped[str] = mapped_column(String(40))
+    param: Mapped[str] = mapped_column(String(40))
+    system: Mapped[str | None] = mapped_column(String(200))
+    value: Mapped[str | None] = mapped_column(String(200))
+    low: Mapped[dt.datetime | None] = mapped_column()
+    high: Mapped[dt.datetime | None] = mapped_column()
