@@ -173,6 +173,12 @@ class FhirSettings(HttpSettings):
     default_count: int = Field(default=20, ge=1, le=1000, description="Page size when a search names no _count.")
     max_count: int = Field(default=200, ge=1, le=1000, description="Largest _count honoured (larger is capped).")
     auth: FhirAuthSettings = Field(default_factory=FhirAuthSettings)
+    subscription_endpoints: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes a Subscription's rest-hook endpoint must start with (e.g. https://ehr.hospital.example/); "
+        "empty = any http(s) URL. Set it in production: a client allowed to write Subscriptions could otherwise make "
+        "the gateway call any address it can reach.",
+    )
 
 
 class StorageSettings(_Section):

@@ -15,6 +15,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import structlog
@@ -30,6 +31,11 @@ from dicom_node.ingest import Ingestor
 from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.reports import DicomReports
 from dicom_node.server import DicomNode
+from fhir_api.api import FhirApi, install
+from fhir_api.audit_trail import AuditTrail
+from fhir_api.auth import TokenVerifier
+from fhir_api.notifications import SubscriptionChannel
+from fhir_api.projection import StudyProjectionHandler
 from gateway.acceptors import AcceptorProcesses
 from gateway.http import HttpServer, build_app
 from inference.analyser import ClassifierAnalyser
@@ -41,9 +47,9 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.image_results import ImageResultHandler, ImageResultOptions
 from storage.integrity import run_checks
-from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_RESULT_JOB
+from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB
 from storage.migrate import is_current, upgrade
-from storage.outbox import Channel, Fanout, OutboxHandler, Route
+from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
 from storage.runtime import JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
 from storage.study_results import StudyResultHandler
 
@@ -162,7 +168,33 @@ def outbox_kind(runtime: Runtime) -> JobKind:
         backoff_base=settings.delivery.backoff_base_seconds,
         backoff_cap=settings.delivery.backoff_cap_seconds,
     )
-    return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, [dicom_channel], settings.delivery.max_attempts), retry)
+    subscription_channel = SubscriptionChannel(
+        runtime.database, runtime.audit_source, timeout=settings.delivery.timeout_seconds
+    )
+    senders: list[ChannelSender] = [dicom_channel, subscription_channel]
+    return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts), retry)
+
+
+def build_fhir_api(runtime: Runtime, trail: AuditTrail, *, config_dir: Path | None) -> FhirApi:
+    """The FHIR API's state; its authentication mode is checked here (refused, or logged loudly)."""
+    settings = runtime.settings
+    verifier = TokenVerifier(settings.fhir.auth, bind=settings.fhir.bind, base_dir=config_dir)
+    for warning in verifier.warnings:
+        log.warning("fhir.auth_warning", detail=warning)
+    if settings.fhir.auth.mode == "anonymous":
+        log.warning("fhir.auth_anonymous", detail="FHIR API open WITHOUT authentication (loopback only); "
+                    "set [fhir.auth] mode = \"jwt\" before any other host can reach it", bind=settings.fhir.bind)
+    return FhirApi(
+        runtime.database, runtime.store, verifier, trail, runtime.audit_source, settings.fhir,
+        software_version=_software_version(), subscription_endpoints=settings.fhir.subscription_endpoints,
+    )
+
+
+def _software_version() -> str:
+    try:
+        return version("pneumo-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 class Workers:
@@ -171,6 +203,7 @@ class Workers:
     * ``infer`` (:class:`~storage.image_results.ImageResultHandler`): the classifier from
       ``inference``, the SR and summary image from ``dicom_node``;
     * ``study-result`` (:class:`~storage.study_results.StudyResultHandler`);
+    * ``study-changed`` (:class:`~fhir_api.projection.StudyProjectionHandler`): the FHIR resources;
     * ``deliver`` (:class:`~storage.outbox.OutboxHandler`) with each channel's sender.
     """
 
@@ -199,9 +232,11 @@ class Workers:
             runtime.database, fanout, runtime.audit_source, application_id=application_id,
             stable_seconds=settings.results.study_stable_seconds, on_deliveries_queued=self.wake_deliverers,
         )
+        projection = StudyProjectionHandler(runtime.database, on_notifications_queued=self.wake_deliverers)
         registry = JobRegistry([
             JobKind(INFER_JOB, image_results, jobs_retry),
             JobKind(STUDY_RESULT_JOB, study_results, jobs_retry),
+            JobKind(STUDY_CHANGED_JOB, projection, jobs_retry),
             outbox_kind(runtime),
         ])
         options = WorkerOptions(poll_interval=settings.worker.poll_interval, lease_seconds=settings.worker.lease_seconds)
@@ -212,7 +247,7 @@ class Workers:
         # Study results and deliveries get threads of their own: neither waits behind a backlog
         # of images, and a PACS that hangs delays only deliveries.
         self.others = [
-            JobWorker(db, registry, [STUDY_RESULT_JOB], options, "results-0"),
+            JobWorker(db, registry, [STUDY_RESULT_JOB, STUDY_CHANGED_JOB], options, "results-0"),
             *(JobWorker(db, registry, [DELIVER_JOB], options, f"deliver-{i}") for i in range(settings.delivery.threads)),
         ]
 
@@ -300,7 +335,10 @@ class Gateway:
         if removed:
             log.info("storage.staging_swept", files=removed)
         self.dicom = build_dicom_node(runtime, on_queued=self.workers.wake_inferers if self.workers else None)
-        self.http = HttpServer(build_app(self.readiness), settings.fhir.bind, settings.fhir.port)
+        self.audit_trail = AuditTrail(runtime.database)
+        http_app = build_app(self.readiness)
+        install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
+        self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port)
         self._stopped = threading.Event()
         self._started = False
         self.anchor = ChainAnchor(
@@ -347,6 +385,7 @@ class Gateway:
         if extra > 0:
             self.acceptors = AcceptorProcesses(self._config_path, self.dicom.port, extra)
             self.acceptors.start()
+        self.audit_trail.start()
         self.http.start()
         log.info("gateway.started", dicom_port=self.dicom.port, http_port=self.http.port)
 
@@ -358,6 +397,7 @@ class Gateway:
             self.acceptors.stop()
         self.dicom.stop()
         self.http.stop()
+        self.audit_trail.stop()
         if self.workers:
             self.workers.stop()
         if not self._started:

@@ -26,6 +26,7 @@ from gateway.acceptors import parent_alive
 from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
 from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
+from gateway.cli_fhir import register as register_fhir
 from inference.applicability import rules_from_settings
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_model_export)
 
     register_deliveries(commands)
+    register_fhir(commands)
     register_db(commands)
 
     audit = commands.add_parser("audit", help="audit log tools")

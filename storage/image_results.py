@@ -57,7 +57,7 @@ from storage.results import (
     verdict_record,
 )
 from storage.runtime import Waker
-from storage.study_results import schedule_study_result
+from storage.study_results import schedule_study_changed, schedule_study_result
 
 log = structlog.get_logger(__name__)
 
@@ -245,6 +245,8 @@ class ImageResultHandler:
                 raise NotFoundError("the result to draw disappeared")
             row.sc_instance_pk = sc_instance.id
             queued = self._fanout.generated_instance(session, sc_instance, DeliveryPriority.PICTURE)
+            # The study gained a series: what is published about it (ImagingStudy) is out of date.
+            schedule_study_changed(session, work.context.study_pk, work.context.meta.study_instance_uid)
             append_audit(session, self._event(work, Action.CREATE, Outcome.SUCCESS, "summary image created", sc_instance))
             if not jobs.complete(session, job.id, worker_id):
                 raise LeaseLostError()

@@ -12,6 +12,9 @@ INFER_JOB = "infer"
 DELIVER_JOB = "deliver"
 #: A study to (re-)aggregate once it is quiet (:mod:`storage.study_results`).
 STUDY_RESULT_JOB = "study-result"
+#: A study whose images or results changed: refresh what is published about it (the FHIR
+#: resources, :mod:`fhir_api.projection`). Debounced per study like ``study-result``.
+STUDY_CHANGED_JOB = "study-changed"
 
 
 def infer_job_key(sop_instance_uid: str) -> str:
@@ -20,6 +23,10 @@ def infer_job_key(sop_instance_uid: str) -> str:
 
 def study_result_key(study_instance_uid: str) -> str:
     return f"{STUDY_RESULT_JOB}:{study_instance_uid}"
+
+
+def study_changed_key(study_instance_uid: str) -> str:
+    return f"{STUDY_CHANGED_JOB}:{study_instance_uid}"
 
 
 def delivery_key(channel: str, destination: str, subject: str) -> str:

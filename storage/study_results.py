@@ -32,7 +32,7 @@ from audit.store import append as append_audit
 from conf.errors import LeaseLostError, NotFoundError
 from storage import jobs
 from storage.db import Database
-from storage.job_kinds import INFER_JOB, STUDY_RESULT_JOB, study_result_key
+from storage.job_kinds import INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB, study_changed_key, study_result_key
 from storage.jobs import ClaimedJob
 from storage.models import (
     InferenceResult,
@@ -57,13 +57,33 @@ log = structlog.get_logger(__name__)
 RULE = "positive when any analysed frontal image is positive at its model's threshold; the probability is the deciding image's"
 
 
+#: How long a study's ``study-changed`` job waits for more changes: the images of one study are
+#: analysed within a second or two of each other, so a burst is published once, not per image.
+STUDY_CHANGED_DEBOUNCE_SECONDS = 1.0
+
+
 def schedule_study_result(session: Session, study_pk: int, study_instance_uid: str, stable_seconds: float) -> None:
-    """(Re-)arm the study's result job to run once the study has been quiet for *stable_seconds*."""
+    """(Re-)arm the study's result job to run once the study has been quiet for *stable_seconds*
+    (and publish the image result now: the EHR sees a preliminary report while it waits)."""
     jobs.rearm(
         session,
         STUDY_RESULT_JOB,
         study_result_key(study_instance_uid),
         utcnow() + dt.timedelta(seconds=stable_seconds),
+        payload={"study_pk": study_pk},
+    )
+    schedule_study_changed(session, study_pk, study_instance_uid)
+
+
+def schedule_study_changed(
+    session: Session, study_pk: int, study_instance_uid: str, delay_seconds: float = STUDY_CHANGED_DEBOUNCE_SECONDS
+) -> None:
+    """(Re-)arm the study's ``study-changed`` job: what is published about it is out of date."""
+    jobs.rearm(
+        session,
+        STUDY_CHANGED_JOB,
+        study_changed_key(study_instance_uid),
+        utcnow() + dt.timedelta(seconds=delay_seconds),
         payload={"study_pk": study_pk},
     )
 
@@ -268,6 +288,7 @@ class StudyResultHandler:
         session.add(row)
         session.flush()
         queued = self._fanout.study_result(session, row.id)
+        schedule_study_changed(session, study.id, study.study_instance_uid, 0.0)
         patient = session.get(Patient, study.patient_pk)
         summary = (
             f"study result v{row.version} {row.status}: {row.label or '-'}"

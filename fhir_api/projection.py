@@ -1,0 +1,79 @@
+"""The ``study-changed`` job: publish a study as FHIR resources (docs/fhir.md, "How resources are made").
+
+Whenever a study's images or results change (an image result, a study result version, a summary
+image), :func:`storage.study_results.schedule_study_changed` re-arms this job for the study. It
+reads the study's facts (:mod:`fhir_api.facts_loader`), maps them to resources with the pure
+mappers (:mod:`fhir_api.resources`) and stores each one whose content changed as a new version
+(:func:`fhir_api.store.put`) — Patient, ImagingStudy, Device, one Observation per analysed image
+and the study's DiagnosticReport — then queues a notification for every active Subscription the
+new version matches (:mod:`fhir_api.subscriptions`), all in one transaction: a resource version
+exists if and only if its notifications are queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+from sqlalchemy.orm import Session
+
+from conf.errors import LeaseLostError
+from fhir_api import resources, store
+from fhir_api.facts_loader import StudyView, load_study_view
+from fhir_api.store import StoredResource
+from fhir_api.subscriptions import queue_notifications
+from storage import jobs
+from storage.db import Database
+from storage.jobs import ClaimedJob
+from storage.models import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+def study_resources(view: StudyView) -> Iterator[dict[str, Any]]:
+    """Every resource that describes the study, referenced ones before those that refer to them."""
+    yield resources.patient(view.study.patient)
+    yield resources.imaging_study(view.study)
+    for model in view.models:
+        yield resources.device(model)
+    for finding in view.findings:
+        yield resources.observation(finding, view.study)
+    if view.report is not None:
+        yield resources.diagnostic_report(view.report)
+
+
+def publish_study(session: Session, study_pk: int) -> tuple[list[StoredResource], int]:
+    """Store the study's resources that changed; returns the new versions and the notifications queued."""
+    view = load_study_view(session, study_pk)
+    now = utcnow()
+    study_uid = view.study.study_instance_uid
+    changed: list[StoredResource] = []
+    for body in study_resources(view):
+        shared = body["resourceType"] in ("Patient", "Device")
+        stored = store.put(session, body, study_uid=None if shared else study_uid, now=now)
+        if stored is not None:
+            changed.append(stored)
+    return changed, queue_notifications(session, changed)
+
+
+class StudyProjectionHandler:
+    """Handler of ``study-changed`` jobs (registered by the composition root)."""
+
+    def __init__(self, database: Database, *, on_notifications_queued: Callable[[], None] | None = None) -> None:
+        self._db = database
+        self._on_queued = on_notifications_queued or (lambda: None)
+
+    def __call__(self, job: ClaimedJob, worker_id: str) -> None:
+        study_pk = int(job.payload.get("study_pk", 0))
+        with self._db.session() as session:
+            if not jobs.holds(session, job.id, worker_id):
+                raise LeaseLostError()
+            changed, queued = publish_study(session, study_pk)
+            if not jobs.complete(session, job.id, worker_id):
+                raise LeaseLostError()
+        if changed:
+            log.info("fhir.published", resources=len(changed), notifications=queued,
+                     types=sorted({c.resource_type for c in changed}))
+        if queued:
+            self._on_queued()
