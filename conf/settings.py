@@ -181,6 +181,49 @@ class FhirSettings(HttpSettings):
     )
 
 
+class Hl7Peer(_Section):
+    """A system allowed to send us orders and ADT (MSH-3/MSH-4, and the host it connects from)."""
+
+    sending_application: str
+    sending_facility: str
+    host: str | None = Field(default=None, description="Host name or IP it connects from; None = any host.")
+
+
+class Hl7Destination(_Section):
+    """An MLLP receiver of our ORU^R01 results (an EHR's interface engine)."""
+
+    name: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    receiving_application: str
+    receiving_facility: str
+
+
+class Hl7Settings(_Section):
+    """HL7 v2 over MLLP (docs/hl7.md): orders and ADT in, ORU^R01 results out."""
+
+    enabled: bool = Field(default=True, description="Run the MLLP listener in `pneumo serve`.")
+    bind: str = "127.0.0.1"
+    port: int = Field(default=2575, ge=0, le=65535)
+    sending_application: str = "PNEUMO"
+    sending_facility: str = "RAD"
+    peers: list[Hl7Peer] = Field(default_factory=list)
+    destinations: list[Hl7Destination] = Field(default_factory=list)
+    max_message_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Larger frames are refused (AR) and the connection closed."
+    )
+    idle_timeout_seconds: float = Field(default=60.0, gt=0, description="A connection silent this long is closed.")
+    max_connections: int = Field(default=64, ge=1, description="Concurrent inbound connections.")
+    ack_timeout_seconds: float = Field(default=30.0, gt=0, description="How long a result waits for the EHR's ACK.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Hl7Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("hl7.destinations: each name may appear only once")
+        return self
+
+
 class StorageSettings(_Section):
     fsync: bool = Field(
         default=True,
@@ -208,7 +251,11 @@ class WorkerSettings(_Section):
 class DeliverySettings(_Section):
     """Sending our reports to ``dicom.destinations`` (the outbox)."""
 
-    max_attempts: int = Field(default=10, ge=1, description="Attempts before a delivery is dead-lettered.")
+    max_attempts: int = Field(
+        default=20, ge=1,
+        description="Attempts before a delivery is dead-lettered. With the default backoff (2 s doubling, capped "
+        "at 300 s, at least half of each step) 20 attempts span at least ~30 minutes of peer downtime.",
+    )
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_cap_seconds: float = Field(default=300.0, gt=0)
     calling_ae_title: str | None = Field(default=None, description="Calling AE for deliveries; default dicom.ae_title.")
@@ -292,6 +339,7 @@ class Settings(BaseSettings):
     )
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)

@@ -1,4 +1,7 @@
-"""FHIR R4 REST façade (DiagnosticReport, Observation, ImagingStudy, Patient, Device, AuditEvent).
+"""FHIR R4 REST façade for the EHR (docs/fhir.md): DiagnosticReport, Observation, ImagingStudy,
+Patient, Device and our SRs as Binary, searchable and versioned, behind SMART-scoped bearer
+tokens; Subscriptions notify through the outbox.
 
-Not built yet: it arrives with its own issue. The HTTP server of ``pneumo serve`` is where it mounts.
+Resources are a projection of the index and result tables (:mod:`fhir_api.projection`), stored
+as served (:mod:`fhir_api.store`); the routes (:mod:`fhir_api.api`) read and search them.
 """

@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,7 +44,7 @@ from conf.errors import (
 )
 from conf.settings import FhirSettings
 from fhir_api import search, store, subscriptions
-from fhir_api.audit_trail import AuditTrail, fhir_access_event
+from fhir_api.audit_trail import AuditTrail, fhir_access_event, refused_access_event
 from fhir_api.auth import Interaction, Principal, TokenVerifier, smart_configuration
 from fhir_api.capability import capability_statement
 from fhir_api.resources import operation_outcome
@@ -456,10 +457,20 @@ def install(app: FastAPI, api: FhirApi) -> None:
     async def pneumo_error(request: Request, exc: PneumoError) -> Response:
         for kind, status, code in _ERROR_TABLE:
             if isinstance(exc, kind):
+                if status in (401, 403):
+                    api.trail.record(refused_access_event(
+                        api.audit_source, status=status, client_address=request.client.host if request.client else None,
+                        path=request.url.path[:200], reason=str(exc), when=utcnow(),
+                    ))
                 headers = {"WWW-Authenticate": 'Bearer realm="pneumo-gateway", error="invalid_token"'} if status == 401 else None
                 return outcome_response(status, code, str(exc), headers=headers)
         log.error("fhir.unexpected_error", error=exc.__class__.__name__)
         return outcome_response(500, "exception", "internal error")
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> Response:
+        log.error("fhir.database_unavailable", error=exc.__class__.__name__)
+        return outcome_response(503, "transient", "the database is unavailable; retry later", headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -32,6 +32,7 @@ from audit.events import (
     AuditSource,
     Code,
     EventId,
+    EventType,
     NetworkAccessPointType,
     ObjectIdType,
     Outcome,
@@ -96,6 +97,29 @@ def fhir_access_event(
             ActiveParticipant(user_id=source.source_id, user_is_requestor=False, role_id=RoleId.APPLICATION),
         ),
         objects=tuple(objects),
+    )
+
+
+def refused_access_event(
+    source: AuditSource, *, status: int, client_address: str | None, path: str, reason: str, when: dt.datetime
+) -> AuditEvent:
+    """A refused FHIR request: 401 is a failed User Authentication (PS3.15 A.5.3.13, event type Login,
+    110122), 403 a Security Alert "Use of Restricted Function" (A.5.3.11, 110132). The path names
+    the resource type (never a query string: it may hold PHI)."""
+    caller = ActiveParticipant(
+        user_id=client_address or "unknown", user_is_requestor=True, network_access_point_id=client_address,
+        network_access_point_type=NetworkAccessPointType.IP_ADDRESS if client_address else None,
+    )
+    us = ActiveParticipant(user_id=source.source_id, user_is_requestor=False, role_id=RoleId.APPLICATION)
+    return AuditEvent(
+        event_id=EventId.USER_AUTHENTICATION if status == 401 else EventId.SECURITY_ALERT,
+        event_types=(EventType.LOGIN if status == 401 else EventType.USE_OF_RESTRICTED_FUNCTION,),
+        action=Action.EXECUTE,
+        outcome=Outcome.MINOR_FAILURE,
+        outcome_description=f"HTTP {status} on {path}: {reason}"[:500],
+        occurred_at=when,
+        source=source,
+        participants=(caller, us),
     )
 
 

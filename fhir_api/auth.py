@@ -54,6 +54,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,9 +87,9 @@ _RSA_ALGORITHMS: Final[frozenset[str]] = frozenset({"RS256", "RS384", "RS512", "
 _EC_ALGORITHM_CURVE: Final[Mapping[str, type[SECP256R1] | type[SECP384R1]]] = {"ES256": SECP256R1, "ES384": SECP384R1}
 _MIN_RSA_BITS: Final = 2048  # NIST SP 800-131A; RFC 7518 §3.3 "2048 bits or larger MUST be used"
 
-#: The resource types the FHIR façade serves, read-only (fhir_api/__init__.py).
+#: The resource types the FHIR façade serves (docs/fhir.md); only Subscription is writable.
 SERVED_RESOURCE_TYPES: Final[tuple[str, ...]] = (
-    "DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "AuditEvent",
+    "DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "Binary", "Subscription",
 )
 
 _CACHE_SECONDS: Final = 60.0
@@ -587,6 +588,7 @@ def smart_configuration(settings: FhirAuthSettings, *, scopes_supported: Iterabl
     """
     scopes = list(scopes_supported) if scopes_supported is not None else [
         "system/*.rs", "system/*.read", *(f"system/{name}.rs" for name in SERVED_RESOURCE_TYPES),
+        "system/Subscription.cruds",
     ]
     document: dict[str, Any] = {}
     if settings.token_endpoint:
@@ -601,3 +603,25 @@ def smart_configuration(settings: FhirAuthSettings, *, scopes_supported: Iterabl
         }
     )
     return document
+
+
+def mint_development_token(
+    settings: FhirAuthSettings, *, client_id: str, scope: str, ttl_seconds: int = 3600, now: float | None = None
+) -> str:
+    """An HS256 access token signed with ``fhir.auth.hs256_secret`` (``pneumo fhir token``).
+
+    For development and first-hour tests only: a production token comes from the hospital's
+    token service (RS256/ES256 keys in ``jwks_file``/``jwks_url``). Refused when no secret,
+    issuer or audience is configured, so what it mints is exactly what :meth:`TokenVerifier.verify`
+    accepts.
+    """
+    if not settings.hs256_secret:
+        raise InvalidInputError("fhir.auth.hs256_secret is not set: development tokens cannot be minted")
+    if not settings.issuer or not settings.audience:
+        raise InvalidInputError("fhir.auth.issuer and fhir.auth.audience must be set to mint a token")
+    issued = int(now if now is not None else time.time())
+    claims = {
+        "iss": settings.issuer, "aud": settings.audience, "sub": client_id, "client_id": client_id, "scope": scope,
+        "iat": issued, "exp": issued + ttl_seconds, "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, settings.hs256_secret, algorithm="HS256")

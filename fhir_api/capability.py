@@ -30,6 +30,15 @@ _SPEC = "http://hl7.org/fhir/SearchParameter/"
 _CUSTOM = {("DiagnosticReport", "imaging-study"): "urn:pneumo-gateway:SearchParameter:DiagnosticReport-imaging-study"}
 
 
+#: Binary: our DICOM SRs, read only, cited by DiagnosticReport.presentedForm (no search).
+_BINARY: dict[str, Any] = {
+    "type": "Binary",
+    "interaction": [{"code": "read"}],
+    "documentation": "GET Binary/<SOP Instance UID> returns one of our DICOM SRs (application/dicom, or a Binary "
+    "resource with Accept: application/fhir+json)",
+}
+
+
 def _definition(resource_type: str, name: str) -> str:
     if name == "_id":
         return f"{_SPEC}Resource-id"
@@ -100,7 +109,9 @@ def capability_statement(base_url: str, *, software_version: str, writable: Sequ
                     "description": "Bearer JWT (RS256/ES256) with SMART v1 (system/*.read) or v2 (system/*.rs) scopes; "
                     "see /fhir/.well-known/smart-configuration",
                 },
-                "resource": [_resource(t, t in writable) for t in sorted(SEARCH_PARAMS)],
+                "resource": sorted(
+                    [_resource(t, t in writable) for t in SEARCH_PARAMS] + [_BINARY], key=lambda r: str(r["type"])
+                ),
             }
         ],
     }

@@ -93,7 +93,9 @@ def run(session: Session, resource_type: str, request: SearchRequest, *, with_to
     total = cursor.total if cursor else None
     if total is None and with_total:
         total = int(session.execute(select(func.count()).where(*conditions)).scalar_one())
-    order = [column.desc() if descending else column.asc() for column, descending in sort_columns(resource_type, request.sort)]
+    # Resources without the sorted value come last either way, on SQLite and PostgreSQL alike.
+    order = [(column.desc() if descending else column.asc()).nulls_last()
+             for column, descending in sort_columns(resource_type, request.sort)]
     rows = session.execute(
         select(FhirResource).where(*conditions).order_by(*order, FhirResource.id).offset(offset).limit(request.count + 1)
     ).scalars().all()

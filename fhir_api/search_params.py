@@ -9,7 +9,7 @@ rows from a resource as served, the parsing of a search's query/form pairs into 
 References are to the FHIR R4 "Search" page, http://hl7.org/fhir/R4/search.html, by its anchors
 (``#prefix``, ``#date`` ...), which are stable across releases where the section numbers are not.
 
-Decisions (each also said where it is implemented):
+Decisions (each is restated where it is implemented):
 
 * ``Prefer: handling`` (``#errors``): an *unknown or unsupported parameter* (a name we do not
   know, a chain, ``_has``, ``_tag``, an unsupported ``_sort`` key, ``_include:iterate``, ``_summary=text``)
@@ -1138,8 +1138,8 @@ def filter_clause(resource_type: str, f: Filter) -> ColumnElement[bool]:
 
     Index parameters become EXISTS subqueries on ``fhir_search_index`` correlated on ``resource_pk``;
     the values of one filter are ORed inside one EXISTS. ``:missing=true`` is NOT EXISTS any row of the
-    parameter, ``:missing=false`` EXISTS one (R4 #modifiers). Token ``:not`` is NOT EXISTS a matching row,
-    so it also matches resources without the parameter (R4: "this includes resources that have no value").
+    parameter, ``:missing=false`` EXISTS one (R4 #modifiers). Token ``:not`` is NOT EXISTS a row matching
+    any of the values, so it also matches resources with no value for the parameter (R4 #token).
     Date ``ne`` and the other prefixes apply row by row (a resource matches when one of its values does).
     """
     definition = _definition(resource_type, f.param)

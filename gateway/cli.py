@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy import and_, select
 
 from audit.anchor import AnchorFile, AuditKeyError, load_signer, verify_anchored
+from conf.errors import InvalidInputError
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.acceptors import parent_alive
@@ -335,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except AuditKeyError as exc:
         print(f"pneumo: audit key refused: {exc}", file=sys.stderr)
+        return 2
+    except InvalidInputError as exc:  # a setting that is valid alone but not together (e.g. [fhir.auth])
+        print(f"pneumo: configuration error: {exc}", file=sys.stderr)
         return 2
 
 

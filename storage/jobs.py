@@ -179,8 +179,13 @@ def holds(session: Session, job_id: int, worker_id: str) -> bool:
 
 
 def backoff_delay(attempt: int, *, base: float = 2.0, cap: float = 600.0) -> float:
-    """Exponential backoff with full jitter (seconds) for retry number *attempt* (1-based)."""
-    return random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
+    """Exponential backoff with "equal jitter" (seconds) for retry number *attempt* (1-based):
+    between half and all of ``min(cap, base * 2**(attempt-1))``. The jitter spreads a herd of
+    retries; the lower half-bound makes the retry *window* predictable — with the delivery defaults
+    (2 s, cap 300 s, 20 attempts) a peer may be down for at least ~30 minutes before anything is
+    dead-lettered, where full jitter could exhaust the attempts in a few minutes by bad luck."""
+    ceiling = min(cap, base * (2 ** (attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def fail(

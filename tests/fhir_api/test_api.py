@@ -98,7 +98,7 @@ def test_metadata_and_smart_configuration_are_public_and_truthful(server: Server
     assert response.status_code == 200
     statement = CapabilityStatement.model_validate(response.json())
     resources = {r.type: r for r in statement.rest[0].resource}
-    assert set(resources) == {"Patient", "ImagingStudy", "Device", "Observation", "DiagnosticReport", "Subscription"}
+    assert set(resources) == {"Patient", "ImagingStudy", "Device", "Observation", "DiagnosticReport", "Subscription", "Binary"}
     report = resources["DiagnosticReport"]
     assert {"patient", "date", "status", "code", "identifier", "_id", "_lastUpdated"} <= {p.name for p in report.searchParam}
     assert {"DiagnosticReport:result", "DiagnosticReport:subject", "DiagnosticReport:imaging-study"} <= set(report.searchInclude)
@@ -264,3 +264,13 @@ def test_reads_and_searches_are_audited_with_the_client(server: Server, database
         assert event["participants"][0]["user_id"] == "ehr-backend"
         assert any(o["role"] == 1 and o["object_id"].startswith("Patient/") for o in event["objects"])
     assert any(o["object_id"].startswith(f"DiagnosticReport/{BASE_UID}.0") for o in read["objects"])
+
+
+def test_refused_requests_are_audited(server: Server, database: Database) -> None:
+    _outcome(server.client.get("/DiagnosticReport"), 401)
+    _outcome(server.client.get("/DiagnosticReport", headers=server.tokens.headers("system/Patient.rs")), 403)
+    with database.read_session() as session:
+        events = [r.event for r in session.execute(select(AuditRecord).order_by(AuditRecord.seq)).scalars()]
+    refused = [(e["event_id"]["code"], e["event_types"][0]["code"], e["outcome"]) for e in events
+               if e["event_id"]["code"] in ("110114", "110113")]
+    assert refused == [("110114", "110122", 4), ("110113", "110132", 4)]

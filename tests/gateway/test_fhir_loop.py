@@ -8,6 +8,7 @@ A real gateway (DICOM and HTTP listeners, workers, the tiny contract model), a r
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import socket
 import threading
@@ -79,6 +80,13 @@ def test_a_stored_radiograph_is_found_by_patient_with_its_observation(gateway_fa
     assert observation["device"]["reference"].startswith("Device/")
     device = client.reference("Device", observation["device"]["reference"].split("/", 1)[1]).to_resource()
     assert device["resourceType"] == "Device"
+
+    # presentedForm links to our DICOM SR, served as Binary.
+    link = next(a["url"] for a in report["presentedForm"] if a["contentType"] == "application/dicom")
+    binary = httpx.get(f"{base}/{link}", headers=tokens.headers("system/Binary.r"), timeout=10)
+    assert binary.status_code == 200 and binary.headers["content-type"] == "application/dicom"
+    sr = pydicom.dcmread(io.BytesIO(binary.content))
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
 
 
 class _Receiver:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -58,6 +59,7 @@ class Served:
     instances: list[dict[str, object]]
     bad_birth_date_study: str
     swallowed_study: str
+    fhir: dict[str, int]
     tiny_study: str
 
 
@@ -112,7 +114,7 @@ def _one_pixel_dx(directory: Path) -> Path:
     return path
 
 
-def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     """``pneumo serve`` with stdout and stderr both captured to files (nothing discarded)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "--config", str(config), "serve"],
@@ -126,7 +128,7 @@ def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes],
             except ValueError:
                 continue
             if message.get("event") == "ready":
-                return proc, int(message["dicom_port"])
+                return proc, int(message["dicom_port"]), int(message["http_port"])
         if proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -146,6 +148,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "[inference]", f'model_dir = "{write_model_dir(tmp / "model")}"',
         "[results]", "study_stable_seconds = 0.5",
         "[log]", 'level = "DEBUG"', 'format = "json"',
+        "[fhir.auth]", 'mode = "anonymous"',
     ])
     config = write_config(tmp / "pneumo.toml", tmp / "var", workers=True, extra=extra)
     bad_birth_date = copy_with_new_uids(sample("RG1_UNCR.dcm"), tmp / "in", mutate=_with_phi(ACCESSION, BAD_BIRTH_DATE))
@@ -155,7 +158,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert "AccessionNumber" not in pydicom.dcmread(swallowed, stop_before_pixels=True)
 
     out, err = tmp / "serve.out", tmp / "serve.err"
-    proc, port = _start(config, out, err)
+    proc, port, http_port = _start(config, out, err)
     inspect_errors: list[str] = []
 
     def studies() -> dict[str, dict[str, object]]:
@@ -193,6 +196,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             time.sleep(0.5)
             rows = studies()
         instances = listed_instances()
+        fhir = _fhir_queries_with_phi(http_port)
     finally:
         proc.terminate()
         try:
@@ -205,8 +209,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         output=output, studies=rows, instances=instances,
         bad_birth_date_study=_uid(bad_birth_date, "StudyInstanceUID"),
         swallowed_study=_uid(swallowed, "StudyInstanceUID"),
-        tiny_study=_uid(tiny, "StudyInstanceUID"),
+        tiny_study=_uid(tiny, "StudyInstanceUID"), fhir=fhir,
     )
+
+
+def _fhir_queries_with_phi(http_port: int) -> dict[str, int]:
+    """An EHR searching the FHIR API by name, MRN and accession (and one malformed query quoting
+    PHI): the answers may hold PHI, the server's output may not. Returns each query's total
+    (-1 for the malformed one's HTTP 400)."""
+    base = f"http://127.0.0.1:{http_port}/fhir"
+    queries = {
+        "name": f"{base}/Patient?name={NAME.split('^')[0]}",
+        "mrn": f"{base}/Patient?identifier={PATIENT_ID}",
+        "accession": f"{base}/DiagnosticReport?identifier={ACCESSION}&_include=DiagnosticReport:subject",
+        "malformed": f"{base}/Patient?birthdate={BAD_BIRTH_DATE}",
+    }
+    totals = {}
+    for key, url in queries.items():
+        response = httpx.get(url, timeout=10)
+        totals[key] = response.json().get("total", -1) if response.status_code == 200 else -response.status_code
+    return totals
 
 
 def _srs(served: Served, study: str) -> list[dict[str, object]]:
@@ -250,3 +272,10 @@ def test_one_pixel_dx_is_not_applicable(served: Served) -> None:
     reasons = " ".join(str(r["reason"]) for r in study["reasons"])  # type: ignore[attr-defined]
     assert "min_image_side" in reasons and "1x1" in reasons, reasons
     assert _srs(served, served.tiny_study) == []
+
+
+def test_fhir_searches_by_phi_work_and_leave_no_trace(served: Served) -> None:
+    """The EHR's searches by name, MRN and accession find the patient and the report; the
+    malformed one is a 400; none of the values reaches the output (checked above, same output)."""
+    # Two reports carry ACCESSION: the radiograph's and the 1x1 DX's (cancelled: "not looked at" is a report too).
+    assert served.fhir == {"name": 1, "mrn": 1, "accession": 2, "malformed": -400}

@@ -116,8 +116,10 @@ def test_parallel_claims_never_share_a_job(database: Database) -> None:
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    assert all(0 <= jobs.backoff_delay(1) <= 2 for _ in range(50))
-    assert all(0 <= jobs.backoff_delay(30, cap=600) <= 600 for _ in range(50))
+    assert all(1 <= jobs.backoff_delay(1) <= 2 for _ in range(50))
+    assert all(300 <= jobs.backoff_delay(30, cap=600) <= 600 for _ in range(50))
+    # The delivery defaults keep retrying for at least half an hour, whatever the jitter draws.
+    assert sum(min(300.0, 2.0 * 2 ** (n - 1)) / 2 for n in range(1, 20)) >= 30 * 60
 
 
 def test_orphans_of_a_dead_local_process_are_released(database: Database) -> None:
