@@ -215,6 +215,11 @@ class Hl7Settings(_Section):
     idle_timeout_seconds: float = Field(default=60.0, gt=0, description="A connection silent this long is closed.")
     max_connections: int = Field(default=64, ge=1, description="Concurrent inbound connections.")
     ack_timeout_seconds: float = Field(default=30.0, gt=0, description="How long a result waits for the EHR's ACK.")
+    processing_ids: list[Literal["P", "T", "D"]] = Field(
+        default_factory=lambda: list[Literal["P", "T", "D"]](["P"]),
+        description="MSH-11 values accepted (P production, T training, D debugging); others are rejected (AR). "
+        "A test system lists \"T\"; ORU^R01 results carry the first value.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Hl7Settings:

@@ -56,7 +56,7 @@ from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_node.peers import normalise_address
+from conf.network import normalise_address
 
 log = structlog.get_logger(__name__)
 

@@ -12,8 +12,6 @@ they are granted per peer; :func:`service_of` says which service a proposed SOP 
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from conf.network import host_addresses, normalise_address
 from conf.settings import DicomPeer, DicomService
 
 #: The SOP Classes that need a service other than "store" (every other one we offer is a
@@ -54,33 +53,10 @@ class _Grant:
     permissions: frozenset[DicomService]
 
 
-def _addresses(host: str) -> frozenset[str]:
-    try:
-        return frozenset({str(ipaddress.ip_address(host))})
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return frozenset()
-    return frozenset(str(ipaddress.ip_address(info[4][0])) for info in infos)
-
-
-def normalise_address(address: str) -> str:
-    """An IP address in canonical form; IPv4-mapped IPv6 addresses as plain IPv4."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 class PeerPolicy:
     def __init__(self, peers: Iterable[DicomPeer]) -> None:
         self._grants: dict[str, _Grant] = {
-            peer.ae_title: _Grant(_addresses(peer.host) if peer.host else None, frozenset(peer.permissions))
+            peer.ae_title: _Grant(host_addresses(peer.host) if peer.host else None, frozenset(peer.permissions))
             for peer in peers
         }
 

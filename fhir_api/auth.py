@@ -89,7 +89,7 @@ _MIN_RSA_BITS: Final = 2048  # NIST SP 800-131A; RFC 7518 §3.3 "2048 bits or la
 
 #: The resource types the FHIR façade serves (docs/fhir.md); only Subscription is writable.
 SERVED_RESOURCE_TYPES: Final[tuple[str, ...]] = (
-    "DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "Binary", "Subscription",
+    "DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "ServiceRequest", "Binary", "Subscription",
 )
 
 _CACHE_SECONDS: Final = 60.0

@@ -43,6 +43,23 @@ class SeriesFacts:
 
 
 @dataclass(frozen=True)
+class OrderFacts:
+    """An imaging order received over HL7 (ORM^O01 / OMI^O23) for the study's accession: a ServiceRequest."""
+
+    placer_order_number: str
+    placer_namespace: str  # "" when the order had none; "accession" when it was keyed by accession
+    status: str  # active / cancelled
+    authored: dt.datetime  # when we received it
+    filler_order_number: str | None = None
+    accession_number: str | None = None
+    procedure_code: str | None = None
+    procedure_system: str | None = None  # HL7 coding system (LN, SCT, C4, L ...)
+    procedure_text: str | None = None
+    ordering_provider: str | None = None  # PN
+    priority: str | None = None  # HL7 table 0027: S, A, R, P, C, T
+
+
+@dataclass(frozen=True)
 class StudyFacts:
     """The study as we hold it: every series, ours (SR, summary image) included."""
 
@@ -55,6 +72,7 @@ class StudyFacts:
     description: str | None = None
     referring_physician: str | None = None  # PN
     series: tuple[SeriesFacts, ...] = ()
+    orders: tuple[OrderFacts, ...] = ()  # matched by accession number
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from fhir_api.facts import (
     ImageFinding,
     InstanceFacts,
     ModelFacts,
+    OrderFacts,
     PatientFacts,
     ReportFacts,
     ReportStatus,
@@ -35,6 +36,7 @@ from fhir_api.facts import (
     StudyFacts,
 )
 from storage.models import (
+    ImagingOrder,
     InferenceResult,
     Instance,
     InstanceOrigin,
@@ -94,8 +96,21 @@ def _study_facts(session: Session, study: Study, patient: Patient) -> StudyFacts
         for s in series_rows
         if instances_by_series.get(s.id)
     )
+    orders: tuple[OrderFacts, ...] = ()
+    if study.accession_number:
+        orders = tuple(
+            OrderFacts(
+                placer_order_number=o.placer_order_number, placer_namespace=o.placer_namespace, status=o.status,
+                authored=o.received_at, filler_order_number=o.filler_order_number, accession_number=o.accession_number,
+                procedure_code=o.procedure_code, procedure_system=o.procedure_system, procedure_text=o.procedure_text,
+                ordering_provider=o.ordering_provider, priority=o.priority,
+            )
+            for o in session.execute(
+                select(ImagingOrder).where(ImagingOrder.accession_number == study.accession_number).order_by(ImagingOrder.id)
+            ).scalars()
+        )
     return StudyFacts(
-        study_instance_uid=study.study_instance_uid, patient=_patient_facts(patient),
+        study_instance_uid=study.study_instance_uid, patient=_patient_facts(patient), orders=orders,
         accession_number=study.accession_number, study_id=study.study_id, study_date=study.study_date,
         study_time=study.study_time, description=study.description, referring_physician=study.referring_physician,
         series=series,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from fhir_api.facts import ImageFinding, ModelFacts, PatientFacts
+from fhir_api.facts import ImageFinding, ModelFacts, OrderFacts, PatientFacts
 
 
 def _hashed(prefix: str, *parts: str) -> str:
@@ -40,3 +40,8 @@ def observation_id(finding: ImageFinding) -> str:
 def device_id(model: ModelFacts) -> str:
     """The model version's device UID (the one the SR names), a UID and so a valid id."""
     return model.device_uid
+
+
+def service_request_id(order: OrderFacts) -> str:
+    """One ServiceRequest per order: its placer order number within its namespace."""
+    return _hashed("ord-", order.placer_namespace, order.placer_order_number)

@@ -4,8 +4,9 @@ Whenever a study's images or results change (an image result, a study result ver
 image), :func:`storage.study_results.schedule_study_changed` re-arms this job for the study. It
 reads the study's facts (:mod:`fhir_api.facts_loader`), maps them to resources with the pure
 mappers (:mod:`fhir_api.resources`) and stores each one whose content changed as a new version
-(:func:`fhir_api.store.put`) — Patient, ImagingStudy, Device, one Observation per analysed image
-and the study's DiagnosticReport — then queues a notification for every active Subscription the
+(:func:`fhir_api.store.put`) — Patient, ServiceRequest (the HL7 orders of its accession, also
+re-published when an order or ADT message arrives), ImagingStudy, Device, one Observation per
+analysed image and the study's DiagnosticReport — then queues a notification for every active Subscription the
 new version matches (:mod:`fhir_api.subscriptions`), all in one transaction: a resource version
 exists if and only if its notifications are queued.
 """
@@ -34,6 +35,8 @@ log = structlog.get_logger(__name__)
 def study_resources(view: StudyView) -> Iterator[dict[str, Any]]:
     """Every resource that describes the study, referenced ones before those that refer to them."""
     yield resources.patient(view.study.patient)
+    for order in view.study.orders:
+        yield resources.service_request(order, view.study)
     yield resources.imaging_study(view.study)
     for model in view.models:
         yield resources.device(model)
@@ -50,7 +53,7 @@ def publish_study(session: Session, study_pk: int) -> tuple[list[StoredResource]
     study_uid = view.study.study_instance_uid
     changed: list[StoredResource] = []
     for body in study_resources(view):
-        shared = body["resourceType"] in ("Patient", "Device")
+        shared = body["resourceType"] in ("Patient", "Device", "ServiceRequest")
         stored = store.put(session, body, study_uid=None if shared else study_uid, now=now)
         if stored is not None:
             changed.append(stored)

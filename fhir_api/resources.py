@@ -48,9 +48,10 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from fhir_api import ids
-from fhir_api.facts import ImageFinding, ModelFacts, PatientFacts, ReportFacts, ReportStatus, StudyFacts
+from fhir_api.facts import ImageFinding, ModelFacts, OrderFacts, PatientFacts, ReportFacts, ReportStatus, StudyFacts
 
 __all__ = [
     "date_time",
@@ -84,6 +85,16 @@ DIAGNOSTIC_IMAGING_STUDY: Final = {"system": LOINC, "code": "18748-4", "display"
 IMAGING_CATEGORY: Final = {"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}
 MR_TYPE: Final = {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]}
 ACSN_TYPE: Final = {"coding": [{"system": V2_0203, "code": "ACSN", "display": "Accession ID"}]}
+PLAC_TYPE: Final = {"coding": [{"system": V2_0203, "code": "PLAC", "display": "Placer Identifier"}]}
+FILL_TYPE: Final = {"coding": [{"system": V2_0203, "code": "FILL", "display": "Filler Identifier"}]}
+IMAGING_SERVICE: Final = {"system": SCT, "code": "363679005", "display": "Imaging"}
+#: HL7 v2 coding system names (table 0396) of ordered procedures -> FHIR system URIs.
+_CODE_SYSTEMS: Final[Mapping[str, str]] = {
+    "LN": LOINC, "LOINC": LOINC, "SCT": SCT, "SNM": SCT, "SNOMED": SCT, "C4": "http://www.ama-assn.org/go/cpt",
+    "CPT": "http://www.ama-assn.org/go/cpt",
+}
+#: HL7 table 0027 priority -> FHIR request-priority.
+_PRIORITIES: Final[Mapping[str, str]] = {"S": "stat", "A": "asap", "T": "urgent", "R": "routine"}
 
 #: Code meanings of CID 33 "Modality" (PS3.16) for the modalities a chest X-ray study may hold;
 #: any other modality is sent as its code without a display (still a valid DCM Coding).
@@ -296,9 +307,55 @@ def imaging_study(study: StudyFacts) -> dict[str, Any]:
         "numberOfSeries": len(study.series),
         "numberOfInstances": sum(len(series.instances) for series in study.series),
         "description": _text(study.description),
+        "basedOn": _based_on(study) or None,
         "series": series_list,
     }
     return _validated(ImagingStudy, _pruned(resource))
+
+
+def service_request(order: OrderFacts, study: StudyFacts) -> dict[str, Any]:
+    """FHIR R4 ServiceRequest for an imaging order received over HL7 (ORM^O01 / OMI^O23).
+
+    * identifier: the placer order number (v2-0203 PLAC; system ``urn:oid:`` when the namespace is
+      an OID), the filler order number (FILL), the Accession Number (ACSN) — how the EHR knows it.
+    * status: ``active``, or ``revoked`` once the order was cancelled (ORC-1 CA/OC/DC...);
+      intent ``order``; category SCT 363679005 "Imaging" (the US Core ServiceRequest category).
+    * code: the ordered procedure (OBR-4) with its coding system mapped to a FHIR URI where known
+      (LN -> LOINC, SCT/SNM -> SNOMED CT, C4 -> CPT), else the code with its text only.
+    * priority: HL7 table 0027 S -> stat, A -> asap, T -> urgent, R -> routine (others left out).
+    * subject: the study's patient; requester: the ordering provider's name (display only, we hold
+      no Practitioner); authoredOn: when the gateway received the order.
+    """
+    coding = None
+    if order.procedure_code:
+        coding = {"system": _CODE_SYSTEMS.get((order.procedure_system or "").upper()), "code": order.procedure_code,
+                  "display": _text(order.procedure_text)}
+    provider = _human_name(order.ordering_provider)
+    identifiers = [
+        {"type": PLAC_TYPE, "system": f"urn:oid:{order.placer_namespace}" if _OID_RE.match(order.placer_namespace) else None,
+         "value": order.placer_order_number} if order.placer_namespace != "accession" else None,
+        {"type": FILL_TYPE, "value": order.filler_order_number} if order.filler_order_number else None,
+        *_accession(order.accession_number),
+    ]
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": ids.service_request_id(order),
+        "identifier": [i for i in identifiers if i] or None,
+        "status": "active" if order.status == "active" else "revoked",
+        "intent": "order",
+        "category": [{"coding": [IMAGING_SERVICE]}],
+        "priority": _PRIORITIES.get((order.priority or "").upper()),
+        "code": {"coding": [coding] if coding else None, "text": _text(order.procedure_text) or order.procedure_code}
+        if (coding or order.procedure_text) else None,
+        "subject": _patient_reference(study),
+        "authoredOn": _instant(order.authored, "authored"),
+        "requester": {"display": provider["text"]} if provider is not None else None,
+    }
+    return _validated(ServiceRequest, _pruned(resource))
+
+
+def _based_on(study: StudyFacts) -> list[dict[str, str]]:
+    return [_reference("ServiceRequest", ids.service_request_id(order)) for order in study.orders]
 
 
 def observation(finding: ImageFinding, study: StudyFacts) -> dict[str, Any]:
@@ -407,6 +464,7 @@ def diagnostic_report(report: ReportFacts) -> dict[str, Any]:
         "issued": issued,
         "result": [_reference("Observation", ids.observation_id(finding)) for finding in report.findings] if reported else None,
         "imagingStudy": [_reference("ImagingStudy", ids.imaging_study_id(study.study_instance_uid))],
+        "basedOn": _based_on(study) or None,
         "conclusion": conclusion,
         "conclusionCode": conclusion_code,
         "presentedForm": [
@@ -446,7 +504,7 @@ def operation_outcome(issues: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-_Model = Patient | Device | ImagingStudy | Observation | DiagnosticReport | OperationOutcome
+_Model = Patient | Device | ImagingStudy | Observation | DiagnosticReport | ServiceRequest | OperationOutcome
 
 
 def _validated(model: type[_Model], resource: dict[str, Any]) -> dict[str, Any]:

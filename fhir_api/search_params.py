@@ -122,6 +122,13 @@ _DEFINITIONS: dict[str, list[SearchParamDef]] = {
         _p("started", "date", "ImagingStudy.started", "When the study was started"),
         _p("status", "token", "ImagingStudy.status", "The status of the study"),
         _p("modality", "token", "ImagingStudy.series.modality", "The modality of the series"),
+        _p(
+            "basedon",
+            "reference",
+            "ImagingStudy.basedOn",
+            "The order for the image",
+            ("CarePlan", "ServiceRequest", "Appointment", "AppointmentResponse", "Task"),
+        ),
         _p("bodysite", "token", "ImagingStudy.series.bodySite", "The body site studied"),
     ],
     "Device": [
@@ -189,8 +196,35 @@ _DEFINITIONS: dict[str, list[SearchParamDef]] = {
             "The value of the observation, if the value is a CodeableConcept",
         ),
     ],
+    "ServiceRequest": [
+        _p("identifier", "token", "ServiceRequest.identifier", "Identifiers assigned to this order"),
+        _p(
+            "patient",
+            "reference",
+            "ServiceRequest.subject.where(resolve() is Patient)",
+            "Search by subject - a patient",
+            ("Patient",),
+        ),
+        _p("subject", "reference", "ServiceRequest.subject", "Search by subject", ("Group", "Device", "Patient", "Location")),
+        _p(
+            "status", "token", "ServiceRequest.status",
+            "draft | active | on-hold | revoked | completed | entered-in-error | unknown",
+        ),
+        _p("intent", "token", "ServiceRequest.intent", "proposal | plan | directive | order | original-order | ..."),
+        _p("code", "token", "ServiceRequest.code", "What is being requested/ordered"),
+        _p("category", "token", "ServiceRequest.category", "Classification of service"),
+        _p("priority", "token", "ServiceRequest.priority", "routine | urgent | asap | stat"),
+        _p("authored", "date", "ServiceRequest.authoredOn", "Date request signed"),
+    ],
     "DiagnosticReport": [
         _p("identifier", "token", "DiagnosticReport.identifier", "An identifier for the report"),
+        _p(
+            "based-on",
+            "reference",
+            "DiagnosticReport.basedOn",
+            "Reference to the service request",
+            ("CarePlan", "MedicationRequest", "NutritionOrder", "ServiceRequest", "ImmunizationRecommendation"),
+        ),
         _p(
             "patient",
             "reference",
@@ -454,7 +488,19 @@ _EXTRACTORS: Mapping[str, tuple[Extractor, ...]] = {
         _date_at("started", "started"),
         _token_at("status", "status"),
         _token_at("modality", "series.modality"),
+        _reference_at("basedon", "basedOn"),
         _token_at("bodysite", "series.bodySite"),
+    ),
+    "ServiceRequest": (
+        _token_at("identifier", "identifier"),
+        _reference_at("patient", "subject", only="Patient"),
+        _reference_at("subject", "subject"),
+        _token_at("status", "status"),
+        _token_at("intent", "intent"),
+        _token_at("code", "code"),
+        _token_at("category", "category"),
+        _token_at("priority", "priority"),
+        _date_at("authored", "authoredOn"),
     ),
     "Device": (
         _token_at("identifier", "identifier"),
@@ -477,6 +523,7 @@ _EXTRACTORS: Mapping[str, tuple[Extractor, ...]] = {
     ),
     "DiagnosticReport": (
         _token_at("identifier", "identifier"),
+        _reference_at("based-on", "basedOn"),
         _reference_at("patient", "subject", only="Patient"),
         _reference_at("subject", "subject"),
         _token_at("status", "status"),

@@ -38,6 +38,9 @@ from fhir_api.notifications import SubscriptionChannel
 from fhir_api.projection import StudyProjectionHandler
 from gateway.acceptors import AcceptorProcesses
 from gateway.http import HttpServer, build_app
+from hl7.inbound import InboundService
+from hl7.mllp import MllpServer
+from hl7.results_channel import Hl7ResultChannel
 from inference.analyser import ClassifierAnalyser
 from inference.applicability import rules_from_settings
 from inference.engine import EngineOptions, InferenceEngine
@@ -148,8 +151,12 @@ def build_engine(settings: Settings) -> InferenceEngine:
 
 def result_fanout(settings: Settings) -> Fanout:
     """Where results go, from settings: generated DICOM objects to every ``dicom.destinations``
-    entry; study results to no channel yet (HL7 and FHIR notifications will be routes here)."""
-    return Fanout(objects=[Route(Channel.DICOM, d.name) for d in settings.dicom.destinations])
+    entry; study results (ORU^R01) to every ``hl7.destinations`` entry. FHIR notifications are
+    routed by the Subscriptions themselves (:mod:`fhir_api.subscriptions`)."""
+    return Fanout(
+        objects=[Route(Channel.DICOM, d.name) for d in settings.dicom.destinations],
+        study_results=[Route(Channel.HL7, d.name) for d in settings.hl7.destinations],
+    )
 
 
 def outbox_kind(runtime: Runtime) -> JobKind:
@@ -171,7 +178,7 @@ def outbox_kind(runtime: Runtime) -> JobKind:
     subscription_channel = SubscriptionChannel(
         runtime.database, runtime.audit_source, timeout=settings.delivery.timeout_seconds
     )
-    senders: list[ChannelSender] = [dicom_channel, subscription_channel]
+    senders: list[ChannelSender] = [dicom_channel, subscription_channel, Hl7ResultChannel(settings.hl7, runtime.audit_source)]
     return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts), retry)
 
 
@@ -339,6 +346,14 @@ class Gateway:
         http_app = build_app(self.readiness)
         install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
         self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port)
+        self.hl7: MllpServer | None = None
+        if settings.hl7.enabled:
+            inbound = InboundService(runtime.database, runtime.audit_source, settings.hl7)
+            self.hl7 = MllpServer(
+                settings.hl7.bind, settings.hl7.port, inbound.handle, on_frame_error=inbound.on_frame_error,
+                max_message_bytes=settings.hl7.max_message_bytes, idle_timeout=settings.hl7.idle_timeout_seconds,
+                max_connections=settings.hl7.max_connections,
+            )
         self._stopped = threading.Event()
         self._started = False
         self.anchor = ChainAnchor(
@@ -358,6 +373,7 @@ class Gateway:
             "dicom": self.dicom.running,
             "acceptors": self.acceptors.running if self.acceptors else True,
             "workers": self.workers.running if self.workers else True,
+            "hl7": self.hl7.running if self.hl7 else True,
             "disk": self._disk_ok(),
         }
 
@@ -385,9 +401,12 @@ class Gateway:
         if extra > 0:
             self.acceptors = AcceptorProcesses(self._config_path, self.dicom.port, extra)
             self.acceptors.start()
+        if self.hl7 is not None:
+            self.hl7.start()
         self.audit_trail.start()
         self.http.start()
-        log.info("gateway.started", dicom_port=self.dicom.port, http_port=self.http.port)
+        log.info("gateway.started", dicom_port=self.dicom.port, http_port=self.http.port,
+                 hl7_port=self.hl7.port if self.hl7 else None)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -396,6 +415,8 @@ class Gateway:
         if self.acceptors is not None:
             self.acceptors.stop()
         self.dicom.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         self.http.stop()
         self.audit_trail.stop()
         if self.workers:

@@ -50,7 +50,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         stop = _stop_on_signals()
         try:
             gateway.start()
-            _announce({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port})
+            _announce({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port,
+                       "hl7_port": gateway.hl7.port if gateway.hl7 else None})
             while not stop.wait(1.0):
                 pass
         finally:

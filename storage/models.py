@@ -362,3 +362,65 @@ class FhirSearchIndex(Base):
     value: Mapped[str | None] = mapped_column(String(200))
     low: Mapped[dt.datetime | None] = mapped_column()
     high: Mapped[dt.datetime | None] = mapped_column()
+
+
+# -- HL7 v2: orders, and the inbound message log (hl7; docs/hl7.md) ------------------------------
+
+
+class ImagingOrder(Base):
+    """An imaging order received from the RIS/EHR (ORM^O01 / OMI^O23): what the study was ordered as.
+
+    Matched to studies by accession number, in either arrival order (there is no link column:
+    ``study.accession_number = imaging_order.accession_number``). Identified by the placer order
+    number within its namespace; later messages for the same order (XO change, CA cancel) update it.
+    """
+
+    __tablename__ = "imaging_order"
+    __table_args__ = (UniqueConstraint("placer_namespace", "placer_order_number", name="uq_order_placer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64))
+    placer_namespace: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    order_control: Mapped[str] = mapped_column(String(8))  # ORC-1 of the latest message: NW, XO, CA ...
+    status: Mapped[str] = mapped_column(String(16))  # active, cancelled
+    patient_id: Mapped[str] = mapped_column(String(64))
+    patient_issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    procedure_code: Mapped[str | None] = mapped_column(String(64))
+    procedure_system: Mapped[str | None] = mapped_column(String(64))
+    procedure_text: Mapped[str | None] = mapped_column(String(200))
+    ordering_provider: Mapped[str | None] = mapped_column(String(324))
+    priority: Mapped[str | None] = mapped_column(String(16))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sending_application: Mapped[str] = mapped_column(String(64))
+    sending_facility: Mapped[str] = mapped_column(String(64))
+    message_type: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Hl7InboundMessage(Base):
+    """Every HL7 message we acknowledged, by sender and control id (MSH-3, MSH-4, MSH-10).
+
+    A resent message (same sender, same control id) gets the same ACK back and changes nothing:
+    HL7 v2.5.1 §2.9.2 original-mode acknowledgement, made idempotent. The ACK is stored in the
+    transaction that stored the message's effect, so "ACK AA" always means "committed".
+    """
+
+    __tablename__ = "hl7_inbound_message"
+    __table_args__ = (
+        UniqueConstraint("sending_application", "sending_facility", "control_id", name="uq_hl7_inbound_control_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sending_application: Mapped[str] = mapped_column(String(64))
+    sending_facility: Mapped[str] = mapped_column(String(64))
+    control_id: Mapped[str] = mapped_column(String(199))
+    message_type: Mapped[str] = mapped_column(String(16))
+    ack_code: Mapped[str] = mapped_column(String(2))
+    ack: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -119,6 +119,7 @@ def make_settings(
             "database_url": database_url,
             "dicom": {"ae_title": "PNEUMO", "port": 0, "bind": "127.0.0.1", "peers": peers, **dicom},
             "fhir": {"port": 0},
+            "hl7": {"port": 0},
             "log": {"format": "json"},
             # Ingest tests look at queued jobs; workflow tests turn the workers on explicitly.
             "worker": {"enabled": False},

@@ -98,7 +98,9 @@ def test_metadata_and_smart_configuration_are_public_and_truthful(server: Server
     assert response.status_code == 200
     statement = CapabilityStatement.model_validate(response.json())
     resources = {r.type: r for r in statement.rest[0].resource}
-    assert set(resources) == {"Patient", "ImagingStudy", "Device", "Observation", "DiagnosticReport", "Subscription", "Binary"}
+    assert set(resources) == {
+        "Patient", "ImagingStudy", "Device", "Observation", "DiagnosticReport", "ServiceRequest", "Subscription", "Binary",
+    }
     report = resources["DiagnosticReport"]
     assert {"patient", "date", "status", "code", "identifier", "_id", "_lastUpdated"} <= {p.name for p in report.searchParam}
     assert {"DiagnosticReport:result", "DiagnosticReport:subject", "DiagnosticReport:imaging-study"} <= set(report.searchInclude)

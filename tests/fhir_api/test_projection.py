@@ -12,11 +12,12 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient as FhirPatient
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from sqlalchemy import select
 
 from fhir_api import store, subscriptions
 from storage.db import Database
-from storage.models import Job
+from storage.models import ImagingOrder, Job
 from tests.fhir_api.builders import STUDY_UID, T0, StudyBuilder
 
 
@@ -103,3 +104,28 @@ def test_notifications_are_queued_for_matching_versions_only(database: Database)
         (everything, f"DiagnosticReport/{STUDY_UID}/_history/2"),
     ])
     assert {d.payload["channel"] for d in deliveries} == {"fhir-subscription"}
+
+
+def test_an_hl7_order_becomes_a_service_request_the_report_is_based_on(database: Database) -> None:
+    study = StudyBuilder(database)  # accession ACC-10001
+    with database.session() as session:
+        session.add(ImagingOrder(
+            placer_order_number="PO-1", placer_namespace="HIS", filler_order_number="FO-1", accession_number="ACC-10001",
+            order_control="NW", status="active", patient_id="PAT-001", patient_issuer="1.2.3.4",
+            procedure_code="36554-4", procedure_system="LN", procedure_text="XR Chest Single view",
+            ordering_provider="Kildare^James", priority="S", sending_application="RIS", sending_facility="HOSP",
+            message_type="ORM^O01", received_at=T0,
+        ))
+    study.image(0.7, at=T0)
+    changed, _ = study.publish()
+    order = next(c for c in changed if c.resource_type == "ServiceRequest")
+    request = ServiceRequest.model_validate(json.loads(order.content)).model_dump(mode="json", exclude_none=True)
+    assert request["status"] == "active" and request["intent"] == "order" and request["priority"] == "stat"
+    assert {i["type"]["coding"][0]["code"]: i["value"] for i in request["identifier"]} == {
+        "PLAC": "PO-1", "FILL": "FO-1", "ACSN": "ACC-10001"}
+    assert request["code"]["coding"][0] == {"system": "http://loinc.org", "code": "36554-4", "display": "XR Chest Single view"}
+    assert request["requester"]["display"] == "James Kildare"
+    assert study.report()["basedOn"] == [{"reference": f"ServiceRequest/{order.logical_id}"}]
+    with database.read_session() as session:
+        imaging = store.get(session, "ImagingStudy", STUDY_UID)
+    assert imaging is not None and imaging.json()["basedOn"] == [{"reference": f"ServiceRequest/{order.logical_id}"}]

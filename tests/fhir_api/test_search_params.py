@@ -49,7 +49,7 @@ def parse(resource_type: str, query: str, *, strict: bool = True, default_count:
 
 EXPECTED_PARAMS = {
     "Patient": {"identifier", "name", "family", "given", "birthdate", "gender"},
-    "ImagingStudy": {"identifier", "patient", "subject", "started", "status", "modality", "bodysite"},
+    "ImagingStudy": {"identifier", "patient", "subject", "started", "status", "modality", "bodysite", "basedon"},
     "Device": {"identifier", "device-name", "manufacturer", "status"},
     "Observation": {
         "identifier",
@@ -77,7 +77,9 @@ EXPECTED_PARAMS = {
         "performer",
         "conclusion",
         "imaging-study",
+        "based-on",
     },
+    "ServiceRequest": {"identifier", "patient", "subject", "status", "intent", "code", "category", "priority", "authored"},
     "Subscription": {"status", "type", "url", "criteria"},
 }
 

@@ -39,6 +39,8 @@ def write_config(
         'host = "127.0.0.1"',
         "[fhir]",
         "port = 0",
+        "[hl7]",
+        "port = 0",
         "[worker]",
         f"enabled = {'true' if workers else 'false'}",
         extra,

@@ -1,0 +1,389 @@
+"""The MLLP listener's application side: orders and ADT in, one ACK out per message (docs/hl7.md).
+
+For each frame (:class:`InboundService.handle`):
+
+1. parse it (:func:`hl7.messages.parse_inbound`); a message we cannot use gets AE or AR with an
+   ERR segment (HL7 v2.5.1 2.9.2 original-mode acknowledgement) and changes nothing;
+2. check the sender: MSH-3/MSH-4 must be a configured ``[[hl7.peers]]`` entry, connecting from its
+   ``host`` when one is set — otherwise AR and a Security Alert in the audit log;
+3. a message already acknowledged (same MSH-3, MSH-4, MSH-10) gets the *same* ACK again and
+   changes nothing (a sender that lost our ACK resends; HL7 v2.5.1 2.10.1);
+4. apply it in one transaction with its ACK and audit record: an order is stored or updated
+   (matched to its study by accession, whichever arrives first), an ADT^A08 updates the patient's
+   demographics, an ADT^A40 moves the prior patient's studies and orders to the surviving one; the
+   studies concerned are re-published (FHIR);
+5. answer AA only after that commit. When the database cannot commit (down, locked), no ACK is
+   sent and the connection is closed: the sender retries, nothing is half-stored, no AA lies.
+
+Application logs name message types, ACK codes and error positions, never field values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from audit.builders import security_alert
+from audit.events import (
+    Action,
+    ActiveParticipant,
+    AuditEvent,
+    AuditSource,
+    Code,
+    EventId,
+    EventType,
+    NetworkAccessPointType,
+    ObjectIdType,
+    Outcome,
+    ParticipantObject,
+    RoleId,
+)
+from audit.store import append as append_audit
+from conf.network import host_addresses, normalise_address
+from conf.settings import Hl7Peer, Hl7Settings
+from hl7.messages import (
+    ErrorCode,
+    Hl7MessageError,
+    Inbound,
+    MessageHeader,
+    OrderMessage,
+    PatientIdentity,
+    PatientMerge,
+    PatientUpdate,
+    build_ack,
+    parse_inbound,
+)
+from hl7.mllp import ConnectionInfo, FrameError
+from storage.db import Database
+from storage.models import Hl7InboundMessage, ImagingOrder, Patient, Study, utcnow
+from storage.study_results import schedule_study_changed
+
+log = structlog.get_logger(__name__)
+
+#: ORC-1 order control codes that end an order (HL7 v2.5.1 table 0119): cancel, discontinue.
+_CANCELLING = {"CA", "OC", "CR", "DC", "OD", "DR"}
+
+
+class SenderNotAllowedError(Hl7MessageError):
+    """MSH-3/MSH-4 (or the connecting host) is not a configured peer."""
+
+
+class SenderPolicy:
+    """Deny by default: the sending application and facility (MSH-3, MSH-4) must be a configured
+    peer, connecting from its ``host`` when one is set (an IP or a name, resolved once at start)."""
+
+    def __init__(self, peers: Sequence[Hl7Peer]) -> None:
+        self._peers = [
+            (p.sending_application, p.sending_facility, host_addresses(p.host) if p.host is not None else None)
+            for p in peers
+        ]
+
+    def allows(self, header: MessageHeader, address: str) -> bool:
+        address = normalise_address(address)
+        return any(
+            application == header.sending_application and facility == header.sending_facility
+            and (addresses is None or address in addresses)
+            for application, facility, addresses in self._peers
+        )
+
+
+class InboundService:
+    """The handler :class:`hl7.mllp.MllpServer` calls for each frame."""
+
+    def __init__(self, database: Database, audit_source: AuditSource, settings: Hl7Settings) -> None:
+        self._db = database
+        self._audit_source = audit_source
+        self._settings = settings
+        self._senders = SenderPolicy(settings.peers)
+
+    # -- the MLLP callbacks ---------------------------------------------------------------------
+
+    def handle(self, payload: bytes, info: ConnectionInfo) -> bytes:
+        now = utcnow()
+        try:
+            message = parse_inbound(payload, processing_ids=tuple(self._settings.processing_ids))
+        except Hl7MessageError as error:
+            return self._refuse(error, info, now)
+        header = message.header
+        if not self._senders.allows(header, info.peer_host):
+            refusal = SenderNotAllowedError(
+                "the sending application/facility is not allowed to send to this gateway (from this host)",
+                ack_code="AR", hl7_error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, header=header,
+            )
+            return self._refuse(refusal, info, now)
+        return self._apply(message, info, now).encode("utf-8")
+
+    def on_frame_error(self, error: FrameError, info: ConnectionInfo) -> bytes | None:
+        """A framing error (junk, truncated or oversized frame): AR without a control id to echo."""
+        log.warning("hl7.frame_error", reason=error.reason, peer=info.peer_host, connection=info.connection_id)
+        refusal = Hl7MessageError(f"MLLP framing error: {error.reason}", ack_code="AR",
+                                  hl7_error_code=ErrorCode.APPLICATION_INTERNAL_ERROR)
+        try:
+            self._audit_received(None, info, "AR", utcnow(), refusal)
+        except Exception:  # noqa: BLE001 - the refusal stands even if its audit record could not be written
+            log.error("hl7.audit_failed", peer=info.peer_host)
+        return self._ack(None, "AR", utcnow(), refusal).encode("utf-8")
+
+    # -- refusals ----------------------------------------------------------------------------
+
+    def _ack(self, header: MessageHeader | None, code: str, now: dt.datetime, error: Hl7MessageError | None = None) -> str:
+        control = f"A{uuid.uuid4().hex[:19]}"  # unique per ACK (MSH-10 is at most 20 characters in v2.5.1)
+        return build_ack(
+            header, code,  # type: ignore[arg-type]
+            sending_application=self._settings.sending_application, sending_facility=self._settings.sending_facility,
+            control_id=control, now=now, error=error,
+        )
+
+    def _refuse(self, error: Hl7MessageError, info: ConnectionInfo, now: dt.datetime) -> bytes:
+        header = error.header
+        log.warning(
+            "hl7.message_refused", ack=error.ack_code, code=int(error.hl7_error_code),
+            location=str(error.error_location) if error.error_location else None,
+            type=f"{header.message_type}^{header.trigger_event}" if header else None, peer=info.peer_host,
+            reason=str(error)[:200],
+        )
+        try:
+            with self._db.session() as session:
+                self._audit_received(session, info, error.ack_code, now, error, header)
+                if isinstance(error, SenderNotAllowedError):
+                    append_audit(session, security_alert(
+                        self._audit_source, event_type=EventType.NODE_AUTHENTICATION,
+                        reporter_ae=self._settings.sending_application,
+                        offender_id=f"{header.sending_application}@{header.sending_facility}" if header else "unknown",
+                        offender_host=info.peer_host, description="HL7 sender not allowed", when=now,
+                    ))
+        except Exception:  # noqa: BLE001 - the refusal stands even if its audit record could not be written
+            log.error("hl7.audit_failed", peer=info.peer_host)
+        return self._ack(header, error.ack_code, now, error).encode("utf-8")
+
+    # -- accepted messages -------------------------------------------------------------------
+
+    def _apply(self, message: Inbound, info: ConnectionInfo, now: dt.datetime) -> str:
+        header = message.header
+        with self._db.read_session() as session:
+            known = _acknowledged(session, header)
+        if known is not None:
+            log.info("hl7.duplicate", type=f"{header.message_type}^{header.trigger_event}", peer=info.peer_host)
+            return known
+        ack = self._ack(header, "AA", now)
+        try:
+            with self._db.session() as session:
+                if isinstance(message, OrderMessage):
+                    studies = _store_order(session, message)
+                    action, event = Action.CREATE, EventId.ORDER_RECORD
+                elif isinstance(message, PatientMerge):
+                    studies = _merge_patients(session, message)
+                    action, event = Action.UPDATE, EventId.PATIENT_RECORD
+                else:
+                    studies = _update_patient(session, message)
+                    action, event = Action.UPDATE, EventId.PATIENT_RECORD
+                for study_pk, study_uid in studies:
+                    schedule_study_changed(session, study_pk, study_uid)
+                session.add(Hl7InboundMessage(
+                    sending_application=header.sending_application[:64], sending_facility=header.sending_facility[:64],
+                    control_id=header.control_id[:199], message_type=f"{header.message_type}^{header.trigger_event}"[:16],
+                    ack_code="AA", ack=ack, received_at=now,
+                ))
+                append_audit(session, self._record_event(message, info, event, action, now))
+                self._audit_received(session, info, "AA", now, None, header)
+        except IntegrityError:
+            # The same message on two connections at once: the other one committed; answer as it did.
+            with self._db.read_session() as session:
+                known = _acknowledged(session, header)
+            if known is None:
+                raise
+            return known
+        log.info("hl7.message_accepted", type=f"{header.message_type}^{header.trigger_event}",
+                 studies=len(studies), peer=info.peer_host)
+        return ack
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def _participants(self, info: ConnectionInfo, header: MessageHeader | None) -> tuple[ActiveParticipant, ...]:
+        sender = f"{header.sending_application}@{header.sending_facility}" if header else "unknown"
+        return (
+            ActiveParticipant(user_id=sender, user_is_requestor=True, role_id=RoleId.SOURCE,
+                              network_access_point_id=info.peer_host,
+                              network_access_point_type=NetworkAccessPointType.IP_ADDRESS),
+            ActiveParticipant(user_id=self._audit_source.source_id, user_is_requestor=False, role_id=RoleId.DESTINATION),
+        )
+
+    def _audit_received(
+        self, session: Session | None, info: ConnectionInfo, ack_code: str, now: dt.datetime,
+        error: Hl7MessageError | None, header: MessageHeader | None = None,
+    ) -> None:
+        """PS3.15 A.5.3.7 Import: a message arrived; its ACK code and (for a refusal) why."""
+        kind = f"{header.message_type}^{header.trigger_event}" if header else "unreadable"
+        description = f"HL7 {kind} received; ACK {ack_code}" + (f": {error}" if error else "")
+        event = AuditEvent(
+            event_id=EventId.IMPORT, action=Action.CREATE,
+            outcome=Outcome.SUCCESS if ack_code == "AA" else Outcome.MINOR_FAILURE,
+            outcome_description=description[:1000], occurred_at=now, source=self._audit_source,
+            participants=self._participants(info, header),
+            objects=(ParticipantObject(object_id=header.control_id if header else "-", id_type=_MESSAGE_ID, type_code=2,
+                                       details={"MessageType": kind, "AckCode": ack_code}),),
+        )
+        if session is None:
+            with self._db.session() as own:
+                append_audit(own, event)
+        else:
+            append_audit(session, event)
+
+    def _record_event(self, message: Inbound, info: ConnectionInfo, event_id: Code, action: Action,
+                      now: dt.datetime) -> AuditEvent:
+        """PS3.15 A.5.3.9 Order Record / A.5.3.10 Patient Record: what the message changed, for whom."""
+        patient = message.patient
+        objects = [ParticipantObject(object_id=patient.patient_id, id_type=ObjectIdType.PATIENT_NUMBER, type_code=1,
+                                     role=1, name=patient.name)]
+        if isinstance(message, OrderMessage):
+            objects.append(ParticipantObject(
+                object_id=message.accession_number, id_type=_ACCESSION, type_code=2, role=20,
+                details={"PlacerOrderNumber": message.placer_order_number or "", "OrderControl": message.order_control},
+            ))
+        return AuditEvent(
+            event_id=event_id, action=action, outcome=Outcome.SUCCESS, occurred_at=now, source=self._audit_source,
+            participants=self._participants(info, message.header), objects=tuple(objects),
+            outcome_description=f"HL7 {message.header.message_type}^{message.header.trigger_event} applied",
+        )
+
+
+#: Participant object id types for an HL7 message (MSH-10) and an accession number.
+_MESSAGE_ID = Code("HL7-MSG", "urn:hl7:v2", "HL7 Message Control ID")
+_ACCESSION = Code("ACSN", "http://terminology.hl7.org/CodeSystem/v2-0203", "Accession ID")
+
+
+def _acknowledged(session: Session, header: MessageHeader) -> str | None:
+    return session.execute(
+        select(Hl7InboundMessage.ack).where(
+            Hl7InboundMessage.sending_application == header.sending_application[:64],
+            Hl7InboundMessage.sending_facility == header.sending_facility[:64],
+            Hl7InboundMessage.control_id == header.control_id[:199],
+        )
+    ).scalar_one_or_none()
+
+
+def _studies_with_accession(session: Session, accession: str) -> list[tuple[int, str]]:
+    return [(pk, uid) for pk, uid in session.execute(
+        select(Study.id, Study.study_instance_uid).where(Study.accession_number == accession)
+    ).all()]
+
+
+def _store_order(session: Session, order: OrderMessage) -> list[tuple[int, str]]:
+    """Insert or update the order (by placer order number, else accession); returns its studies."""
+    placer = order.placer_order_number or order.accession_number
+    namespace = (order.placer_namespace or "") if order.placer_order_number else "accession"
+    row = session.execute(
+        select(ImagingOrder).where(ImagingOrder.placer_namespace == namespace[:64],
+                                   ImagingOrder.placer_order_number == placer[:64]).with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        row = ImagingOrder(placer_order_number=placer[:64], placer_namespace=namespace[:64])
+        session.add(row)
+    procedure = order.requested_procedure
+    patient = order.patient
+    row.filler_order_number = (order.filler_order_number or "")[:64] or row.filler_order_number
+    row.accession_number = order.accession_number[:64]
+    row.order_control = order.order_control[:8]
+    row.status = "cancelled" if order.order_control in _CANCELLING else "active"
+    row.patient_id, row.patient_issuer = patient.patient_id[:64], (patient.issuer or "")[:64]
+    row.patient_name, row.birth_date, row.sex = _pn_column(patient.name), patient.birth_date, patient.sex
+    row.procedure_code = procedure.code[:64] if procedure and procedure.code else None
+    row.procedure_system = procedure.system[:64] if procedure and procedure.system else None
+    row.procedure_text = procedure.text[:200] if procedure and procedure.text else None
+    row.ordering_provider = _pn_column(order.ordering_provider)
+    row.priority = (order.priority or "")[:16] or None
+    # A UID has at most 64 characters (DICOM PS3.5 9.1): a longer value names no study; cut, it would name another.
+    uid = order.study_instance_uid
+    row.study_instance_uid = uid if uid is not None and len(uid) <= 64 else None
+    row.sending_application = order.header.sending_application[:64]
+    row.sending_facility = order.header.sending_facility[:64]
+    row.message_type = f"{order.header.message_type}^{order.header.trigger_event}"[:16]
+    row.updated_at = utcnow()
+    return _studies_with_accession(session, order.accession_number)
+
+
+def _patients(session: Session, identity: PatientIdentity | tuple[str, str | None]) -> list[Patient]:
+    patient_id, issuer = (identity.patient_id, identity.issuer) if isinstance(identity, PatientIdentity) else identity
+    query = select(Patient).where(Patient.patient_id == patient_id)
+    if issuer:
+        query = query.where(Patient.issuer == issuer)
+    return list(session.execute(query).scalars())
+
+
+def _studies_of(session: Session, patients: Sequence[Patient]) -> list[tuple[int, str]]:
+    if not patients:
+        return []
+    return [(pk, uid) for pk, uid in session.execute(
+        select(Study.id, Study.study_instance_uid).where(Study.patient_pk.in_([p.id for p in patients]))
+    ).all()]
+
+
+def _pn_column(name: str | None) -> str | None:
+    """A person name cut to its column (VARCHAR(324), the DICOM PN limit; PostgreSQL refuses longer values)."""
+    return name[:324] if name else None
+
+
+def _refresh_demographics(patient: Patient, identity: PatientIdentity) -> None:
+    """ADT wins over the DICOM headers for name, birth date and sex; an absent value erases nothing."""
+    if identity.name:
+        patient.name = _pn_column(identity.name)
+    if identity.birth_date:
+        patient.birth_date = identity.birth_date[:8]
+    if identity.sex:
+        patient.sex = identity.sex[:16]
+
+
+def _update_patient(session: Session, message: PatientUpdate) -> list[tuple[int, str]]:
+    """ADT^A08/A31: new demographics for the patient (and its open orders); its studies re-publish."""
+    patients = _patients(session, message.patient)
+    for patient in patients:
+        _refresh_demographics(patient, message.patient)
+    _update_orders_of(session, message.patient.patient_id, message.patient.issuer, message.patient)
+    return _studies_of(session, patients)
+
+
+def _update_orders_of(session: Session, patient_id: str, issuer: str | None, identity: PatientIdentity) -> None:
+    query = update(ImagingOrder).where(ImagingOrder.patient_id == patient_id)
+    if issuer:
+        query = query.where(ImagingOrder.patient_issuer == issuer)
+    values: dict[str, object] = {"patient_id": identity.patient_id[:64]}
+    if identity.issuer:  # absent: the order keeps the issuer it has (an absent value erases nothing)
+        values["patient_issuer"] = identity.issuer[:64]
+    if identity.name:
+        values["patient_name"] = _pn_column(identity.name)
+    if identity.birth_date:
+        values["birth_date"] = identity.birth_date
+    if identity.sex:
+        values["sex"] = identity.sex
+    session.execute(query.values(**values))
+
+
+def _merge_patients(session: Session, message: PatientMerge) -> list[tuple[int, str]]:
+    """ADT^A40: the prior patient's studies and orders now belong to the surviving patient.
+
+    The surviving patient is created from PID when the gateway has not seen it. The prior patient
+    row stays (with no studies): the received DICOM files still carry its id and are never
+    rewritten (docs/hl7.md, "ADT")."""
+    prior = _patients(session, (message.prior_patient_id, message.prior_issuer))
+    surviving = _patients(session, message.patient)
+    if surviving:
+        target = surviving[0]
+    elif prior:
+        target = Patient(patient_id=message.patient.patient_id[:64], issuer=(message.patient.issuer or "")[:64])
+        session.add(target)
+        session.flush()
+    else:
+        _update_orders_of(session, message.prior_patient_id, message.prior_issuer, message.patient)
+        return []
+    _refresh_demographics(target, message.patient)
+    moved = _studies_of(session, [p for p in prior if p.id != target.id])
+    if moved:
+        session.execute(update(Study).where(Study.id.in_([pk for pk, _ in moved])).values(patient_pk=target.id))
+    _update_orders_of(session, message.prior_patient_id, message.prior_issuer, message.patient)
+    return moved + _studies_of(session, [target])
