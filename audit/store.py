@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from audit.events import AuditEvent
@@ -146,29 +146,58 @@ def append(session: Session, event: AuditEvent) -> AuditRecord:
     head = session.execute(
         select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
     ).scalar_one()
-    seq = head.last_seq + 1
+    record = _sealed(signer, head.last_seq + 1, head.last_hash, event)
+    session.add(record)
+    head.last_seq = record.seq
+    head.last_hash = record.hash
+    session.flush()
+    return record
+
+
+def append_many(session: Session, events: Sequence[AuditEvent]) -> int:
+    """Append *events* in order inside the caller's transaction: one chain-head lock and one
+    multi-row INSERT for all of them (a batch of FHIR access records), each record sealed exactly
+    as :func:`append` seals it. Returns the sequence number of the last record (0 if none)."""
+    if not events:
+        return 0
+    signer = _signer_of(session)
+    head = session.execute(
+        select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
+    ).scalar_one()
+    seq, previous = head.last_seq, head.last_hash
+    rows: list[dict[str, Any]] = []
+    for event in events:
+        record = _sealed(signer, seq + 1, previous, event)
+        seq, previous = record.seq, record.hash
+        rows.append({
+            "seq": record.seq, "recorded_at": record.recorded_at, "event_id": record.event_id, "outcome": record.outcome,
+            "event": record.event, "prev_hash": record.prev_hash, "hash": record.hash, "hash_version": record.hash_version,
+        })
+    session.execute(insert(AuditRecord), rows)
+    head.last_seq = seq
+    head.last_hash = previous
+    session.flush()
+    return seq
+
+
+def _sealed(signer: AuditSigner, seq: int, prev_hash: str, event: AuditEvent) -> AuditRecord:
+    """The record of *event* at position *seq* after *prev_hash*, sealed by *signer* (not yet added)."""
     recorded_at = dt.datetime.now(dt.UTC)
     data = event.to_dict()
     event_id = event.event_id.code
     outcome = int(event.outcome)
     version = signer.version
-    payload = record_payload(version, seq, head.last_hash, recorded_at.isoformat(), event_id, outcome, data)
-    digest = signer.seal(payload)
-    record = AuditRecord(
+    payload = record_payload(version, seq, prev_hash, recorded_at.isoformat(), event_id, outcome, data)
+    return AuditRecord(
         seq=seq,
         recorded_at=recorded_at,
         event_id=event_id,
         outcome=outcome,
         event=data,
-        prev_hash=head.last_hash,
-        hash=digest,
+        prev_hash=prev_hash,
+        hash=signer.seal(payload),
         hash_version=version,
     )
-    session.add(record)
-    head.last_seq = seq
-    head.last_hash = digest
-    session.flush()
-    return record
 
 
 @dataclass(frozen=True)

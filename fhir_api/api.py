@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,6 +203,15 @@ def _known_type(resource_type: str) -> None:
         raise NotFoundError(f"resource type {resource_type!r} is not supported by this server (see /fhir/metadata)")
 
 
+#: R4 datatypes, id: [A-Za-z0-9\-\.]{1,64}. Nothing else can name a resource we hold.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _known_id(resource_type: str, logical_id: str) -> None:
+    if not _FHIR_ID.fullmatch(logical_id):
+        raise NotFoundError(f"{resource_type}/{logical_id[:80]!r} is not known (not a FHIR id)")
+
+
 def _bundle(
     bundle_type: str, base: str, *, total: int | None, links: Sequence[tuple[str, str]],
     entries: Sequence[tuple[StoredResource, str | None, str]], outcome: Mapping[str, Any] | None = None,
@@ -265,6 +275,7 @@ def build_router(api: FhirApi) -> APIRouter:
     @router.get("/Binary/{logical_id}", summary="Our DICOM SR, as cited by DiagnosticReport.presentedForm")
     def binary(request: Request, logical_id: str) -> Response:
         principal = api.principal(request, "Binary", "read")
+        _known_id("Binary", logical_id)
         with api.db.read_session() as session:
             instance = session.execute(
                 select(Instance).where(Instance.sop_instance_uid == logical_id, Instance.origin == InstanceOrigin.GENERATED)
@@ -337,6 +348,7 @@ def build_router(api: FhirApi) -> APIRouter:
         pretty = check_format(request)
         _known_type(resource_type)
         principal = api.principal(request, resource_type, "read")
+        _known_id(resource_type, logical_id)
         with api.db.read_session() as session:
             resource = store.get(session, resource_type, logical_id)
         if resource is None:
@@ -352,6 +364,7 @@ def build_router(api: FhirApi) -> APIRouter:
         pretty = check_format(request)
         _known_type(resource_type)
         principal = api.principal(request, resource_type, "history")
+        _known_id(resource_type, logical_id)
         with api.db.read_session() as session:
             versions = store.history(session, resource_type, logical_id)
         if not versions:
@@ -368,7 +381,8 @@ def build_router(api: FhirApi) -> APIRouter:
         pretty = check_format(request)
         _known_type(resource_type)
         principal = api.principal(request, resource_type, "vread")
-        if not version_id.isdigit():
+        _known_id(resource_type, logical_id)
+        if not (version_id.isascii() and version_id.isdigit()) or int(version_id) > 2**31 - 1:
             raise NotFoundError(f"{resource_type}/{logical_id} has no version {version_id!r}")
         with api.db.read_session() as session:
             resource = store.get_version(session, resource_type, logical_id, int(version_id))
@@ -404,6 +418,8 @@ def build_router(api: FhirApi) -> APIRouter:
     @router.put("/{resource_type}/{logical_id}", summary="update (Subscription only)")
     async def update(request: Request, resource_type: str, logical_id: str) -> Response:
         _writable(resource_type)
+        if not _FHIR_ID.fullmatch(logical_id):
+            raise InvalidInputError(f"{logical_id[:80]!r} is not a FHIR id (A-Z, a-z, 0-9, '-' and '.', 1 to 64 characters)")
         check_format(request)
         principal = api.principal(request, resource_type, "update")
         body = await _json_body(request)
@@ -429,6 +445,7 @@ def build_router(api: FhirApi) -> APIRouter:
     def remove(request: Request, resource_type: str, logical_id: str) -> Response:
         _writable(resource_type)
         principal = api.principal(request, resource_type, "delete")
+        _known_id(resource_type, logical_id)
         with api.db.session() as session:
             removed = store.remove(session, resource_type, logical_id)
         if not removed:

@@ -39,7 +39,7 @@ from audit.events import (
     ParticipantObject,
     RoleId,
 )
-from audit.store import append
+from audit.store import append_many
 from storage.db import Database
 
 log = structlog.get_logger(__name__)
@@ -167,8 +167,7 @@ class AuditTrail:
         for attempt in range(5):
             try:
                 with self._db.session() as session:
-                    for event in batch:
-                        append(session, event)
+                    append_many(session, batch)
                 return
             except SQLAlchemyError as exc:
                 log.error("fhir.audit_write_failed", error=exc.__class__.__name__, events=len(batch), attempt=attempt + 1)

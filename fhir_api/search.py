@@ -24,6 +24,9 @@ from fhir_api.search_params import Include, SearchRequest, filter_clause, sort_c
 from fhir_api.store import StoredResource
 from storage.models import FhirResource, FhirSearchIndex
 
+#: Bound of every cursor number: fhir_resource.id is INTEGER (int4 on PostgreSQL), Bundle.total an unsignedInt.
+_MAX_INT = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Cursor:
@@ -42,9 +45,9 @@ class Cursor:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             as_of, offset, total = json.loads(raw)
-            if not (isinstance(as_of, int) and isinstance(offset, int) and offset >= 0):
+            if not all(type(n) is int and 0 <= n <= _MAX_INT for n in (as_of, offset)):
                 raise ValueError("bad cursor fields")
-            if total is not None and not isinstance(total, int):
+            if total is not None and not (type(total) is int and 0 <= total <= _MAX_INT):
                 raise ValueError("bad cursor total")
         except (ValueError, TypeError, binascii.Error) as exc:
             raise InvalidInputError("_cursor: not a cursor of this server (follow the Bundle's next link as given)") from exc

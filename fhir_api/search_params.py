@@ -51,6 +51,10 @@ ParamType = Literal["token", "reference", "date", "string", "uri"]
 #: The length of ``fhir_search_index.system`` / ``.value`` (``String(200)``).
 MAX_VALUE_LENGTH = 200
 
+#: Bounds on one search (each filter is a sub-query; an unbounded list is a denial of service).
+MAX_FILTERS = 20
+MAX_VALUES = 100
+
 #: The open ends of a Period (R4 ``#date``: "a missing lower boundary is 'less than' any actual date").
 #: Stored rather than NULL so that every date comparison is a plain indexed comparison.
 MIN_DATE = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
@@ -965,6 +969,8 @@ def parse_search(
     cursor: str | None = None
     total: str | None = None
     for name, raw in params:
+        if "\x00" in name or "\x00" in raw:
+            raise InvalidInputError("search parameters cannot contain NUL characters")
         if name in ("_format", "_pretty"):
             continue
         if raw == "":
@@ -1009,6 +1015,13 @@ def parse_search(
         parsed = parser.filter(definition, modifier or None, raw)
         if parsed is not None:
             filters.append(parsed)
+    if len(filters) > MAX_FILTERS or sum(len(f.values) for f in filters) > MAX_VALUES:
+        # Each filter is a sub-query: hundreds of them make one request cost the database seconds.
+        raise InvalidInputError(
+            f"too many search criteria: at most {MAX_FILTERS} parameters and {MAX_VALUES} values in all"
+        )
+    if len(includes) + len(revincludes) > MAX_FILTERS:
+        raise InvalidInputError(f"too many _include/_revinclude parameters: at most {MAX_FILTERS}")
     return SearchRequest(
         filters=tuple(filters),
         count=count,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,9 +63,18 @@ def parse_criteria(criteria: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return resource_type, params
 
 
+#: R4 datatypes, instant (seconds and a zone required).
+_INSTANT = re.compile(
+    r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+)
+
+
 def _parse_instant(value: Any, where: str) -> dt.datetime | None:
     if value is None:
         return None
+    if not isinstance(value, str) or not _INSTANT.fullmatch(value):
+        raise InvalidInputError(f"{where}: not a FHIR instant: {value!r}")
     try:
         parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError as exc:
@@ -95,7 +105,8 @@ def validate(body: Mapping[str, Any], *, logical_id: str | None, allowed_endpoin
         raise InvalidInputError("Subscription.channel.type: only rest-hook is supported")
     endpoint = channel.get("endpoint")
     parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc \
+            or not str(endpoint).isprintable() or " " in str(endpoint):
         raise InvalidInputError("Subscription.channel.endpoint must be an http(s) URL")
     if allowed_endpoints and not any(str(endpoint).startswith(prefix) for prefix in allowed_endpoints):
         raise InvalidInputError("Subscription.channel.endpoint is not in the endpoints this gateway may call")

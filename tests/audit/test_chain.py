@@ -33,6 +33,7 @@ from audit.store import (
     ChainVerification,
     Checkpoint,
     append,
+    append_many,
     record_hash,
     record_payload,
     signer_session_info,
@@ -69,6 +70,26 @@ def test_intact_chain_verifies(database: Database) -> None:
     _write(database, 5)
     result = _verify(database)
     assert result.ok and result.records == 5
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_batch_is_sealed_like_single_appends(database: Database, keyed: bool) -> None:
+    """append_many (the FHIR access records) makes the same chain as append, keyed or not."""
+    writer = _keyed(database) if keyed else database
+    _write(writer, 2)
+    when = dt.datetime.now(dt.UTC)
+    batch = [application_activity(SOURCE, started=True, process_name=f"b{i}", host="h", when=when) for i in range(50)]
+    with writer.session() as session:
+        assert append_many(session, batch) == 52
+        assert append_many(session, []) == 0
+    _write(writer, 1)
+    with writer.read_session() as session:
+        result = verify_chain(session, signer=AuditSigner(KEY) if keyed else None)
+        versions = set(session.execute(select(AuditRecord.hash_version)).scalars())
+    assert result.ok and result.records == 53
+    assert versions == {HASH_HMAC_SHA256 if keyed else HASH_SHA256}
+    if keyed:
+        writer.dispose()
 
 
 def test_edit_is_detected(database: Database) -> None:

@@ -1024,3 +1024,12 @@ def test_semantics_on_postgresql(postgres_url: str) -> None:
                 assert "using ix_fhir_search_" in plan and "Seq Scan on fhir_search_index" not in plan, plan
     finally:
         engine.dispose()
+
+
+def test_a_search_has_bounded_criteria() -> None:
+    """One request may not tie up the database with hundreds of sub-queries (found by the OpenAPI fuzz test)."""
+    parse_search("DiagnosticReport", [("status", "final")] * 20, strict=True, default_count=20, max_count=100)
+    with pytest.raises(InvalidInputError, match="too many search criteria"):
+        parse_search("DiagnosticReport", [("status", "final")] * 21, strict=True, default_count=20, max_count=100)
+    with pytest.raises(InvalidInputError, match="too many search criteria"):
+        parse_search("DiagnosticReport", [("status", ",".join(["final"] * 101))], strict=False, default_count=20, max_count=100)
