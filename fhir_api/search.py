@@ -77,10 +77,25 @@ def _conditions(resource_type: str, request: SearchRequest, as_of: int) -> list[
     ]
 
 
+#: Without ``_total=accurate``, a search counts its matches only up to this many: above it the
+#: Bundle has no ``total`` (R4 Bundle.total is optional; the ``next`` links still page through all).
+#: Counting every match of a broad search (``date=ge2020``) costs the database more than the page.
+TOTAL_COUNT_LIMIT = 1000
+
+
 def count(session: Session, resource_type: str, request: SearchRequest) -> int:
-    """``_summary=count``: how many resources match, no entries."""
+    """``_summary=count``: how many resources match, no entries (always exact)."""
     as_of = _snapshot(session)
     return int(session.execute(select(func.count()).where(*_conditions(resource_type, request, as_of))).scalar_one())
+
+
+def _total(session: Session, conditions: list[ColumnElement[bool]], *, accurate: bool) -> int | None:
+    """The number of matches: exact when ``accurate`` or when there are at most :data:`TOTAL_COUNT_LIMIT`."""
+    if accurate:
+        return int(session.execute(select(func.count()).where(*conditions)).scalar_one())
+    bounded = select(FhirResource.id).where(*conditions).limit(TOTAL_COUNT_LIMIT + 1).subquery()
+    found = int(session.execute(select(func.count()).select_from(bounded)).scalar_one())
+    return found if found <= TOTAL_COUNT_LIMIT else None
 
 
 def _snapshot(session: Session) -> int:
@@ -88,14 +103,18 @@ def _snapshot(session: Session) -> int:
 
 
 def run(session: Session, resource_type: str, request: SearchRequest, *, with_total: bool = True) -> SearchResult:
-    """One page of the search *request* over *resource_type* (see the module docstring)."""
+    """One page of the search *request* over *resource_type* (see the module docstring).
+
+    ``total``: ``_total=none`` (``with_total`` False) none; ``_total=accurate`` always exact; by
+    default exact up to :data:`TOTAL_COUNT_LIMIT` matches and absent above. Page one computes it,
+    later pages carry it in the cursor."""
     cursor = Cursor.decode(request.cursor) if request.cursor else None
     as_of = cursor.as_of if cursor else _snapshot(session)
     offset = cursor.offset if cursor else 0
     conditions = _conditions(resource_type, request, as_of)
     total = cursor.total if cursor else None
-    if total is None and with_total:
-        total = int(session.execute(select(func.count()).where(*conditions)).scalar_one())
+    if cursor is None and with_total:
+        total = _total(session, conditions, accurate=request.total == "accurate")
     # Resources without the sorted value come last either way, on SQLite and PostgreSQL alike.
     order = [(column.desc() if descending else column.asc()).nulls_last()
              for column, descending in sort_columns(resource_type, request.sort)]

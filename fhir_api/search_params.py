@@ -292,7 +292,7 @@ COLUMN_PARAMS = frozenset({"_id", "_lastUpdated"})
 
 #: ``_sort`` keys beyond ``_id``/``_lastUpdated``: the resource's own date, stored in ``fhir_resource.sort_date``.
 SORT_DATE_PARAMS: Mapping[str, str] = MappingProxyType(
-    {"DiagnosticReport": "date", "Observation": "date", "ImagingStudy": "started"}
+    {"DiagnosticReport": "date", "Observation": "date", "ImagingStudy": "started", "ServiceRequest": "authored"}
 )
 
 # R4 #all and the result parameters: known to FHIR, not supported here (unsupported, not unknown).
@@ -566,24 +566,39 @@ def extract_index(resource_type: str, resource: Mapping[str, Any]) -> list[Index
     return entries
 
 
-def sort_date(resource_type: str, resource: Mapping[str, Any]) -> dt.datetime | None:
-    """``fhir_resource.sort_date``: the start of the resource's own date (``_sort=date`` / ``started``).
+def date_range(resource_type: str, resource: Mapping[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:
+    """``fhir_resource.sort_date`` / ``sort_date_high``: the range ``[low, high)`` of the resource's own
+    date, the :data:`SORT_DATE_PARAMS` parameter (``_sort`` and the ``date`` filter read the columns).
 
-    DiagnosticReport and Observation: ``effective[x]`` (dateTime, instant, or a Period's start);
-    ImagingStudy: ``started``; anything else None.
+    DiagnosticReport and Observation: ``effective[x]`` (dateTime, instant, or a Period);
+    ImagingStudy: ``started``; ServiceRequest: ``authoredOn``; anything else None. These elements are
+    single-valued (0..1), so the row's columns say all the index rows would.
     """
     if resource_type in ("DiagnosticReport", "Observation"):
-        paths: tuple[str, ...] = ("effectiveDateTime", "effectiveInstant", "effectivePeriod.start")
-    elif resource_type == "ImagingStudy":
-        paths = ("started",)
-    else:
-        return None
-    for path in paths:
-        for element in _walk(resource, path):
+        for element in (*_walk(resource, "effectiveDateTime"), *_walk(resource, "effectiveInstant")):
             found = _date_range(element)
             if found is not None:
-                return found[0]
+                return found
+        for period in _walk(resource, "effectivePeriod"):
+            start = _date_range(period.get("start")) if isinstance(period, Mapping) else None
+            end = _date_range(period.get("end")) if isinstance(period, Mapping) else None
+            if start is not None or end is not None:
+                return (start[0] if start else MIN_DATE, end[1] if end else MAX_DATE)
+        return None
+    path = {"ImagingStudy": "started", "ServiceRequest": "authoredOn"}.get(resource_type)
+    if path is None:
+        return None
+    for element in _walk(resource, path):
+        found = _date_range(element)
+        if found is not None:
+            return found
     return None
+
+
+def sort_date(resource_type: str, resource: Mapping[str, Any]) -> dt.datetime | None:
+    """The start of :func:`date_range` (``_sort=date``)."""
+    found = date_range(resource_type, resource)
+    return None if found is None else found[0]
 
 
 # -------------------------------------------------------------------------------------------- dates
@@ -1205,6 +1220,8 @@ def filter_clause(resource_type: str, f: Filter) -> ColumnElement[bool]:
     definition = _definition(resource_type, f.param)
     if f.param in COLUMN_PARAMS:
         return _column_filter(resource_type, f)
+    if SORT_DATE_PARAMS.get(resource_type) == f.param:
+        return _own_date_filter(f)
     if f.modifier == "missing":
         present = _index_exists(resource_type, f.param)
         return or_(*(not_(present) if v.value == "true" else present for v in f.values))
@@ -1224,6 +1241,16 @@ def filter_clause(resource_type: str, f: Filter) -> ColumnElement[bool]:
         low, high = FhirSearchIndex.low.expression, FhirSearchIndex.high.expression
         conditions = [_ranged(prefix, low, high, qlo, qhi) for prefix, qlo, qhi in map(_date_value, f.values)]
     return _index_exists(resource_type, f.param, or_(*conditions))
+
+
+def _own_date_filter(f: Filter) -> ColumnElement[bool]:
+    """A filter on the resource's own date (:data:`SORT_DATE_PARAMS`): the same range rules as the
+    index rows, on the row's ``sort_date``/``sort_date_high`` columns (indexed with the type), so a
+    broad ``date=ge…`` is a range scan rather than a join over every date of the type."""
+    low, high = FhirResource.sort_date.expression, FhirResource.sort_date_high.expression
+    if f.modifier == "missing":
+        return or_(*(low.is_(None) if v.value == "true" else low.is_not(None) for v in f.values))
+    return or_(*(_ranged(prefix, low, high, qlo, qhi) for prefix, qlo, qhi in map(_date_value, f.values)))
 
 
 def sort_columns(resource_type: str, sort: Sequence[SortKey]) -> list[tuple[ColumnElement[Any], bool]]:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from fhir_api.search_params import extract_index, sort_date
+from fhir_api.search_params import date_range, extract_index
 from storage.index import insert_ignore
 from storage.models import FhirResource, FhirResourceVersion, FhirSearchIndex
 
@@ -81,7 +81,7 @@ def put(session: Session, body: Mapping[str, Any], *, study_uid: str | None, now
         FhirResource,
         {
             "resource_type": resource_type, "logical_id": logical_id, "version_id": 0, "last_updated": now,
-            "sort_date": None, "study_uid": study_uid, "digest": "", "content": "",
+            "sort_date": None, "sort_date_high": None, "study_uid": study_uid, "digest": "", "content": "",
         },
         ["resource_type", "logical_id"],
     )
@@ -94,7 +94,8 @@ def put(session: Session, body: Mapping[str, Any], *, study_uid: str | None, now
         return None
     row.version_id += 1
     row.last_updated = now
-    row.sort_date = sort_date(resource_type, body)
+    own_date = date_range(resource_type, body)
+    row.sort_date, row.sort_date_high = own_date if own_date is not None else (None, None)
     row.study_uid = study_uid if study_uid is not None else row.study_uid
     row.digest = digest
     row.content = _served(body, row.version_id, now)

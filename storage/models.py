@@ -312,6 +312,7 @@ class FhirResource(Base):
         UniqueConstraint("resource_type", "logical_id", name="uq_fhir_resource_type_id"),
         Index("ix_fhir_resource_type_updated", "resource_type", "last_updated", "id"),
         Index("ix_fhir_resource_type_date", "resource_type", "sort_date", "id"),
+        Index("ix_fhir_resource_type_date_high", "resource_type", "sort_date_high", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -319,8 +320,11 @@ class FhirResource(Base):
     logical_id: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[int] = mapped_column(Integer)
     last_updated: Mapped[dt.datetime] = mapped_column()
-    # The resource's own date (DiagnosticReport/Observation effective, ImagingStudy started): `_sort=date`.
+    # The resource's own date as a range [sort_date, sort_date_high) (DiagnosticReport/Observation
+    # effective, ImagingStudy started, ServiceRequest authoredOn): `_sort=date` and the `date` filter
+    # read these columns, so a date search is an index range scan, not a join on the search index.
     sort_date: Mapped[dt.datetime | None] = mapped_column()
+    sort_date_high: Mapped[dt.datetime | None] = mapped_column()
     # The study whose projection wrote it (None for shared resources: Patient, Device, Subscription).
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     digest: Mapped[str] = mapped_column(String(64))
@@ -350,8 +354,8 @@ class FhirSearchIndex(Base):
 
     __tablename__ = "fhir_search_index"
     __table_args__ = (
-        Index("ix_fhir_search_value", "resource_type", "param", "value", "resource_pk"),
-        Index("ix_fhir_search_date", "resource_type", "param", "low", "resource_pk"),
+        Index("ix_fhir_search_value", "resource_type", "param", "value", "system", "resource_pk"),
+        Index("ix_fhir_search_date", "resource_type", "param", "low", "high", "resource_pk"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from audit.events import AuditSource
 from audit.models import AuditRecord
 from conf.settings import FhirSettings
+from fhir_api import search
 from fhir_api.api import FhirApi, install
 from fhir_api.audit_trail import AuditTrail
 from fhir_api.auth import TokenVerifier
@@ -276,3 +277,13 @@ def test_refused_requests_are_audited(server: Server, database: Database) -> Non
     refused = [(e["event_id"]["code"], e["event_types"][0]["code"], e["outcome"]) for e in events
                if e["event_id"]["code"] in ("110114", "110113")]
     assert refused == [("110114", "110122", 4), ("110113", "110132", 4)]
+
+
+def test_broad_searches_count_up_to_a_limit_unless_asked(server: Server, database: Database,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _reports(database, 5)
+    monkeypatch.setattr(search, "TOTAL_COUNT_LIMIT", 3)
+    broad = server.get("/DiagnosticReport", params={"_count": 2}).json()
+    assert "total" not in broad and len(broad["entry"]) == 2  # above the limit: no total, still pages
+    assert server.get("/DiagnosticReport", params={"_count": 2, "_total": "accurate"}).json()["total"] == 5
+    assert server.get("/DiagnosticReport", params={"_count": 2, "_id": f"{BASE_UID}.1"}).json()["total"] == 1

@@ -25,6 +25,7 @@ from fhir_api.search_params import (
     IndexEntry,
     SearchRequest,
     SortKey,
+    date_range,
     extract_index,
     filter_clause,
     normalise,
@@ -907,12 +908,14 @@ SEARCH_CASES: list[tuple[str, str, list[str]]] = [
 
 def _store(session: Session, resource: dict[str, Any], last_updated: dt.datetime) -> None:
     resource_type = resource["resourceType"]
+    own_date = date_range(resource_type, resource)  # as fhir_api.store.put fills the row
     row = FhirResource(
         resource_type=resource_type,
         logical_id=resource["id"],
         version_id=1,
         last_updated=last_updated,
-        sort_date=sort_date(resource_type, resource),
+        sort_date=own_date[0] if own_date else None,
+        sort_date_high=own_date[1] if own_date else None,
         study_uid=None,
         digest="0" * 64,
         content=json.dumps(resource),
@@ -982,11 +985,13 @@ def test_search(sqlite_engine: Engine, resource_type: str, query: str, expected:
 
 
 def test_filters_are_correlated_exists_subqueries() -> None:
-    request = parse("DiagnosticReport", "status=final&subject=Patient/p1&date=ge2024")
+    """Index parameters are EXISTS subqueries; the resource's own date reads the row's columns."""
+    request = parse("DiagnosticReport", "status=final&subject=Patient/p1&date=ge2024&issued=ge2024")
     statement = select(FhirResource.id).where(*(filter_clause("DiagnosticReport", f) for f in request.filters))
     sql = str(statement.compile(compile_kwargs={"literal_binds": True}))
     assert sql.count("EXISTS (SELECT") == 3
     assert sql.count("fhir_search_index.resource_pk = fhir_resource.id") == 3
+    assert "fhir_resource.sort_date >= '2024-01-01 00:00:00+00:00' OR fhir_resource.sort_date_high >" in sql
     assert "fhir_search_index.resource_type = 'DiagnosticReport' AND fhir_search_index.param = 'status'" in sql
     assert sql.count("FROM fhir_resource") == 1  # correlated, not a cross join in the subqueries
 
@@ -1014,14 +1019,15 @@ def test_semantics_on_postgresql(postgres_url: str) -> None:
             connection.execute(text("ANALYZE"))
             connection.execute(text("SET enable_seqscan = off"))
             # Tiny tables make the two fhir_search indexes cost the same: either is the point, a seq scan is not.
-            for query in ("status=final", "date=sa2024-03-05", "subject=Patient/p-year"):
+            for query, index in (("status=final", "ix_fhir_search_"), ("date=sa2024-03-05", "ix_fhir_resource_type_date"),
+                                 ("issued=sa2024-03-05", "ix_fhir_search_"), ("subject=Patient/p-year", "ix_fhir_search_")):
                 request = parse("DiagnosticReport", query)
                 statement = select(FhirResource.id).where(
                     FhirResource.resource_type == "DiagnosticReport", filter_clause("DiagnosticReport", request.filters[0])
                 )
                 compiled = statement.compile(engine, compile_kwargs={"literal_binds": True})
                 plan = "\n".join(row[0] for row in connection.execute(text(f"EXPLAIN {compiled}")))
-                assert "using ix_fhir_search_" in plan and "Seq Scan on fhir_search_index" not in plan, plan
+                assert f"using {index}" in plan and "Seq Scan on fhir_search_index" not in plan, plan
     finally:
         engine.dispose()
 

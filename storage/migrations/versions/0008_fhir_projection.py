@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("version_id", sa.Integer, nullable=False),
         sa.Column("last_updated", _UTC, nullable=False),
         sa.Column("sort_date", _UTC, nullable=True),
+        sa.Column("sort_date_high", _UTC, nullable=True),
         sa.Column("study_uid", sa.String(64), nullable=True),
         sa.Column("digest", sa.String(64), nullable=False),
         sa.Column("content", sa.Text, nullable=False),
@@ -36,6 +37,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_fhir_resource_type_updated", "fhir_resource", ["resource_type", "last_updated", "id"])
     op.create_index("ix_fhir_resource_type_date", "fhir_resource", ["resource_type", "sort_date", "id"])
+    op.create_index("ix_fhir_resource_type_date_high", "fhir_resource", ["resource_type", "sort_date_high", "id"])
     op.create_index("ix_fhir_resource_study_uid", "fhir_resource", ["study_uid"])
     op.create_table(
         "fhir_resource_version",
@@ -58,8 +60,8 @@ def upgrade() -> None:
         sa.Column("high", _UTC, nullable=True),
     )
     op.create_index("ix_fhir_search_index_resource_pk", "fhir_search_index", ["resource_pk"])
-    op.create_index("ix_fhir_search_value", "fhir_search_index", ["resource_type", "param", "value", "resource_pk"])
-    op.create_index("ix_fhir_search_date", "fhir_search_index", ["resource_type", "param", "low", "resource_pk"])
+    op.create_index("ix_fhir_search_value", "fhir_search_index", ["resource_type", "param", "value", "system", "resource_pk"])
+    op.create_index("ix_fhir_search_date", "fhir_search_index", ["resource_type", "param", "low", "high", "resource_pk"])
 
 
 def downgrade() -> None:
