@@ -38,7 +38,7 @@ def test_health_and_ready(served: ServeProcess) -> None:
     ready = httpx.get(f"{base}/ready")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {
-        "database": True, "migrations": True, "dicom": True, "acceptors": True, "workers": True, "disk": True
+        "database": True, "migrations": True, "dicom": True, "acceptors": True, "workers": True, "hl7": True, "disk": True
     }
 
 
