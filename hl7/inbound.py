@@ -45,6 +45,7 @@ from audit.events import (
     RoleId,
 )
 from audit.store import append as append_audit
+from audit.store import append_many
 from conf.network import host_addresses, normalise_address
 from conf.settings import Hl7Peer, Hl7Settings
 from hl7.messages import (
@@ -190,8 +191,9 @@ class InboundService:
                     control_id=header.control_id[:199], message_type=f"{header.message_type}^{header.trigger_event}"[:16],
                     ack_code="AA", ack=ack, received_at=now,
                 ))
-                append_audit(session, self._record_event(message, info, event, action, now))
-                self._audit_received(session, info, "AA", now, None, header)
+                # One chain-head lock for both records (PS3.15 Import + Order/Patient Record).
+                append_many(session, [self._received_event(info, "AA", now, None, header),
+                                      self._record_event(message, info, event, action, now)])
         except IntegrityError:
             # The same message on two connections at once: the other one committed; answer as it did.
             with self._db.read_session() as session:
@@ -218,10 +220,21 @@ class InboundService:
         self, session: Session | None, info: ConnectionInfo, ack_code: str, now: dt.datetime,
         error: Hl7MessageError | None, header: MessageHeader | None = None,
     ) -> None:
+        event = self._received_event(info, ack_code, now, error, header)
+        if session is None:
+            with self._db.session() as own:
+                append_audit(own, event)
+        else:
+            append_audit(session, event)
+
+    def _received_event(
+        self, info: ConnectionInfo, ack_code: str, now: dt.datetime, error: Hl7MessageError | None,
+        header: MessageHeader | None,
+    ) -> AuditEvent:
         """PS3.15 A.5.3.7 Import: a message arrived; its ACK code and (for a refusal) why."""
         kind = f"{header.message_type}^{header.trigger_event}" if header else "unreadable"
         description = f"HL7 {kind} received; ACK {ack_code}" + (f": {error}" if error else "")
-        event = AuditEvent(
+        return AuditEvent(
             event_id=EventId.IMPORT, action=Action.CREATE,
             outcome=Outcome.SUCCESS if ack_code == "AA" else Outcome.MINOR_FAILURE,
             outcome_description=description[:1000], occurred_at=now, source=self._audit_source,
@@ -229,11 +242,6 @@ class InboundService:
             objects=(ParticipantObject(object_id=header.control_id if header else "-", id_type=_MESSAGE_ID, type_code=2,
                                        details={"MessageType": kind, "AckCode": ack_code}),),
         )
-        if session is None:
-            with self._db.session() as own:
-                append_audit(own, event)
-        else:
-            append_audit(session, event)
 
     def _record_event(self, message: Inbound, info: ConnectionInfo, event_id: Code, action: Action,
                       now: dt.datetime) -> AuditEvent:

@@ -29,18 +29,16 @@ Where the Accession Number is
     No other place is guessed: no accession, no order (AE, 101, with the field's location).
 
 Validation level and hl7apy
-    hl7apy parses every inbound message at ``VALIDATION_LEVEL.TOLERANT`` (real-world messages break
-    length limits and carry site-specific segments; strict parsing rejects them outright and puts
-    the offending *value* in its exception text) and we then check, explicitly, every field we use.
-    A segment the declared version does not define (and that is not a Z-segment) is ignored, as
-    HL7's receiving rules ask, instead of failing hl7apy's parse of the whole message.
-    The segments are parsed with ``find_groups=False``: with ``find_groups=True`` hl7apy 1.3.5
-    silently drops a segment that does not fit the structure (the ``ZDS`` of an IHE ``ORM^O01``
-    disappears), and the order groups here are simple enough to pair by hand (ORC, its TQ1/OBR/IPC).
-    Field *values* are read from the segment text with the message's own delimiters, not through
-    hl7apy's element tree: hl7apy keeps values escaped and re-escapes when it serialises
-    (``\\X0D\\`` comes back as ``\\E\\X0D\\E\\``), so values are split and unescaped here
-    (:func:`unescape`; HL7 v2.5.1 chapter 2, "Use of escape sequences in text fields").
+    Inbound, hl7apy reads the MSH (:func:`hl7apy.parser.get_message_info`: encoding characters,
+    structure, version) and says which segments the declared version defines; every field we use is
+    then read from the segment text with the message's own delimiters and checked explicitly.
+    hl7apy is not asked to build the whole message tree: at ``VALIDATION_LEVEL.TOLERANT`` it accepts
+    what we accept and checks nothing we rely on, strict parsing rejects real-world messages outright
+    (length limits, site segments) and puts the offending *value* in its exception text, and building
+    the tree cost ~16 ms per order — most of the listener's time (bench/hl7.py). Values are read
+    from the text, not through hl7apy's element tree, because hl7apy keeps values escaped and
+    re-escapes when it serialises (``\\X0D\\`` comes back as ``\\E\\X0D\\E\\``): they are split and
+    unescaped here (:func:`unescape`, HL7 v2.5.1 2.7 "Use of escape sequences in text fields").
     Our own output (ACK, ORU^R01) is written as text with :func:`escape` and checked in the tests by
     parsing it back with hl7apy at ``VALIDATION_LEVEL.STRICT`` with ``find_groups=True`` and
     ``validate()``.
@@ -661,7 +659,12 @@ def _hd(segment: _Segment, position: int) -> str:
 
 
 def _segments(text: str, header: MessageHeader, d: _Delimiters) -> list[_Segment]:
-    """Parse with hl7apy (TOLERANT, flat) and pair each hl7apy segment with its raw text."""
+    """The message's segments, split with its own delimiters, the ones its version does not define left out.
+
+    hl7apy is not asked to build the whole message tree here: at TOLERANT level it accepts what
+    we accept and checks nothing we rely on, and building the tree cost ~16 ms per order (over 60 %
+    of the listener's time per message, measured by bench/hl7.py). The MSH is read with hl7apy
+    (:func:`hl7apy.parser.get_message_info`); every field we use is checked explicitly."""
     lines = text.split("\r")
     for index, line in enumerate(lines):
         if not _SEGMENT_ID.fullmatch(line[:3]) or (len(line) > 3 and line[3] != d.field):
@@ -675,20 +678,6 @@ def _segments(text: str, header: MessageHeader, d: _Delimiters) -> list[_Segment
     # rules", receiving side): one the declared version does not define (a TQ1 in a v2.3.1 ORM, a vendor's
     # non-Z segment) is left out instead of failing hl7apy's parse of the whole message.
     kept = [line for line in lines if _known_segment(line[:3], header.version)]
-    try:
-        parsed = parse_message("\r".join(kept), validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
-        names = [str(child.name) for child in parsed.children]
-    except Exception:  # noqa: BLE001 - hl7apy raises many kinds; its texts may quote values (PHI)
-        raise Hl7MessageError(
-            "the message body could not be parsed", ack_code="AE", hl7_error_code=ErrorCode.DATA_TYPE_ERROR, header=header
-        ) from None
-    if names != [line[:3] for line in kept]:
-        raise Hl7MessageError(
-            "the message's segments could not be read consistently",
-            ack_code="AE",
-            hl7_error_code=ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            header=header,
-        )
     return _split(kept, d)
 
 
