@@ -118,8 +118,11 @@ def run(session: Session, resource_type: str, request: SearchRequest, *, with_to
     # Resources without the sorted value come last either way, on SQLite and PostgreSQL alike.
     order = [(column.desc() if descending else column.asc()).nulls_last()
              for column, descending in sort_columns(resource_type, request.sort)]
+    # Without _sort: newest first (by creation), what an EHR polling for recent reports wants, and
+    # the order in which a recent-date search finds its matches at once.
+    tiebreak = FhirResource.id.asc() if request.sort else FhirResource.id.desc()
     rows = session.execute(
-        select(FhirResource).where(*conditions).order_by(*order, FhirResource.id).offset(offset).limit(request.count + 1)
+        select(FhirResource).where(*conditions).order_by(*order, tiebreak).offset(offset).limit(request.count + 1)
     ).scalars().all()
     matches = [_row(r) for r in rows[: request.count]]
     more = len(rows) > request.count

@@ -1250,7 +1250,22 @@ def _own_date_filter(f: Filter) -> ColumnElement[bool]:
     low, high = FhirResource.sort_date.expression, FhirResource.sort_date_high.expression
     if f.modifier == "missing":
         return or_(*(low.is_(None) if v.value == "true" else low.is_not(None) for v in f.values))
-    return or_(*(_ranged(prefix, low, high, qlo, qhi) for prefix, qlo, qhi in map(_date_value, f.values)))
+    return or_(*(_bounded(prefix, low, high, qlo, qhi) for prefix, qlo, qhi in map(_date_value, f.values)))
+
+
+def _bounded(
+    prefix: str, low: ColumnElement[Any], high: ColumnElement[Any], qlo: dt.datetime, qhi: dt.datetime
+) -> ColumnElement[bool]:
+    """:func:`_ranged`, plus the range bound its OR implies for ``ge``/``le`` (a non-empty range has
+    ``low < high``: ``ge`` implies ``high > qlo``, ``le`` implies ``low < qhi``), so that the database
+    can answer ``date=ge…`` with a range scan of ``ix_fhir_resource_type_date_high`` instead of
+    filtering every row of the type. The result is the same rows."""
+    condition = _ranged(prefix, low, high, qlo, qhi)
+    if prefix == "ge":
+        return and_(high > qlo, condition)
+    if prefix == "le":
+        return and_(low < qhi, condition)
+    return condition
 
 
 def sort_columns(resource_type: str, sort: Sequence[SortKey]) -> list[tuple[ColumnElement[Any], bool]]:
