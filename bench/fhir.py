@@ -23,26 +23,41 @@ uvicorn settings (one worker), so that neither shares a GIL with the other or wi
 The load generator is ``wrk`` (``apt-get install wrk``): C, one thread, keep-alive HTTP/1.1, a Lua
 script that picks a random pre-formatted request per call. A Python client would spend as much CPU
 per request as the server on this 2-core machine and measure itself. Each run is a warm-up (2 s,
-discarded) then the measurement (10 s). CPU used during the measurement is read from ``/proc``
-for the server process and for the whole machine (the rest is PostgreSQL and wrk).
+discarded) then the measurement (10 s; longer, up to ``--max-seconds``, when it got fewer than
+``--min-requests`` answers, so that a slow search still has a p99 worth the name). Between runs
+the bench waits until the server and PostgreSQL are idle: a ``def`` route is not cancelled when
+its client leaves, so a finished run's requests would otherwise delay the next one.
 
-Seeding (``--seed``, idempotent: skipped when the schema already holds ``--reports`` reports) fills
-a dedicated schema (``bench_fhir``) migrated with :func:`storage.migrate.upgrade`: N studies of one
-chest radiograph each, ~10 per patient, study dates spread evenly over two years (studies arrive in
-date order, so ``fhir_resource.id`` grows with the date, as in production), each with its
-ImagingStudy, Observation and final DiagnosticReport, plus one shared Device. The resources are what
-:mod:`fhir_api.resources` makes from :mod:`fhir_api.facts`: ~100 templates come from the mappers
-(probabilities vary), each study's identity (UIDs, accession, patient, observation id, dates) is
-substituted into a template's JSON, and a sample of studies is checked to be exactly what the
-mappers make of its facts. Rows go in with ``COPY`` (``fhir_resource``, ``fhir_resource_version``,
-``fhir_search_index``), serialised like :func:`fhir_api.store.put` (``_served``,
-``content_digest``, ``extract_index``, ``sort_date``), 1000 studies per transaction, then
-``VACUUM ANALYZE``.
+CPU during each measurement comes from ``/proc``: the server process, every PostgreSQL process
+(the postmaster's exited children included: a connection opened and closed within the run), wrk,
+and the rest of the machine ("other"). The machine is shared (test suites, other benchmarks), so
+each run starts on an idle machine and is measured again (``--tries``) when others used more than
+0.15 cores meanwhile; the JSON says which runs never got a quiet machine. PostgreSQL connections
+opened during a run (``pg_stat_database.sessions``) show a pool that reconnects under load.
 
-``--explain`` prints ``EXPLAIN (ANALYZE, BUFFERS)`` of every statement the API runs for one patient
-search and one date search (captured from :func:`fhir_api.search.run` itself, not rewritten).
+Seeding (``--seed``) fills a dedicated schema (``bench_fhir``) migrated with
+:func:`storage.migrate.upgrade`: N studies of one chest radiograph each, ~10 per patient, study
+dates spread evenly over two years (studies arrive in date order, so ``fhir_resource.id`` grows
+with the date, as in production), each with its ImagingStudy, Observation and final
+DiagnosticReport, plus one shared Device. The resources are what :mod:`fhir_api.resources` makes
+from :mod:`fhir_api.facts`: ~100 templates come from the mappers (probabilities vary), each study's
+identity (UIDs, accession, patient, observation id, dates) is substituted into a template's JSON,
+and a sample of studies is checked to be exactly what the mappers make of its facts. Rows go in
+with ``COPY`` (``fhir_resource``, ``fhir_resource_version``, ``fhir_search_index``), 1000 studies
+per transaction, then ``VACUUM ANALYZE``; a sample is first written with
+:func:`fhir_api.store.put` (rolled back) and compared column for column, so the fast path writes
+what ``store.put`` writes. Seeding is idempotent: the schema records a fingerprint of the tables
+(as the models declare them) and of a sample's rows; the same fingerprint skips the seeding, a
+different one (the models, mappers, serialisation or index extraction changed) seeds again, and
+measuring refuses a schema seeded by other code.
 
-Not a test. Run: ``python bench/fhir.py --seed`` (seeds 100k on first use, then measures).
+Every run also records ``EXPLAIN (ANALYZE, BUFFERS)`` of the statements the API runs for one
+patient search and one date search (captured from :func:`fhir_api.search.run` itself, not
+rewritten) in the JSON; ``--explain`` prints them. The JSON names the commit and the uncommitted
+changes of the code under test.
+
+Not a test. Run: ``python bench/fhir.py --seed`` (seeds 100k on first use, ~3 min, then measures).
+Needs PostgreSQL (``--url``, default the test database) and ``wrk``.
 """
 
 from __future__ import annotations
@@ -656,28 +671,39 @@ class Measurement:
     machine_cpu: float
     server_cpu_ms_per_request: float
     postgres_cpu_ms_per_request: float
+    postgres_sessions_opened: int  # new connections during the run (anyone's): a pool that reconnects under load
     load_before: float
 
 
-def _proc_cpu_seconds(pid: int) -> float:
+def _proc_cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """utime + stime of a process (all its threads), plus what its exited children used when *children*."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:  # gone
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _postgres_cpu_seconds() -> dict[int, float]:
-    """CPU seconds of every PostgreSQL process (the server's backends, and anyone else's)."""
+    """CPU seconds of every PostgreSQL process (the server's backends, and anyone else's), the postmaster's
+    exited children included: a connection opened and closed within a run is a backend that lived and
+    died between two looks at /proc."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "comm").read_text().strip() == "postgres":
-                    found[int(entry.name)] = _proc_cpu_seconds(int(entry.name))
+                    found[int(entry.name)] = _proc_cpu_seconds(int(entry.name), children=True)
             except OSError:
                 continue
     return found
+
+
+def _postgres_sessions(database: Database) -> int:
+    """Connections PostgreSQL has accepted so far (all databases): a pool that keeps reconnecting shows here."""
+    with database.engine.connect() as connection:
+        return int(connection.execute(text("SELECT sum(sessions) FROM pg_stat_database")).scalar_one() or 0)
 
 
 def _machine_busy_seconds() -> float:
@@ -742,11 +768,13 @@ def measure(child: Child, scenario: str, paths_file: Path, tokens_file: Path | N
         run_wrk(child.port, paths_file, tokens_file, clients, warmup, script)
         wait_until_idle(child.proc.pid, database)
     while True:
+        sessions0 = _postgres_sessions(database)
         server0, machine0, pg0 = _proc_cpu_seconds(child.proc.pid), _machine_busy_seconds(), _postgres_cpu_seconds()
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = run_wrk(child.port, paths_file, tokens_file, clients, seconds, script)
         client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         server1, machine1, pg1 = _proc_cpu_seconds(child.proc.pid), _machine_busy_seconds(), _postgres_cpu_seconds()
+        sessions1 = _postgres_sessions(database)
         wait_until_idle(child.proc.pid, database)
         if result["requests"] >= min_requests or seconds >= max_seconds:
             break
@@ -767,7 +795,7 @@ def measure(child: Child, scenario: str, paths_file: Path, tokens_file: Path | N
         other_cpu=round(max(0.0, machine - server - postgres - client), 2), machine_cpu=round(machine, 2),
         server_cpu_ms_per_request=round((server1 - server0) * 1000 / max(requests, 1), 3),
         postgres_cpu_ms_per_request=round(postgres * wall * 1000 / max(requests, 1), 3),
-        load_before=round(load_before, 2),
+        postgres_sessions_opened=sessions1 - sessions0, load_before=round(load_before, 2),
     )
 
 
@@ -891,8 +919,8 @@ def explain(url: str, corpus: Corpus) -> dict[str, list[dict[str, Any]]]:
 def table(results: Sequence[Measurement]) -> str:
     rows = [
         "| scenario | clients | requests | req/s | p50 ms | p99 ms | non-200 | server CPU ms/req | PostgreSQL CPU ms/req "
-        "| CPU: server / PostgreSQL / wrk / other (cores) | vs floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU: server / PostgreSQL / wrk / other (cores) | PG connections opened | vs floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
         floor = next((f for f in results if f.scenario == "floor" and f.clients == m.clients), None)
@@ -900,7 +928,8 @@ def table(results: Sequence[Measurement]) -> str:
         rows.append(
             f"| {m.scenario} | {m.clients} | {m.requests} | {m.per_second:,.1f} | {m.p50_ms:.1f} | {m.p99_ms:.1f} "
             f"| {m.non200 + m.socket_errors} | {m.server_cpu_ms_per_request:.2f} | {m.postgres_cpu_ms_per_request:.2f} "
-            f"| {m.server_cpu:.2f} / {m.postgres_cpu:.2f} / {m.client_cpu:.2f} / {m.other_cpu:.2f} | {ratio} |"
+            f"| {m.server_cpu:.2f} / {m.postgres_cpu:.2f} / {m.client_cpu:.2f} / {m.other_cpu:.2f} "
+            f"| {m.postgres_sessions_opened} | {ratio} |"
         )
     return "\n".join(rows)
 
@@ -962,7 +991,7 @@ def main() -> int:
     parser.add_argument("--quiet-timeout", type=float, default=300.0,
                         help="how long to wait for an idle machine before each run (then measure anyway)")
     parser.add_argument("--no-measure", action="store_true", help="seed (and explain) only")
-    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the search SQL")
+    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the search SQL (always in the JSON)")
     parser.add_argument("--json", type=Path, default=RESULTS,
                         help=f"write the results here (default {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--serve", choices=("api", "floor"), help=argparse.SUPPRESS)
@@ -996,9 +1025,8 @@ def main() -> int:
     corpus = Corpus.load(url)
     print(f"corpus: {len(corpus.report_ids)} reports, {len(corpus.patient_ids)} patients, "
           f"{corpus.first_day} .. {corpus.last_day}", flush=True)
-    plans = None
+    plans = explain(url, corpus)  # kept in the JSON: the plans behind the figures
     if args.explain:
-        plans = explain(url, corpus)
         for name, entries in plans.items():
             print(f"\n## EXPLAIN {name}: search.run {entries[0]['search_run_ms']} ms")
             for entry in entries[1:]:
@@ -1047,7 +1075,8 @@ def main() -> int:
                     results.append(m)
                     print(f"{scenario:<8} c={clients:<3} {m.requests:6d} req {m.per_second:8.1f}/s p50 {m.p50_ms:7.1f} ms "
                           f"p99 {m.p99_ms:7.1f} ms non-200 {m.non200} sock {m.socket_errors}; cores: server {m.server_cpu:.2f} "
-                          f"pg {m.postgres_cpu:.2f} wrk {m.client_cpu:.2f} other {m.other_cpu:.2f} (load before {m.load_before})",
+                          f"pg {m.postgres_cpu:.2f} wrk {m.client_cpu:.2f} other {m.other_cpu:.2f}; "
+                          f"{m.postgres_sessions_opened} PostgreSQL connections opened",
                           flush=True)
 
     watcher.dispose()
