@@ -55,6 +55,8 @@ lock:
 	} > $(LOCK).new; \
 	mv $(LOCK).new $(LOCK); echo "wrote $(LOCK)"
 
+# The ingest benchmark (DCMTK's storescu, from system-deps). The others run by hand, see docs/benchmarks.md;
+# bench/fhir.py also needs PostgreSQL and wrk (apt-get install wrk; not in APT_PACKAGES: the tests do not use it).
 bench: install-test
 	$(VENV)/bin/python bench/ingest.py
 

@@ -399,7 +399,7 @@ def _seeded(base: str, schema: str) -> dict[str, Any] | None:
             if connection.execute(text("SELECT to_regclass(:t)"), {"t": f"{schema}.bench_seed"}).scalar() is None:
                 return None
             row = connection.execute(text(f'SELECT fingerprint, reports, summary FROM "{schema}".bench_seed')).one_or_none()
-            return None if row is None else {"fingerprint": row[0], "reports": row[1], "summary": row[2]}
+            return None if row is None else {"fingerprint": row[0], "reports": row[1], "summary": json.loads(row[2])}
     finally:
         database.dispose()
 
