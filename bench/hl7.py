@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import selectors
@@ -694,10 +695,29 @@ def postgres_reachable(url: str) -> str | None:
         return f"{exc.__class__.__name__}"
 
 
+def speed_probe() -> float:
+    """Milliseconds of one fixed pure-Python workload (best of 5): this VM's speed drifts by tens of per
+    cent over an hour (shared host), so runs on different days or hours compare only through it."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i % 7
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1e3, 2)
+
+
 def git_commit() -> str:
+    """HEAD, and when the tree has changes, a digest of the code the servers run (to tell runs of different code apart)."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT, check=False).stdout
-    return out.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
+    if not dirty.strip():
+        return out.stdout.strip()
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("hl7", "storage", "audit", "gateway", "conf") for p in (ROOT / package).rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{out.stdout.strip()}+uncommitted (code digest {digest.hexdigest()[:12]})"
 
 
 def main() -> int:
@@ -738,7 +758,7 @@ def main() -> int:
         "benchmark": "hl7",
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "code": git_commit(),
-        "machine": {"cpus": os.cpu_count(), "load_at_start": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "load_at_start": os.getloadavg(), "speed_probe_ms_at_start": speed_probe()},
         "inbound": {"message": "ORM^O01 v2.3.1 (IHE sample), ~700 bytes, distinct ids per order",
                     "client": "closed loop, one outstanding order per connection, own process; warm-up discarded",
                     "seconds": args.seconds, "warmup": args.warmup, "targets": {}, "results": []},
@@ -770,6 +790,9 @@ def main() -> int:
     checks = target_checks(results)
     document["inbound"]["target_checks"] = checks
     document["machine"]["load_at_end"] = os.getloadavg()
+    document["machine"]["speed_probe_ms_at_end"] = speed_probe()
+    probe = (document["machine"]["speed_probe_ms_at_start"], document["machine"]["speed_probe_ms_at_end"])
+    print(f"\nspeed probe (fixed pure-Python loop, lower is faster): {probe[0]} ms at start, {probe[1]} ms at end")
     print()
     print(inbound_table(results))
     print()
