@@ -173,3 +173,26 @@ def sample_ai_result() -> Any:
         intended_use="Test only",
         completed_at=dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC),
     )
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll *condition* (with a deadline) until it returns something truthy, and return that."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a peer that starts later in the test)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -10,11 +10,9 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,10 @@ from fhirpy import SyncFHIRClient
 from sqlalchemy import select
 
 from storage.models import DeliveryAttempt, InferenceResult, Job, JobState
-from tests.conftest import copy_with_new_uids, sample
+from tests.conftest import copy_with_new_uids, free_port, sample, wait_until
 from tests.dicom_node.test_storage_scp import send
 from tests.fhir_api.tokens import TokenService
 from tests.inference.tiny_model import write_model_dir
-
-
-def _wait(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _start(gateway_factory: Any, tmp_path: Path, tokens: TokenService, **sections: Any) -> Any:
@@ -61,8 +48,8 @@ def test_a_stored_radiograph_is_found_by_patient_with_its_observation(gateway_fa
 
     base = f"http://127.0.0.1:{gateway.http.port}/fhir"
     client = SyncFHIRClient(base, authorization=f"Bearer {tokens.token('system/*.rs')}")
-    patient = _wait(lambda: client.resources("Patient").search(identifier=str(source.PatientID)).first(), what="Patient")
-    report = _wait(
+    patient = wait_until(lambda: client.resources("Patient").search(identifier=str(source.PatientID)).first(), what="Patient")
+    report = wait_until(
         lambda: client.resources("DiagnosticReport").search(patient=patient.id, status="final").first(), what="final report"
     )
     assert report["imagingStudy"][0]["reference"] == f"ImagingStudy/{source.StudyInstanceUID}"
@@ -115,17 +102,13 @@ class _Receiver:
         self.server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_a_receiver_that_was_down_gets_every_notification_once(gateway_factory: Any, tmp_path: Path) -> None:
     tokens = TokenService(tmp_path / "idp")
     gateway = _start(gateway_factory, tmp_path, tokens,
                      delivery={"backoff_base_seconds": 0.2, "backoff_cap_seconds": 0.5, "max_attempts": 100})
-    port = _free_port()
+    port = free_port()
     subscription = {
         "resourceType": "Subscription", "status": "requested", "reason": "EHR result inbox",
         "criteria": "DiagnosticReport?status=final",
@@ -145,7 +128,7 @@ def test_a_receiver_that_was_down_gets_every_notification_once(gateway_factory: 
             rows = session.execute(select(DeliveryAttempt).where(DeliveryAttempt.channel == "fhir-subscription")).scalars()
             return len({a.subject for a in rows if a.outcome == "failed"})
 
-    _wait(lambda: failed_attempts() >= 3, what="every notification to fail while the receiver is down")
+    wait_until(lambda: failed_attempts() >= 3, what="every notification to fail while the receiver is down")
     receiver = _Receiver(port)
     try:
         def all_delivered() -> bool:
@@ -154,7 +137,7 @@ def test_a_receiver_that_was_down_gets_every_notification_once(gateway_factory: 
             notifications = [j for j in jobs if j.payload["channel"] == "fhir-subscription"]
             return len(notifications) == 3 and all(j.state == JobState.DONE for j in notifications)
 
-        _wait(all_delivered, what="the notifications to be delivered")
+        wait_until(all_delivered, what="the notifications to be delivered")
         time.sleep(1.0)  # nothing more may arrive
     finally:
         receiver.stop()

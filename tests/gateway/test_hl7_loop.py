@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from hl7.messages import parse_ack
 from storage.models import DeliveryAttempt, Job, JobState
-from tests.conftest import copy_with_new_uids, sample
+from tests.conftest import copy_with_new_uids, free_port, sample, wait_until
 from tests.dicom_node.test_storage_scp import send
 from tests.hl7.test_messages import OMI_251, ORM_231
 from tests.inference.tiny_model import write_model_dir
@@ -32,15 +32,6 @@ from tests.inference.tiny_model import write_model_dir
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 
 
-def _wait(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _exchange(port: int, message: str) -> str:
@@ -93,10 +84,6 @@ class Ehr:
         self._server.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _order(template: str, accession: str, placer: str, control_id: str) -> str:
@@ -129,7 +116,7 @@ def _strictly_valid(message: str, tmp_path: Path) -> Message:
 
 
 def test_orders_images_and_results_in_any_order_with_the_ehr_down_then_up(gateway_factory: Any, tmp_path: Path) -> None:
-    ehr_port = _free_port()
+    ehr_port = free_port()
     gateway = gateway_factory(sections={
         "inference": {"model_dir": str(write_model_dir(tmp_path / "model"))},
         "worker": {"enabled": True, "poll_interval": 0.1},
@@ -154,7 +141,7 @@ def test_orders_images_and_results_in_any_order_with_the_ehr_down_then_up(gatewa
             rows = session.execute(select(DeliveryAttempt).where(DeliveryAttempt.channel == "hl7")).scalars()
             return {a.subject for a in rows if a.outcome == "failed"}
 
-    _wait(lambda: len(failed_subjects()) >= 2, what="both ORUs to fail while the EHR is down")
+    wait_until(lambda: len(failed_subjects()) >= 2, what="both ORUs to fail while the EHR is down")
     assert parse_ack(_exchange(hl7_port, _order(OMI_251, "ACCHL72", "PO-HL7-2", "CTL2")))[0] == "AA"
     # The same order resent (lost ACK): the same answer, nothing new.
     assert parse_ack(_exchange(hl7_port, _order(OMI_251, "ACCHL72", "PO-HL7-2", "CTL2")))[0] == "AA"
@@ -167,7 +154,7 @@ def test_orders_images_and_results_in_any_order_with_the_ehr_down_then_up(gatewa
             results = [j for j in jobs if j.payload["channel"] == "hl7"]
             return len(results) == 2 and all(j.state == JobState.DONE for j in results)
 
-        _wait(delivered, what="both ORUs to be delivered")
+        wait_until(delivered, what="both ORUs to be delivered")
         by_accession = {_segment(m, "OBR")[18]: m for m in ehr.messages}
         assert len(ehr.messages) == 2 and set(by_accession) == {"ACCHL71", "ACCHL72"}  # one ORU per study result
         for accession, placer in (("ACCHL71", "PO-HL7-1"), ("ACCHL72", "PO-HL7-2")):
@@ -184,7 +171,7 @@ def test_orders_images_and_results_in_any_order_with_the_ehr_down_then_up(gatewa
         late = copy_with_new_uids(sample("RG1_UNCR.dcm"), tmp_path / "in3", study_uid=str(source.StudyInstanceUID),
                                   mutate=_accession("ACCHL71"))
         assert send(gateway, late) == [0]
-        _wait(lambda: len(ehr.messages) == 3, what="the corrected ORU")
+        wait_until(lambda: len(ehr.messages) == 3, what="the corrected ORU")
         time.sleep(1.0)  # nothing more may arrive
         assert len(ehr.messages) == 3
         corrected = ehr.messages[2]
