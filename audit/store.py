@@ -35,9 +35,9 @@ import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from audit.events import AuditEvent
@@ -136,68 +136,71 @@ def _signer_of(session: Session) -> AuditSigner:
     return signer if isinstance(signer, AuditSigner) else _UNKEYED
 
 
+#: The statements of the append path, built once: rebuilding them per record cost more than the
+#: hashing (SQLAlchemy caches compiled SQL, but not the construction of the statement objects).
+_HEAD = cast(Table, AuditChainHead.__table__)
+_RECORDS = cast(Table, AuditRecord.__table__)
+_LOCK_HEAD = select(_HEAD.c.last_seq, _HEAD.c.last_hash).where(_HEAD.c.id == 1).with_for_update()
+_MOVE_HEAD = _HEAD.update().where(_HEAD.c.id == 1).values(last_seq=bindparam("seq"), last_hash=bindparam("hash"))
+_INSERT_RECORDS = insert(_RECORDS)
+
+
 def append(session: Session, event: AuditEvent) -> AuditRecord:
     """Append *event* inside the caller's transaction (committed, or rolled back, with it).
 
     The record is sealed with the signer found in ``session.info`` (HMAC when the process has a
-    key), else plain SHA-256.
+    key), else plain SHA-256. Returns the record as written (not attached to the session).
     """
-    signer = _signer_of(session)
-    head = session.execute(
-        select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
-    ).scalar_one()
-    record = _sealed(signer, head.last_seq + 1, head.last_hash, event)
-    session.add(record)
-    head.last_seq = record.seq
-    head.last_hash = record.hash
-    session.flush()
-    return record
+    [record] = _append_rows(session, [event])
+    return AuditRecord(**record)
 
 
 def append_many(session: Session, events: Sequence[AuditEvent]) -> int:
     """Append *events* in order inside the caller's transaction: one chain-head lock and one
-    multi-row INSERT for all of them (a batch of FHIR access records), each record sealed exactly
-    as :func:`append` seals it. Returns the sequence number of the last record (0 if none)."""
+    multi-row INSERT for all of them (a batch of FHIR access records, the HL7 messages of one
+    group commit), each record sealed exactly as :func:`append` seals it. Returns the sequence
+    number of the last record (0 if none)."""
+    rows = _append_rows(session, events)
+    return int(rows[-1]["seq"]) if rows else 0
+
+
+def _append_rows(session: Session, events: Sequence[AuditEvent]) -> list[dict[str, Any]]:
+    """Lock the chain head, seal *events* after it, insert them and move the head (Core, on the
+    session's connection: the head is never loaded as an ORM object, so no stale copy of it can
+    outlive this call in the session's identity map)."""
     if not events:
-        return 0
+        return []
     signer = _signer_of(session)
-    head = session.execute(
-        select(AuditChainHead).where(AuditChainHead.id == 1).with_for_update()
-    ).scalar_one()
-    seq, previous = head.last_seq, head.last_hash
+    connection = session.connection()
+    seq, previous = connection.execute(_LOCK_HEAD).one()
     rows: list[dict[str, Any]] = []
     for event in events:
-        record = _sealed(signer, seq + 1, previous, event)
-        seq, previous = record.seq, record.hash
-        rows.append({
-            "seq": record.seq, "recorded_at": record.recorded_at, "event_id": record.event_id, "outcome": record.outcome,
-            "event": record.event, "prev_hash": record.prev_hash, "hash": record.hash, "hash_version": record.hash_version,
-        })
-    session.execute(insert(AuditRecord), rows)
-    head.last_seq = seq
-    head.last_hash = previous
-    session.flush()
-    return seq
+        row = _sealed(signer, seq + 1, previous, event)
+        seq, previous = row["seq"], row["hash"]
+        rows.append(row)
+    connection.execute(_INSERT_RECORDS, rows)
+    connection.execute(_MOVE_HEAD, {"seq": seq, "hash": previous})
+    return rows
 
 
-def _sealed(signer: AuditSigner, seq: int, prev_hash: str, event: AuditEvent) -> AuditRecord:
-    """The record of *event* at position *seq* after *prev_hash*, sealed by *signer* (not yet added)."""
+def _sealed(signer: AuditSigner, seq: int, prev_hash: str, event: AuditEvent) -> dict[str, Any]:
+    """The row of *event* at position *seq* after *prev_hash*, sealed by *signer* (not yet written)."""
     recorded_at = dt.datetime.now(dt.UTC)
     data = event.to_dict()
     event_id = event.event_id.code
     outcome = int(event.outcome)
     version = signer.version
     payload = record_payload(version, seq, prev_hash, recorded_at.isoformat(), event_id, outcome, data)
-    return AuditRecord(
-        seq=seq,
-        recorded_at=recorded_at,
-        event_id=event_id,
-        outcome=outcome,
-        event=data,
-        prev_hash=prev_hash,
-        hash=signer.seal(payload),
-        hash_version=version,
-    )
+    return {
+        "seq": seq,
+        "recorded_at": recorded_at,
+        "event_id": event_id,
+        "outcome": outcome,
+        "event": data,
+        "prev_hash": prev_hash,
+        "hash": signer.seal(payload),
+        "hash_version": version,
+    }
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,6 +50,7 @@ from audit.store import append as append_audit
 from audit.store import append_many
 from conf.network import host_addresses, normalise_address
 from conf.settings import Hl7Peer, Hl7Settings
+from hl7.group_commit import GroupCommit
 from hl7.messages import (
     ErrorCode,
     Hl7MessageError,
@@ -102,6 +105,7 @@ class InboundService:
         self._audit_source = audit_source
         self._settings = settings
         self._senders = SenderPolicy(settings.peers)
+        self._commits: GroupCommit[_Accepted, str] = GroupCommit(self._apply_batch, self._apply_one)
 
     # -- the MLLP callbacks ---------------------------------------------------------------------
 
@@ -118,7 +122,7 @@ class InboundService:
                 ack_code="AR", hl7_error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, header=header,
             )
             return self._refuse(refusal, info, now)
-        return self._apply(message, info, now).encode("utf-8")
+        return self._commits.submit(_Accepted(message, info, now)).encode("utf-8")
 
     def on_frame_error(self, error: FrameError, info: ConnectionInfo) -> bytes | None:
         """A framing error (junk, truncated or oversized frame): AR without a control id to echo."""
@@ -165,18 +169,39 @@ class InboundService:
 
     # -- accepted messages -------------------------------------------------------------------
 
-    def _apply(self, message: Inbound, info: ConnectionInfo, now: dt.datetime) -> str:
-        header = message.header
-        with self._db.read_session() as session:
-            known = _acknowledged(session, header)
-        if known is not None:
-            log.info("hl7.duplicate", type=f"{header.message_type}^{header.trigger_event}", peer=info.peer_host)
-            return known
-        ack = self._ack(header, "AA", now)
+    def _apply_one(self, accepted: _Accepted) -> str:
+        """One message in its own transaction (no other message arrived meanwhile, or its batch failed)."""
         try:
-            with self._db.session() as session:
+            return self._apply_batch([accepted])[0]
+        except IntegrityError:
+            # The same message through another process at once (PostgreSQL): it committed; answer as it did.
+            with self._db.read_session() as session:
+                known = _acknowledged(session.connection(), accepted.message.header)
+            if known is None:
+                raise
+            return known
+
+    def _apply_batch(self, batch: Sequence[_Accepted]) -> list[str]:
+        """Apply *batch* in one transaction with its message log rows and audit records; the ACKs
+        (AA, or the earlier ACK of a control id already answered) are valid once this returns."""
+        acks: list[str] = []
+        outcomes: list[tuple[_Accepted, int | None]] = []  # studies re-published; None: a duplicate
+        with self._db.session() as session:
+            connection = session.connection()
+            answered: dict[tuple[str, str, str], str] = {}
+            logged: list[dict[str, object]] = []
+            events: list[AuditEvent] = []
+            for accepted in batch:
+                message, header = accepted.message, accepted.message.header
+                key = _control_key(header)
+                known = answered.get(key) or _acknowledged(connection, header)
+                if known is not None:
+                    acks.append(known)
+                    outcomes.append((accepted, None))
+                    continue
+                ack = self._ack(header, "AA", accepted.now)
                 if isinstance(message, OrderMessage):
-                    studies = _store_order(session, message)
+                    studies = _store_order(connection, message, accepted.now)
                     action, event = Action.CREATE, EventId.ORDER_RECORD
                 elif isinstance(message, PatientMerge):
                     studies = _merge_patients(session, message)
@@ -186,24 +211,28 @@ class InboundService:
                     action, event = Action.UPDATE, EventId.PATIENT_RECORD
                 for study_pk, study_uid in studies:
                     schedule_study_changed(session, study_pk, study_uid)
-                session.add(Hl7InboundMessage(
-                    sending_application=header.sending_application[:64], sending_facility=header.sending_facility[:64],
-                    control_id=header.control_id[:199], message_type=f"{header.message_type}^{header.trigger_event}"[:16],
-                    ack_code="AA", ack=ack, received_at=now,
-                ))
-                # One chain-head lock for both records (PS3.15 Import + Order/Patient Record).
-                append_many(session, [self._received_event(info, "AA", now, None, header),
-                                      self._record_event(message, info, event, action, now)])
-        except IntegrityError:
-            # The same message on two connections at once: the other one committed; answer as it did.
-            with self._db.read_session() as session:
-                known = _acknowledged(session, header)
-            if known is None:
-                raise
-            return known
-        log.info("hl7.message_accepted", type=f"{header.message_type}^{header.trigger_event}",
-                 studies=len(studies), peer=info.peer_host)
-        return ack
+                answered[key] = ack
+                logged.append({
+                    "sending_application": key[0], "sending_facility": key[1], "control_id": key[2],
+                    "message_type": f"{header.message_type}^{header.trigger_event}"[:16],
+                    "ack_code": "AA", "ack": ack, "received_at": accepted.now,
+                })
+                events += [self._received_event(accepted.info, "AA", accepted.now, None, header),
+                           self._record_event(message, accepted.info, event, action, accepted.now)]
+                acks.append(ack)
+                outcomes.append((accepted, len(studies)))
+            if logged:
+                connection.execute(_LOG_MESSAGES, logged)
+            # One chain-head lock for all records (PS3.15 Import + Order/Patient Record per message).
+            append_many(session, events)
+        for accepted, studies_count in outcomes:
+            kind = f"{accepted.message.header.message_type}^{accepted.message.header.trigger_event}"
+            if studies_count is None:
+                log.info("hl7.duplicate", type=kind, peer=accepted.info.peer_host)
+            else:
+                log.info("hl7.message_accepted", type=kind, studies=studies_count, peer=accepted.info.peer_host,
+                         batch=len(batch))
+        return acks
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -266,54 +295,83 @@ _MESSAGE_ID = Code("HL7-MSG", "urn:hl7:v2", "HL7 Message Control ID")
 _ACCESSION = Code("ACSN", "http://terminology.hl7.org/CodeSystem/v2-0203", "Accession ID")
 
 
-def _acknowledged(session: Session, header: MessageHeader) -> str | None:
-    return session.execute(
-        select(Hl7InboundMessage.ack).where(
-            Hl7InboundMessage.sending_application == header.sending_application[:64],
-            Hl7InboundMessage.sending_facility == header.sending_facility[:64],
-            Hl7InboundMessage.control_id == header.control_id[:199],
-        )
+@dataclass(frozen=True)
+class _Accepted:
+    """A parsed message from an allowed sender, waiting for its transaction."""
+
+    message: Inbound
+    info: ConnectionInfo
+    now: dt.datetime
+
+
+# The statements of the order path, built once (building them per message cost more than running them).
+_MESSAGES = cast(Table, Hl7InboundMessage.__table__)
+_ORDERS = cast(Table, ImagingOrder.__table__)
+_STUDIES = cast(Table, Study.__table__)
+_FIND_ACK = select(_MESSAGES.c.ack).where(
+    _MESSAGES.c.sending_application == bindparam("application"),
+    _MESSAGES.c.sending_facility == bindparam("facility"),
+    _MESSAGES.c.control_id == bindparam("control_id"),
+)
+_LOG_MESSAGES = insert(_MESSAGES)
+_FIND_ORDER = select(_ORDERS.c.id, _ORDERS.c.filler_order_number).where(
+    _ORDERS.c.placer_namespace == bindparam("namespace"), _ORDERS.c.placer_order_number == bindparam("placer"),
+).with_for_update()
+_INSERT_ORDER = insert(_ORDERS)
+_UPDATE_ORDER = _ORDERS.update().where(_ORDERS.c.id == bindparam("order_pk"))
+_STUDIES_WITH_ACCESSION = select(_STUDIES.c.id, _STUDIES.c.study_instance_uid).where(
+    _STUDIES.c.accession_number == bindparam("accession")
+)
+
+
+def _control_key(header: MessageHeader) -> tuple[str, str, str]:
+    """What identifies a message (HL7 v2.5.1 2.10.1), cut to its columns."""
+    return header.sending_application[:64], header.sending_facility[:64], header.control_id[:199]
+
+
+def _acknowledged(connection: Connection, header: MessageHeader) -> str | None:
+    application, facility, control_id = _control_key(header)
+    return connection.execute(
+        _FIND_ACK, {"application": application, "facility": facility, "control_id": control_id}
     ).scalar_one_or_none()
 
 
-def _studies_with_accession(session: Session, accession: str) -> list[tuple[int, str]]:
-    return [(pk, uid) for pk, uid in session.execute(
-        select(Study.id, Study.study_instance_uid).where(Study.accession_number == accession)
-    ).all()]
-
-
-def _store_order(session: Session, order: OrderMessage) -> list[tuple[int, str]]:
+def _store_order(connection: Connection, order: OrderMessage, now: dt.datetime) -> list[tuple[int, str]]:
     """Insert or update the order (by placer order number, else accession); returns its studies."""
-    placer = order.placer_order_number or order.accession_number
-    namespace = (order.placer_namespace or "") if order.placer_order_number else "accession"
-    row = session.execute(
-        select(ImagingOrder).where(ImagingOrder.placer_namespace == namespace[:64],
-                                   ImagingOrder.placer_order_number == placer[:64]).with_for_update()
-    ).scalar_one_or_none()
-    if row is None:
-        row = ImagingOrder(placer_order_number=placer[:64], placer_namespace=namespace[:64])
-        session.add(row)
+    placer = (order.placer_order_number or order.accession_number)[:64]
+    namespace = ((order.placer_namespace or "") if order.placer_order_number else "accession")[:64]
     procedure = order.requested_procedure
     patient = order.patient
-    row.filler_order_number = (order.filler_order_number or "")[:64] or row.filler_order_number
-    row.accession_number = order.accession_number[:64]
-    row.order_control = order.order_control[:8]
-    row.status = "cancelled" if order.order_control in _CANCELLING else "active"
-    row.patient_id, row.patient_issuer = patient.patient_id[:64], (patient.issuer or "")[:64]
-    row.patient_name, row.birth_date, row.sex = _pn_column(patient.name), patient.birth_date, patient.sex
-    row.procedure_code = procedure.code[:64] if procedure and procedure.code else None
-    row.procedure_system = procedure.system[:64] if procedure and procedure.system else None
-    row.procedure_text = procedure.text[:200] if procedure and procedure.text else None
-    row.ordering_provider = _pn_column(order.ordering_provider)
-    row.priority = (order.priority or "")[:16] or None
     # A UID has at most 64 characters (DICOM PS3.5 9.1): a longer value names no study; cut, it would name another.
     uid = order.study_instance_uid
-    row.study_instance_uid = uid if uid is not None and len(uid) <= 64 else None
-    row.sending_application = order.header.sending_application[:64]
-    row.sending_facility = order.header.sending_facility[:64]
-    row.message_type = f"{order.header.message_type}^{order.header.trigger_event}"[:16]
-    row.updated_at = utcnow()
-    return _studies_with_accession(session, order.accession_number)
+    values: dict[str, object] = {
+        "accession_number": order.accession_number[:64],
+        "order_control": order.order_control[:8],
+        "status": "cancelled" if order.order_control in _CANCELLING else "active",
+        "patient_id": patient.patient_id[:64], "patient_issuer": (patient.issuer or "")[:64],
+        "patient_name": _pn_column(patient.name), "birth_date": patient.birth_date, "sex": patient.sex,
+        "procedure_code": procedure.code[:64] if procedure and procedure.code else None,
+        "procedure_system": procedure.system[:64] if procedure and procedure.system else None,
+        "procedure_text": procedure.text[:200] if procedure and procedure.text else None,
+        "ordering_provider": _pn_column(order.ordering_provider),
+        "priority": (order.priority or "")[:16] or None,
+        "study_instance_uid": uid if uid is not None and len(uid) <= 64 else None,
+        "sending_application": order.header.sending_application[:64],
+        "sending_facility": order.header.sending_facility[:64],
+        "message_type": f"{order.header.message_type}^{order.header.trigger_event}"[:16],
+        "updated_at": now,
+    }
+    filler = (order.filler_order_number or "")[:64] or None
+    known = connection.execute(_FIND_ORDER, {"namespace": namespace, "placer": placer}).first()
+    if known is None:
+        connection.execute(_INSERT_ORDER, {**values, "placer_order_number": placer, "placer_namespace": namespace,
+                                           "filler_order_number": filler, "received_at": now})
+    else:  # an absent filler order number keeps the one the order has
+        connection.execute(_UPDATE_ORDER, {**values, "order_pk": known.id,
+                                           "filler_order_number": filler or known.filler_order_number})
+    return [(pk, uid) for pk, uid in connection.execute(
+        _STUDIES_WITH_ACCESSION, {"accession": order.accession_number}
+    ).all()]
 
 
 def _patients(session: Session, identity: PatientIdentity | tuple[str, str | None]) -> list[Patient]:

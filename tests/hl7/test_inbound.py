@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 
 from audit.events import AuditSource
 from audit.models import AuditRecord
+from audit.store import verify_chain
 from conf.settings import Hl7Peer, Hl7Settings
 from hl7.inbound import InboundService
 from hl7.messages import parse_ack
@@ -48,6 +49,7 @@ from hl7.results_channel import _order as order_for_accession
 from storage.db import Database
 from storage.job_kinds import STUDY_CHANGED_JOB, study_changed_key
 from storage.models import Hl7InboundMessage, ImagingOrder, Job, JobState, Patient, Study, utcnow
+from tests.conftest import wait_until
 
 HOST = "127.0.0.1"
 SOURCE = AuditSource("PNEUMO@test")
@@ -444,6 +446,48 @@ def test_the_same_message_on_two_connections_at_once(database: Database, listen:
     assert len(all_rows(database, ImagingOrder)) == 1
     assert len(all_rows(database, Hl7InboundMessage)) == 1
     assert len(audit_events(database, ORDER_RECORD)) == 1
+
+
+def test_orders_arriving_together_share_one_commit_and_each_is_acked_after_it(
+        database: Database, listen: Callable[..., Listener]) -> None:
+    """Group commit: while one order's transaction waits (the test holds the audit chain head),
+    orders on seven other connections queue; they are then stored in ONE transaction, each answered
+    AA only after it (a duplicate among them gets the same ACK and no second row), the audit chain
+    stays whole, and the connection that led is answered too."""
+    listener = listen()
+    commits = listener.service._commits  # noqa: SLF001 - who leads and who waits shows the batching
+    committed: list[int] = []
+    event.listen(database.engine, "commit", lambda connection: committed.append(1))
+    replies: dict[str, bytes] = {}
+
+    def sender(key: str, n: int) -> threading.Thread:
+        def send() -> None:
+            replies[key] = listener.send(orm(f"GC-{n}", placer=f"GP-{n}", accession=f"GA-{n}"))
+        return threading.Thread(target=send)
+
+    with database.session() as holder:  # the chain head locked: the first order's transaction cannot finish
+        holder.execute(text("UPDATE audit_chain_head SET last_seq = last_seq WHERE id = 1"))
+        first = sender("0", 0)
+        first.start()
+        wait_until(lambda: commits._leading and not commits._queue, 15, "the first order to lead")  # noqa: SLF001
+        others = [sender(str(n), n) for n in range(1, 7)] + [sender("3-again", 3)]
+        for thread in others:
+            thread.start()
+        wait_until(lambda: len(commits._queue) == 7, 15, "seven orders to queue behind the first")  # noqa: SLF001
+        assert replies == {}, "an ACK left before its commit"
+        committed.clear()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert committed == [1, 1, 1], "the holder's, the first order's, then ONE transaction for the seven queued"
+    for key, reply in replies.items():
+        check_ack(reply, "AA", f"GC-{key.split('-')[0]}")
+    assert replies["3-again"] == replies["3"]
+    assert listener.committed_at_ack == [True] * 8
+    assert sorted(order.placer_order_number for order in all_rows(database, ImagingOrder)) == [f"GP-{n}" for n in range(7)]
+    assert len(all_rows(database, Hl7InboundMessage)) == 7
+    assert len(audit_events(database, ORDER_RECORD)) == 7 and ack_codes_audited(database) == ["AA"] * 7
+    with database.read_session() as session:
+        assert verify_chain(session).ok
 
 
 # --------------------------------------------------------------------------- peers
