@@ -47,7 +47,11 @@ class Recorder:
         return f"ack-{item}"
 
 
-def submit_all(commits: GroupCommit[int, str], items: Sequence[int]) -> tuple[dict[int, str], dict[int, BaseException]]:
+Outcomes = tuple[dict[int, str], dict[int, BaseException]]
+
+
+def start_submitters(commits: GroupCommit[int, str], items: Sequence[int]) -> tuple[list[threading.Thread], Outcomes]:
+    """One thread per item, each submitting it; results and errors by item."""
     results: dict[int, str] = {}
     errors: dict[int, BaseException] = {}
 
@@ -60,41 +64,27 @@ def submit_all(commits: GroupCommit[int, str], items: Sequence[int]) -> tuple[di
     threads = [threading.Thread(target=run, args=(item,)) for item in items]
     for thread in threads:
         thread.start()
-    return_when_done(threads)
-    return results, errors
+    return threads, (results, errors)
 
 
-def return_when_done(threads: Sequence[threading.Thread]) -> None:
+def join_all(threads: Sequence[threading.Thread]) -> None:
     for thread in threads:
         thread.join(WAIT)
         assert not thread.is_alive(), "a submitter never got its result"
 
 
-def queue_behind_leader(store: Recorder, commits: GroupCommit[int, str], followers: Sequence[int]) -> tuple[
-    threading.Thread, dict[int, str], list[threading.Thread], dict[int, str], dict[int, BaseException]
-]:
-    """Item 0 leads and is held inside its transaction while *followers* submit."""
+def queue_behind_leader(store: Recorder, commits: GroupCommit[int, str], followers: Sequence[int]) -> Outcomes:
+    """Item 0 leads and is held inside its transaction while *followers* queue; then all go on."""
     store.gate.clear()
-    lead_result: dict[int, str] = {}
-    leader = threading.Thread(target=lambda: lead_result.setdefault(0, commits.submit(0)))
-    leader.start()
+    leader, (lead_results, lead_errors) = start_submitters(commits, [0])
     assert store.entered.wait(WAIT)
-    results: dict[int, str] = {}
-    errors: dict[int, BaseException] = {}
-
-    def run(item: int) -> None:
-        try:
-            results[item] = commits.submit(item)
-        except BaseException as error:  # noqa: BLE001 - recorded for the assertions
-            errors[item] = error
-
-    threads = [threading.Thread(target=run, args=(item,)) for item in followers]
-    for thread in threads:
-        thread.start()
+    threads, (results, errors) = start_submitters(commits, followers)
     # Every follower queued (waiting on its slot) while the leader is still held in its transaction.
     wait_until(lambda: len(commits._queue) == len(followers), WAIT, "the followers to queue")  # noqa: SLF001
     store.gate.set()
-    return leader, lead_result, threads, results, errors
+    join_all([*leader, *threads])
+    assert lead_results == {0: "ack-0"} and not lead_errors
+    return results, errors
 
 
 def test_one_submitter_is_a_plain_call() -> None:
@@ -107,9 +97,8 @@ def test_one_submitter_is_a_plain_call() -> None:
 def test_items_queued_during_a_commit_share_the_next_transaction() -> None:
     store = Recorder()
     commits = GroupCommit(store.apply_batch, store.apply_one)
-    leader, lead_result, threads, results, errors = queue_behind_leader(store, commits, range(1, 8))
-    return_when_done([leader, *threads])
-    assert lead_result == {0: "ack-0"} and not errors
+    results, errors = queue_behind_leader(store, commits, range(1, 8))
+    assert not errors
     assert results == {item: f"ack-{item}" for item in range(1, 8)}
     assert store.transactions[0] == [0]
     assert sorted(store.transactions[1]) == list(range(1, 8)), "the queued items were not committed together"
@@ -119,8 +108,7 @@ def test_items_queued_during_a_commit_share_the_next_transaction() -> None:
 def test_batches_are_capped() -> None:
     store = Recorder()
     commits = GroupCommit(store.apply_batch, store.apply_one, max_batch=3)
-    leader, _, threads, results, errors = queue_behind_leader(store, commits, range(1, 8))
-    return_when_done([leader, *threads])
+    results, errors = queue_behind_leader(store, commits, range(1, 8))
     assert not errors and len(results) == 7
     assert [len(t) for t in store.transactions] == [1, 3, 3, 1]
 
@@ -128,8 +116,7 @@ def test_batches_are_capped() -> None:
 def test_a_failing_batch_is_retried_item_by_item() -> None:
     store = Recorder(fail_on=lambda item: item == 4)
     commits = GroupCommit(store.apply_batch, store.apply_one)
-    leader, _, threads, results, errors = queue_behind_leader(store, commits, range(1, 8))
-    return_when_done([leader, *threads])
+    results, errors = queue_behind_leader(store, commits, range(1, 8))
     assert set(errors) == {4} and isinstance(errors[4], ValueError)
     assert results == {item: f"ack-{item}" for item in (1, 2, 3, 5, 6, 7)}
     # The failed batch committed nothing; then each item alone.
@@ -139,7 +126,8 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
 def test_many_submitters_all_answered_exactly_once() -> None:
     store = Recorder()
     commits = GroupCommit(store.apply_batch, store.apply_one)
-    results, errors = submit_all(commits, range(200))
+    threads, (results, errors) = start_submitters(commits, range(200))
+    join_all(threads)
     assert not errors
     assert results == {item: f"ack-{item}" for item in range(200)}
     committed = sorted(item for transaction in store.transactions for item in transaction)
