@@ -183,56 +183,72 @@ class InboundService:
 
     def _apply_batch(self, batch: Sequence[_Accepted]) -> list[str]:
         """Apply *batch* in one transaction with its message log rows and audit records; the ACKs
-        (AA, or the earlier ACK of a control id already answered) are valid once this returns."""
+        (AA, or the earlier ACK of a control id already answered) are valid once this returns.
+
+        The statements are per batch, not per message: one lookup of the control ids, the orders
+        of each run of consecutive orders read, inserted and updated together, one log insert and
+        one audit append. ADT messages are applied one by one, in their place in the run."""
         acks: list[str] = []
-        outcomes: list[tuple[_Accepted, int | None]] = []  # studies re-published; None: a duplicate
+        fresh: list[tuple[_Accepted, str]] = []
+        duplicates: list[_Accepted] = []
         with self._db.session() as session:
             connection = session.connection()
-            answered: dict[tuple[str, str, str], str] = {}
+            answered = _acknowledged_many(connection, [accepted.message.header for accepted in batch])
+            for accepted in batch:
+                key = _control_key(accepted.message.header)
+                known = answered.get(key)
+                if known is None:  # new; a copy later in the batch gets the same ACK
+                    known = answered[key] = self._ack(accepted.message.header, "AA", accepted.now)
+                    fresh.append((accepted, known))
+                else:
+                    duplicates.append(accepted)
+                acks.append(known)
+            studies = self._apply_messages(session, connection, [accepted for accepted, _ in fresh])
             logged: list[dict[str, object]] = []
             events: list[AuditEvent] = []
-            for accepted in batch:
-                message, header = accepted.message, accepted.message.header
-                key = _control_key(header)
-                known = answered.get(key) or _acknowledged(connection, header)
-                if known is not None:
-                    acks.append(known)
-                    outcomes.append((accepted, None))
-                    continue
-                ack = self._ack(header, "AA", accepted.now)
-                if isinstance(message, OrderMessage):
-                    studies = _store_order(connection, message, accepted.now)
-                    action, event = Action.CREATE, EventId.ORDER_RECORD
-                elif isinstance(message, PatientMerge):
-                    studies = _merge_patients(session, message)
-                    action, event = Action.UPDATE, EventId.PATIENT_RECORD
-                else:
-                    studies = _update_patient(session, message)
-                    action, event = Action.UPDATE, EventId.PATIENT_RECORD
-                for study_pk, study_uid in studies:
+            for (accepted, ack), touched in zip(fresh, studies, strict=True):
+                header = accepted.message.header
+                application, facility, control_id = _control_key(header)
+                for study_pk, study_uid in touched:
                     schedule_study_changed(session, study_pk, study_uid)
-                answered[key] = ack
                 logged.append({
-                    "sending_application": key[0], "sending_facility": key[1], "control_id": key[2],
+                    "sending_application": application, "sending_facility": facility, "control_id": control_id,
                     "message_type": f"{header.message_type}^{header.trigger_event}"[:16],
                     "ack_code": "AA", "ack": ack, "received_at": accepted.now,
                 })
+                event, action = ((EventId.ORDER_RECORD, Action.CREATE) if isinstance(accepted.message, OrderMessage)
+                                 else (EventId.PATIENT_RECORD, Action.UPDATE))
                 events += [self._received_event(accepted.info, "AA", accepted.now, None, header),
-                           self._record_event(message, accepted.info, event, action, accepted.now)]
-                acks.append(ack)
-                outcomes.append((accepted, len(studies)))
+                           self._record_event(accepted.message, accepted.info, event, action, accepted.now)]
             if logged:
                 connection.execute(_LOG_MESSAGES, logged)
             # One chain-head lock for all records (PS3.15 Import + Order/Patient Record per message).
             append_many(session, events)
-        for accepted, studies_count in outcomes:
-            kind = f"{accepted.message.header.message_type}^{accepted.message.header.trigger_event}"
-            if studies_count is None:
-                log.info("hl7.duplicate", type=kind, peer=accepted.info.peer_host)
-            else:
-                log.info("hl7.message_accepted", type=kind, studies=studies_count, peer=accepted.info.peer_host,
-                         batch=len(batch))
+        for accepted in duplicates:
+            log.info("hl7.duplicate", type=_kind(accepted.message.header), peer=accepted.info.peer_host)
+        for (accepted, _), touched in zip(fresh, studies, strict=True):
+            log.info("hl7.message_accepted", type=_kind(accepted.message.header), studies=len(touched),
+                     peer=accepted.info.peer_host, batch=len(batch))
         return acks
+
+    @staticmethod
+    def _apply_messages(session: Session, connection: Connection, messages: Sequence[_Accepted]) -> list[Studies]:
+        """Apply *messages* in arrival order; for each, the studies it concerns (to re-publish)."""
+        touched: list[Studies] = []
+        orders: list[tuple[OrderMessage, dt.datetime]] = []
+        for accepted in [*messages, None]:
+            message = None if accepted is None else accepted.message
+            if isinstance(message, OrderMessage) and accepted is not None:
+                orders.append((message, accepted.now))
+                continue
+            if orders:  # a run of orders ends here
+                touched += _store_orders(connection, orders)
+                orders = []
+            if isinstance(message, PatientMerge):
+                touched.append(_merge_patients(session, message))
+            elif isinstance(message, PatientUpdate):
+                touched.append(_update_patient(session, message))
+        return touched
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -308,43 +324,63 @@ class _Accepted:
 _MESSAGES = cast(Table, Hl7InboundMessage.__table__)
 _ORDERS = cast(Table, ImagingOrder.__table__)
 _STUDIES = cast(Table, Study.__table__)
-_FIND_ACK = select(_MESSAGES.c.ack).where(
-    _MESSAGES.c.sending_application == bindparam("application"),
-    _MESSAGES.c.sending_facility == bindparam("facility"),
-    _MESSAGES.c.control_id == bindparam("control_id"),
-)
+_FIND_ACKS = select(
+    _MESSAGES.c.sending_application, _MESSAGES.c.sending_facility, _MESSAGES.c.control_id, _MESSAGES.c.ack
+).where(_MESSAGES.c.control_id.in_(bindparam("control_ids", expanding=True)))
 _LOG_MESSAGES = insert(_MESSAGES)
-_FIND_ORDER = select(_ORDERS.c.id, _ORDERS.c.filler_order_number).where(
-    _ORDERS.c.placer_namespace == bindparam("namespace"), _ORDERS.c.placer_order_number == bindparam("placer"),
-).with_for_update()
-_INSERT_ORDER = insert(_ORDERS)
-_UPDATE_ORDER = _ORDERS.update().where(_ORDERS.c.id == bindparam("order_pk"))
-_STUDIES_WITH_ACCESSION = select(_STUDIES.c.id, _STUDIES.c.study_instance_uid).where(
-    _STUDIES.c.accession_number == bindparam("accession")
+_FIND_ORDERS = select(
+    _ORDERS.c.id, _ORDERS.c.placer_namespace, _ORDERS.c.placer_order_number, _ORDERS.c.filler_order_number
+).where(_ORDERS.c.placer_order_number.in_(bindparam("placers", expanding=True))).with_for_update()
+_INSERT_ORDERS = insert(_ORDERS)
+_UPDATE_ORDERS = _ORDERS.update().where(_ORDERS.c.id == bindparam("order_pk"))
+_STUDIES_WITH_ACCESSIONS = select(_STUDIES.c.id, _STUDIES.c.study_instance_uid, _STUDIES.c.accession_number).where(
+    _STUDIES.c.accession_number.in_(bindparam("accessions", expanding=True))
 )
 
+#: The studies a message concerns: (primary key, Study Instance UID).
+Studies = list[tuple[int, str]]
+ControlKey = tuple[str, str, str]
 
-def _control_key(header: MessageHeader) -> tuple[str, str, str]:
+
+def _kind(header: MessageHeader) -> str:
+    return f"{header.message_type}^{header.trigger_event}"
+
+
+def _control_key(header: MessageHeader) -> ControlKey:
     """What identifies a message (HL7 v2.5.1 2.10.1), cut to its columns."""
     return header.sending_application[:64], header.sending_facility[:64], header.control_id[:199]
 
 
+def _acknowledged_many(connection: Connection, headers: Sequence[MessageHeader]) -> dict[ControlKey, str]:
+    """The ACKs already sent for any of *headers*' messages, by control key."""
+    keys = {_control_key(header) for header in headers}
+    acks: dict[ControlKey, str] = {}
+    for application, facility, control_id, ack in connection.execute(
+        _FIND_ACKS, {"control_ids": sorted({control_id for _, _, control_id in keys})}
+    ):
+        if (application, facility, control_id) in keys:
+            acks[(application, facility, control_id)] = ack
+    return acks
+
+
 def _acknowledged(connection: Connection, header: MessageHeader) -> str | None:
-    application, facility, control_id = _control_key(header)
-    return connection.execute(
-        _FIND_ACK, {"application": application, "facility": facility, "control_id": control_id}
-    ).scalar_one_or_none()
+    return _acknowledged_many(connection, [header]).get(_control_key(header))
 
 
-def _store_order(connection: Connection, order: OrderMessage, now: dt.datetime) -> list[tuple[int, str]]:
-    """Insert or update the order (by placer order number, else accession); returns its studies."""
-    placer = (order.placer_order_number or order.accession_number)[:64]
-    namespace = ((order.placer_namespace or "") if order.placer_order_number else "accession")[:64]
+def _placer_key(order: OrderMessage) -> tuple[str, str]:
+    """Orders are kept by placer order number within its namespace; by accession when there is none."""
+    if order.placer_order_number:
+        return (order.placer_namespace or "")[:64], order.placer_order_number[:64]
+    return "accession", order.accession_number[:64]
+
+
+def _order_values(order: OrderMessage, now: dt.datetime) -> dict[str, object]:
+    """The columns an order message sets (all but its key, filler number and first arrival)."""
     procedure = order.requested_procedure
     patient = order.patient
     # A UID has at most 64 characters (DICOM PS3.5 9.1): a longer value names no study; cut, it would name another.
     uid = order.study_instance_uid
-    values: dict[str, object] = {
+    return {
         "accession_number": order.accession_number[:64],
         "order_control": order.order_control[:8],
         "status": "cancelled" if order.order_control in _CANCELLING else "active",
@@ -358,20 +394,42 @@ def _store_order(connection: Connection, order: OrderMessage, now: dt.datetime) 
         "study_instance_uid": uid if uid is not None and len(uid) <= 64 else None,
         "sending_application": order.header.sending_application[:64],
         "sending_facility": order.header.sending_facility[:64],
-        "message_type": f"{order.header.message_type}^{order.header.trigger_event}"[:16],
+        "message_type": _kind(order.header)[:16],
         "updated_at": now,
     }
-    filler = (order.filler_order_number or "")[:64] or None
-    known = connection.execute(_FIND_ORDER, {"namespace": namespace, "placer": placer}).first()
-    if known is None:
-        connection.execute(_INSERT_ORDER, {**values, "placer_order_number": placer, "placer_namespace": namespace,
-                                           "filler_order_number": filler, "received_at": now})
-    else:  # an absent filler order number keeps the one the order has
-        connection.execute(_UPDATE_ORDER, {**values, "order_pk": known.id,
-                                           "filler_order_number": filler or known.filler_order_number})
-    return [(pk, uid) for pk, uid in connection.execute(
-        _STUDIES_WITH_ACCESSION, {"accession": order.accession_number}
-    ).all()]
+
+
+def _store_orders(connection: Connection, orders: Sequence[tuple[OrderMessage, dt.datetime]]) -> list[Studies]:
+    """Insert or update *orders* (each with its arrival time, in arrival order: a later message for
+    the same order wins, an absent filler order number keeps the known one); for each, the studies
+    with its accession."""
+    keys = [_placer_key(order) for order, _ in orders]
+    wanted = set(keys)
+    known = {
+        (row.placer_namespace, row.placer_order_number): row
+        for row in connection.execute(_FIND_ORDERS, {"placers": sorted({placer for _, placer in wanted})})
+        if (row.placer_namespace, row.placer_order_number) in wanted
+    }
+    final: dict[tuple[str, str], dict[str, object]] = {}
+    first_seen: dict[tuple[str, str], dt.datetime] = {}
+    for (order, now), key in zip(orders, keys, strict=True):
+        before = final.get(key)
+        earlier_filler = before["filler_order_number"] if before else (known[key].filler_order_number if key in known else None)
+        final[key] = {**_order_values(order, now),
+                      "filler_order_number": (order.filler_order_number or "")[:64] or earlier_filler}
+        first_seen.setdefault(key, now)
+    inserts = [{**values, "placer_namespace": key[0], "placer_order_number": key[1], "received_at": first_seen[key]}
+               for key, values in final.items() if key not in known]
+    updates = [{**values, "order_pk": known[key].id} for key, values in final.items() if key in known]
+    if inserts:
+        connection.execute(_INSERT_ORDERS, inserts)
+    if updates:
+        connection.execute(_UPDATE_ORDERS, updates)
+    studies: dict[str, Studies] = {}
+    accessions = sorted({order.accession_number for order, _ in orders})
+    for pk, uid, accession in connection.execute(_STUDIES_WITH_ACCESSIONS, {"accessions": accessions}):
+        studies.setdefault(accession, []).append((pk, uid))
+    return [studies.get(order.accession_number, []) for order, _ in orders]
 
 
 def _patients(session: Session, identity: PatientIdentity | tuple[str, str | None]) -> list[Patient]:

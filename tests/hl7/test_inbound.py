@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -448,46 +449,83 @@ def test_the_same_message_on_two_connections_at_once(database: Database, listen:
     assert len(audit_events(database, ORDER_RECORD)) == 1
 
 
-def test_orders_arriving_together_share_one_commit_and_each_is_acked_after_it(
-        database: Database, listen: Callable[..., Listener]) -> None:
-    """Group commit: while one order's transaction waits (the test holds the audit chain head),
-    orders on seven other connections queue; they are then stored in ONE transaction, each answered
-    AA only after it (a duplicate among them gets the same ACK and no second row), the audit chain
-    stays whole, and the connection that led is answered too."""
-    listener = listen()
+def queue_holds(commits: Any, count: int) -> bool:
+    return len(commits._queue) == count  # noqa: SLF001 - the queue depth shows who waits for the batch
+
+
+def send_behind_a_held_commit(database: Database, listener: Listener, messages: list[str]) -> tuple[list[bytes], int]:
+    """Group commit, made deterministic: a first order leads and its transaction waits (the test
+    holds the audit chain head) while *messages* queue behind it, each on its own connection and
+    in this order; then everything goes on. Returns the replies to *messages* (in order) and how
+    many transactions committed after the hold (the first order's, then the batches)."""
     commits = listener.service._commits  # noqa: SLF001 - who leads and who waits shows the batching
     committed: list[int] = []
-    event.listen(database.engine, "commit", lambda connection: committed.append(1))
-    replies: dict[str, bytes] = {}
+    replies: dict[int, bytes] = {}
 
-    def sender(key: str, n: int) -> threading.Thread:
+    def sender(index: int, message: str) -> threading.Thread:
         def send() -> None:
-            replies[key] = listener.send(orm(f"GC-{n}", placer=f"GP-{n}", accession=f"GA-{n}"))
+            replies[index] = listener.send(message)
         return threading.Thread(target=send)
 
+    event.listen(database.engine, "commit", lambda connection: committed.append(1))
     with database.session() as holder:  # the chain head locked: the first order's transaction cannot finish
         holder.execute(text("UPDATE audit_chain_head SET last_seq = last_seq WHERE id = 1"))
-        first = sender("0", 0)
+        first = sender(-1, orm("GC-LEAD", placer="GP-LEAD", accession="GA-LEAD"))
         first.start()
         wait_until(lambda: commits._leading and not commits._queue, 15, "the first order to lead")  # noqa: SLF001
-        others = [sender(str(n), n) for n in range(1, 7)] + [sender("3-again", 3)]
-        for thread in others:
+        threads = [sender(index, message) for index, message in enumerate(messages)]
+        for queued, thread in enumerate(threads, start=1):
             thread.start()
-        wait_until(lambda: len(commits._queue) == 7, 15, "seven orders to queue behind the first")  # noqa: SLF001
+            wait_until(partial(queue_holds, commits, queued), 15, "the next message to queue")
         assert replies == {}, "an ACK left before its commit"
         committed.clear()
-    for thread in [first, *others]:
+    for thread in [first, *threads]:
         thread.join(30)
-    assert committed == [1, 1, 1], "the holder's, the first order's, then ONE transaction for the seven queued"
-    for key, reply in replies.items():
-        check_ack(reply, "AA", f"GC-{key.split('-')[0]}")
-    assert replies["3-again"] == replies["3"]
+    check_ack(replies[-1], "AA", "GC-LEAD")
+    return [replies[index] for index in range(len(messages))], len(committed) - 1  # not the holder's
+
+
+def test_orders_arriving_together_share_one_commit_and_each_is_acked_after_it(
+        database: Database, listen: Callable[..., Listener]) -> None:
+    """Seven orders (one of them twice) queued behind a commit are stored in ONE transaction, each
+    answered AA only after it; the copy gets the same ACK and no second row; the chain is whole."""
+    listener = listen()
+    messages = [orm(f"GC-{n}", placer=f"GP-{n}", accession=f"GA-{n}") for n in range(1, 7)]
+    replies, transactions = send_behind_a_held_commit(database, listener, [*messages, messages[2]])
+    assert transactions == 2, "the first order's transaction, then ONE for the seven queued"
+    for n, reply in enumerate(replies[:6], start=1):
+        check_ack(reply, "AA", f"GC-{n}")
+    assert replies[6] == replies[2]
     assert listener.committed_at_ack == [True] * 8
-    assert sorted(order.placer_order_number for order in all_rows(database, ImagingOrder)) == [f"GP-{n}" for n in range(7)]
+    placers = sorted(order.placer_order_number for order in all_rows(database, ImagingOrder))
+    assert placers == sorted(["GP-LEAD", *(f"GP-{n}" for n in range(1, 7))])
     assert len(all_rows(database, Hl7InboundMessage)) == 7
     assert len(audit_events(database, ORDER_RECORD)) == 7 and ack_codes_audited(database) == ["AA"] * 7
     with database.read_session() as session:
         assert verify_chain(session).ok
+
+
+def test_a_batch_applies_orders_and_adt_in_arrival_order(database: Database, listen: Callable[..., Listener]) -> None:
+    """One batch: a new order, an ADT^A08 renaming its patient, a change (XO) of the same order
+    without a filler number, a second order. The result is what one-by-one would give: the XO wins
+    but keeps the filler number, the ADT renamed the first order, the second order (after the ADT)
+    has the name it carries itself."""
+    listener = listen()
+    replies, transactions = send_behind_a_held_commit(database, listener, [
+        orm("MX-1", placer="PX-1", filler="FX-1", accession="AX-1", priority="R"),
+        adt_a08("MX-2", name="ZABRISKIE^QUINCEY"),
+        orm("MX-3", control="XO", placer="PX-1", filler="", accession="AX-1", priority="S"),
+        orm("MX-4", placer="PX-2", filler="FX-2", accession="AX-2"),
+    ])
+    assert transactions == 2
+    for n, reply in enumerate(replies, start=1):
+        check_ack(reply, "AA", f"MX-{n}")
+    orders = {order.placer_order_number: order for order in all_rows(database, ImagingOrder)}
+    first, second = orders["PX-1"], orders["PX-2"]
+    assert (first.order_control, first.priority, first.filler_order_number) == ("XO", "S", "FX-1")
+    assert first.patient_name == NAME  # the XO came after the ADT and carries the old name again
+    assert second.patient_name == NAME and second.filler_order_number == "FX-2"
+    assert len(audit_events(database, PATIENT_RECORD)) == 1 and len(audit_events(database, ORDER_RECORD)) == 4
 
 
 # --------------------------------------------------------------------------- peers
