@@ -10,6 +10,7 @@ distinct within each series.
 from __future__ import annotations
 
 import datetime as dt
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -42,14 +43,21 @@ def ai_result(verdict: ImageVerdict, model: ModelIdentity, completed_at: dt.date
 
 
 class DicomReports:
-    """The SR and the summary image for one image verdict (pure; see the module docstring)."""
+    """The SR and the summary image for one image verdict (pure; see the module docstring).
+
+    *timezone* is ``settings.dicom.timezone`` (an IANA name): the zone of the objects' date/times
+    when the source has no Timezone Offset From UTC; None uses the system's local zone.
+    """
+
+    def __init__(self, timezone: str | None = None) -> None:
+        self._zone: dt.tzinfo | None = None if timezone is None else ZoneInfo(timezone)
 
     def structured_report(
         self, source: Dataset, verdict: ImageVerdict, model: ModelIdentity, completed_at: dt.datetime, instance_number: int
     ) -> Dataset:
         return build_ai_sr(
             source, ai_result(verdict, model, completed_at),
-            series_number=SR_SERIES_NUMBER, instance_number=instance_number,
+            series_number=SR_SERIES_NUMBER, instance_number=instance_number, site_zone=self._zone,
         )
 
     def summary_image(
@@ -64,7 +72,7 @@ class DicomReports:
         try:
             return build_summary_image(
                 source, display, ai_result(verdict, model, completed_at),
-                series_number=SUMMARY_SERIES_NUMBER, instance_number=instance_number,
+                series_number=SUMMARY_SERIES_NUMBER, instance_number=instance_number, site_zone=self._zone,
             )
         except ResultObjectError:
             raise

@@ -11,13 +11,15 @@ Content tree (docs/architecture.md §4)::
       HAS CONCEPT MOD  Language of Content Item and Descendants      TID 1204
       HAS OBS CONTEXT  Observer Type = Device, Device Observer UID,  TID 1002 / TID 1004
                        Name, Manufacturer, Model Name
-      HAS CONCEPT MOD  Procedure Reported = (399208008, SCT, "Plain chest X-ray")
+      HAS CONCEPT MOD  Procedure Reported = (363679005, SCT, "Imaging procedure")   CID 100
       CONTAINS CONTAINER Imaging Measurements
         CONTAINS CONTAINER Measurement Group                         TID 1501 (one per image)
           HAS OBS CONTEXT  Tracking Identifier / Tracking UID         TID 4108
           CONTAINS CODE    Finding = (233604007, SCT, "Pneumonia")
           HAS CONCEPT MOD  Algorithm Name / Version / Parameters      TID 4019
           CONTAINS NUM     Certainty of Finding (111012, DCM), UCUM "%"   TID 300
+            INFERRED FROM SCOORD POLYLINE (region, see below)          TID 320
+              SELECTED FROM IMAGE -> the radiograph
           CONTAINS CODE    Pneumonia = Present (52101004) / Absent (272519000)
           CONTAINS IMAGE   Source of Measurement -> the radiograph
 
@@ -28,6 +30,11 @@ on, and a "no result" SR would sit in the study forever looking like a result. T
 where operational facts belong: the audit log and the FHIR/HL7 side (docs/architecture.md §3 step 3). This is
 why :func:`build_ai_sr` only accepts an :class:`~dicom_node.ai_result.AiResult`, which can only
 describe a successful classification. See ``docs/sr.md``.
+
+The region the certainty is inferred from is the whole image, or, for a positive result with a
+class activation map, the box around the map's high-activation area (model attention, not a
+lesion outline). It is there because OHIF (3.x) places every measurement group on an image through
+a spatial coordinate and fails to load a group without one (``docs/sr.md``).
 
 Determinism (docs/architecture.md §3 step 4): the Series and SOP Instance UIDs are derived from the source
 UIDs and the model id/version, and every date/time comes from ``result.completed_at`` when it is
@@ -42,6 +49,8 @@ import datetime
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -59,6 +68,15 @@ PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+#: Procedure Reported (121058, DCM) of TID 1500 takes its value from CID 100 "Quantitative
+#: Diagnostic Imaging Procedures", which has no plain-radiography-of-chest concept (PixelMed's
+#: validator reports SCT 399208008 as an error there). "Imaging procedure" is the CID 100 concept
+#: that covers a chest radiograph; the chest X-ray itself stays in Performed Procedure Code
+#: Sequence, which no context group constrains (docs/sr.md).
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+#: Scaled activation at and above which the class activation map counts as "attention" (the
+#: summary image blends its heat map from the same level).
+ATTENTION_FLOOR = 0.5
 CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
 FINDING = Code("121071", "DCM", "Finding")
 PERCENT = Code("%", "UCUM", "Percent")
@@ -206,21 +224,36 @@ def _valid_elements(dataset: Dataset, *, top_level: bool = False) -> Dataset:
     return copied
 
 
-def content_datetime(source: Dataset, result: AiResult) -> datetime.datetime | None:
-    """The content date/time to write, or None to let highdicom use the current time.
+def content_datetime(
+    source: Dataset, result: AiResult, site_zone: datetime.tzinfo | None = None
+) -> datetime.datetime | None:
+    """The content date/time to write (aware, in the instance's zone), or None for highdicom's now.
 
     All date/times of one instance share the instance's Timezone Offset From UTC (PS3.3 C.12.1.1.8).
-    The copied Study Date/Time are in the source's offset, so an aware timestamp is converted into
-    that offset (and the offset is copied by :func:`_apply_timestamps`); a naive timestamp is taken
-    to be local already.
+    The copied Study Date/Time are in the source's offset when it has one, so the timestamp is
+    converted into that offset. A source without an offset was written in the site's local time,
+    so the timestamp goes into *site_zone* (an IANA zone from ``[dicom] timezone``; None: the
+    system's local zone, with its daylight-saving rules for that moment). A naive timestamp is
+    taken to be site-local wall-clock time already. Either way the offset is then written
+    (:func:`utc_offset_text`), so a reader never mistakes UTC wall-clock time for local time.
     """
     moment = result.completed_at
     if moment is None:
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=site_zone) if site_zone is not None else moment.astimezone()
     offset = source_utc_offset(source)
-    if moment.tzinfo is not None and offset is not None:
-        moment = moment.astimezone(offset)
-    return moment
+    if offset is not None:
+        return moment.astimezone(offset)
+    return moment.astimezone(site_zone) if site_zone is not None else moment.astimezone()
+
+
+def utc_offset_text(moment: datetime.datetime) -> str:
+    """Timezone Offset From UTC (0008,0201) of an aware *moment*: "+HHMM" / "-HHMM"."""
+    offset = moment.utcoffset() or datetime.timedelta(0)
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
 def source_utc_offset(source: Dataset) -> datetime.timezone | None:
@@ -263,14 +296,56 @@ def device_observer_context(result: AiResult) -> hd.sr.ObserverContext:
     )
 
 
+def attention_box(
+    cam: npt.NDArray[np.float32], rows: int, columns: int
+) -> tuple[float, float, float, float] | None:
+    """The (left, top, right, bottom) image-pixel box around the map's high-activation cells.
+
+    The map is min-max scaled like the summary image's heat map; the cells at or above
+    :data:`ATTENTION_FLOOR` are bounded and mapped onto the image grid (each map cell covers
+    ``rows / h`` by ``columns / w`` pixels). A constant map has no attention area: None.
+    """
+    low, high = float(cam.min()), float(cam.max())
+    if high - low <= 1e-12:
+        return None
+    hot_rows, hot_columns = np.nonzero((cam - low) / (high - low) >= ATTENTION_FLOOR)
+    height, width = cam.shape
+    return (
+        float(hot_columns.min()) * columns / width,
+        float(hot_rows.min()) * rows / height,
+        float(hot_columns.max() + 1) * columns / width,
+        float(hot_rows.max() + 1) * rows / height,
+    )
+
+
+def measurement_region(source: Dataset, result: AiResult) -> npt.NDArray[np.float32]:
+    """Closed POLYLINE (column, row pairs, PS3.3 C.18.6.1.2 image coordinates) the certainty is
+    inferred from: the activation box of a positive result, else the whole image.
+
+    OHIF draws a measurement only through such a coordinate (docs/sr.md). A negative result, or one
+    without a map, gets the whole image: the classifier looked at all of it, and drawing the
+    "hottest" area of a negative map would invite reading a finding into it.
+    """
+    rows, columns = int(source.Rows), int(source.Columns)
+    box = attention_box(result.cam, rows, columns) if result.present and result.cam is not None else None
+    left, top, right, bottom = box if box is not None else (0.0, 0.0, float(columns), float(rows))
+    corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+    return np.array(corners, dtype=np.float32)
+
+
 def measurement_group(source: Dataset, result: AiResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one source image: finding, Present/Absent, certainty, source, algorithm."""
     algorithm = algorithm_identification(result)
+    region = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=measurement_region(source, result),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
     certainty = hd.sr.Measurement(
         name=CERTAINTY_OF_FINDING,
         value=float(round(result.probability_percent, 6)),
         unit=PERCENT,
-        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)],
+        referenced_coordinates=[region],
     )
     evaluation = hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if result.present else ABSENT)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -289,12 +364,12 @@ def measurement_group(source: Dataset, result: AiResult) -> hd.sr.MeasurementsAn
 def measurement_report(source: Dataset, result: AiResult) -> hd.sr.MeasurementReport:
     """TID 1500 root: language (default English), device observer, procedure reported, one group.
 
-    Procedure Reported is the *imaging* procedure (a plain chest X-ray), not the algorithm
-    (docs/architecture.md §4).
+    Procedure Reported is the *imaging* procedure, not the algorithm (docs/architecture.md §4),
+    from CID 100 (:data:`IMAGING_PROCEDURE`).
     """
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer_context(result)),
-        procedure_reported=PLAIN_CHEST_XRAY,
+        procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[measurement_group(source, result)],
     )
 
@@ -321,7 +396,7 @@ def contributing_equipment_item(result: AiResult, when: datetime.datetime | None
     return item
 
 
-def _apply_timestamps(sop: Dataset, source: Dataset, when: datetime.datetime | None) -> None:
+def _apply_timestamps(sop: Dataset, when: datetime.datetime | None) -> None:
     """Make every date/time of the new instance come from the result, for byte-stable rebuilds."""
     if when is None:
         return
@@ -329,8 +404,8 @@ def _apply_timestamps(sop: Dataset, source: Dataset, when: datetime.datetime | N
     sop.InstanceCreationDate, sop.InstanceCreationTime = date, time
     sop.ContentDate, sop.ContentTime = date, time
     sop.SeriesDate, sop.SeriesTime = date, time
-    if when.tzinfo is not None and source_utc_offset(source) is not None:
-        sop.TimezoneOffsetFromUTC = source.TimezoneOffsetFromUTC
+    if when.tzinfo is not None:
+        sop.TimezoneOffsetFromUTC = utc_offset_text(when)
 
 
 def _copy_patient_study(sop: Dataset, header: Dataset) -> None:
@@ -380,6 +455,7 @@ def build_ai_sr(
     institution_name: str | None = None,
     series_number: int = 9901,
     instance_number: int = 1,
+    site_zone: datetime.tzinfo | None = None,
 ) -> Dataset:
     """Build the IHE AIR Comprehensive 3D SR (TID 1500) reporting *result* for *source*.
 
@@ -391,6 +467,9 @@ def build_ai_sr(
 
     Only successful, applicable classifications are reported: a not-applicable image or a failed
     inference produces no SR (see the module docstring and ``docs/sr.md``).
+
+    *site_zone* is the site's time zone for a source without Timezone Offset From UTC (None: the
+    system's local zone), see :func:`content_datetime`.
 
     Raises:
         SrBuildError: the source cannot be referenced (missing/invalid UIDs, not an image), or
@@ -405,7 +484,7 @@ def build_ai_sr(
         raise SrBuildError(f'Argument "instance_number" must be a positive int, got {instance_number!r}.')
 
     header = evidence_header(source)
-    when = content_datetime(source, result)
+    when = content_datetime(source, result, site_zone)
     try:
         sr = _comprehensive_3d_sr(header, result, when, series_number, instance_number, institution_name)
     except (ValueError, TypeError, AttributeError) as exc:
@@ -418,7 +497,7 @@ def build_ai_sr(
     # one item identifying the model (the acquisition equipment stays described in the source).
     sr.ContributingEquipmentSequence = [contributing_equipment_item(result, when)]
     _copy_patient_study(sr, header)
-    _apply_timestamps(sr, source, when)
+    _apply_timestamps(sr, when)
     return sr
 
 

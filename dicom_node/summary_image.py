@@ -9,8 +9,12 @@ Design choices:
 
 * The banner is drawn on a strip *above* the image, never over anatomy.
 * The class activation map is min-max scaled, upsampled bilinearly, colour-mapped with a jet-like
-  ramp and blended only where the scaled activation is high (≥ ``HEAT_FLOOR``), so low-activation
-  areas keep their original grey values.
+  ramp and blended with an opacity that rises smoothly (smoothstep) from 0 at ``HEAT_START`` to
+  ``HEAT_MAX_ALPHA`` at ``HEAT_FULL``: low-activation areas keep their grey values and there is no
+  hard contour that could be read as a lesion edge.
+* The banner is sized to the image: it starts at a font ≈ 1/45 of the width and shrinks (then
+  falls back to shorter wording) until it takes at most a third of the image's height, so a
+  224 px summary stays mostly picture. Probability and threshold are both percentages.
 * By default the heat map is drawn only for a POSITIVE result. A min-max scaled CAM always has a
   "hottest" region, even when the model says "no pneumonia"; painting it red on a negative study
   invites reading a finding into it. ``overlay_when_negative=True`` overrides this.
@@ -22,6 +26,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import datetime
 import textwrap
 
 import highdicom as hd
@@ -38,17 +43,23 @@ from dicom_node.sr import (
     content_datetime,
     contributing_equipment_item,
     evidence_header,
-    source_utc_offset,
+    utc_offset_text,
 )
 from storage.uids import derive_uid
 
 #: Largest accepted side of the display image: the SC is a summary, not a diagnostic copy.
 MAX_DISPLAY_SIDE = 1024
 MIN_DISPLAY_SIDE = 64
-#: Scaled activation below which no colour is blended (keeps the anatomy readable).
-HEAT_FLOOR = 0.5
+#: Scaled activation below which no colour is blended (keeps the anatomy readable) ...
+HEAT_START = 0.3
+#: ... and from which on the heat map has its full opacity; in between it rises smoothly.
+HEAT_FULL = 0.8
 #: Opacity of the heat map at maximal activation.
 HEAT_MAX_ALPHA = 0.5
+#: The banner takes at most this fraction of the image's rows (it is drawn above the image).
+BANNER_MAX_FRACTION = 1 / 3
+#: Smallest banner font (pixels): still legible on a 224 px summary.
+MIN_FONT_SIZE = 9
 #: PS3.16 CID 7202 "Source Image Purposes of Reference".
 SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 SERIES_DESCRIPTION = "AI pneumonia summary (SC)"
@@ -119,20 +130,39 @@ def jet(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return colours
 
 
+def heat_alpha(activation: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Opacity of the heat map per pixel: smoothstep from 0 (≤ HEAT_START) to HEAT_MAX_ALPHA
+    (≥ HEAT_FULL), continuous with a continuous slope, so no contour appears at any level."""
+    t = np.clip((activation - HEAT_START) / (HEAT_FULL - HEAT_START), 0.0, 1.0)
+    alpha: npt.NDArray[np.float32] = (HEAT_MAX_ALPHA * t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    return alpha
+
+
 def blend_heat_map(
     gray: npt.NDArray[np.float32], activation: npt.NDArray[np.float32] | None
 ) -> npt.NDArray[np.uint8]:
-    """RGB uint8 image: *gray* with the jet-coloured *activation* blended where it is high."""
+    """RGB uint8 image: *gray* with the jet-coloured *activation* blended in (see heat_alpha)."""
     rgb = np.repeat(gray[..., None], 3, axis=2)
     if activation is not None:
-        ramp = np.clip((activation - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0)
-        alpha = np.where(activation >= HEAT_FLOOR, 0.15 + (HEAT_MAX_ALPHA - 0.15) * ramp, 0.0)
-        alpha = alpha.astype(np.float32)[..., None]
+        alpha = heat_alpha(activation)[..., None]
         rgb = (1.0 - alpha) * rgb + alpha * jet(activation)
     return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------ banner
+
+
+def _intended_use(result: AiResult) -> str:
+    use = result.intended_use.strip()
+    if "research" in use.lower() and NOT_FOR_DIAGNOSTIC_USE.lower() not in use.lower():
+        use = f"{NOT_FOR_DIAGNOSTIC_USE} \u2014 {use}"
+    return use
+
+
+def _verdict(result: AiResult) -> str:
+    """The result in one unit: "87.3% (POSITIVE at threshold 50.0%)"."""
+    verdict = "POSITIVE" if result.present else "NEGATIVE"
+    return f"{result.probability_percent:.1f}% ({verdict} at threshold {result.threshold * 100:.1f}%)"
 
 
 def banner_lines(result: AiResult, heat_map_drawn: bool) -> list[str]:
@@ -141,21 +171,29 @@ def banner_lines(result: AiResult, heat_map_drawn: bool) -> list[str]:
     The intended use is always shown; a research-only model also gets "NOT FOR DIAGNOSTIC USE"
     unless the statement already says so, because burned-in text is all some viewers will show.
     """
-    verdict = "POSITIVE" if result.present else "NEGATIVE"
-    head = (
-        f"AI: pneumonia {result.probability_percent:.1f}% ({verdict} at threshold "
-        f"{result.threshold:.2f}) \u2014 {result.model_name} {result.model_version}"
-    )
-    use = result.intended_use.strip()
-    if "research" in use.lower() and NOT_FOR_DIAGNOSTIC_USE.lower() not in use.lower():
-        use = f"{NOT_FOR_DIAGNOSTIC_USE} \u2014 {use}"
+    head = f"AI: pneumonia {_verdict(result)} \u2014 {result.model_name} {result.model_version}"
     if result.cam is None:
         overlay = "No heat map available."
     elif heat_map_drawn:
         overlay = "Colour overlay: model attention (class activation map), not a lesion outline."
     else:
         overlay = "No heat map shown for a negative result."
-    return [f"{head} \u2014 {use}", overlay]
+    return [f"{head} \u2014 {_intended_use(result)}", overlay]
+
+
+def compact_banner_lines(result: AiResult, heat_map_drawn: bool) -> list[str]:
+    """Shorter wording of :func:`banner_lines` for small images (same facts, fewer words)."""
+    if result.cam is None:
+        overlay = "No heat map."
+    elif heat_map_drawn:
+        overlay = "Colour = model attention, not a lesion outline."
+    else:
+        overlay = "No heat map (negative)."
+    return [
+        f"AI pneumonia {_verdict(result)}",
+        f"{result.model_name} {result.model_version} \u2014 {_intended_use(result)}",
+        overlay,
+    ]
 
 
 def _glyph(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, char: str) -> bytes:
@@ -181,27 +219,41 @@ def _renderable(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -
     return "".join(out)
 
 
-def render_banner(lines: list[str], width: int) -> npt.NDArray[np.uint8]:
-    """Draw *lines* wrapped to *width* pixels, white on black, as an RGB uint8 strip.
-
-    Font size scales with the image width (≈ 1/45 of it, at least 12 px) so the text stays
-    legible on both a 512 px and a 1024 px summary.
-    """
-    size = max(12, width // 45)
+def _draw_banner(lines: list[str], width: int, size: int) -> npt.NDArray[np.uint8]:
+    """Draw *lines* wrapped to *width* pixels at font *size*, white on black, as RGB uint8."""
     font = ImageFont.load_default(size=size)
     char_width = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz0123456789") / 36.0)
-    margin = max(4, size // 2)
+    margin = max(3, size // 3)
     columns = max(10, int((width - 2 * margin) / char_width))
     wrapped: list[str] = []
     for line in lines:
         wrapped.extend(textwrap.wrap(_renderable(line, font), width=columns) or [""])
-    line_height = int(size * 1.3)
+    line_height = int(size * 1.25)
     height = 2 * margin + line_height * len(wrapped)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(wrapped):
         draw.text((margin, margin + index * line_height), line, font=font, fill=(255, 255, 255))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def render_banner(
+    variants: list[list[str]], width: int, max_height: int | None = None
+) -> npt.NDArray[np.uint8]:
+    """The banner strip for an image *width* pixels wide, at most *max_height* rows when possible.
+
+    Tries each wording in *variants* (longest first) from a font ≈ 1/45 of the width (at least
+    MIN_FONT_SIZE px) down to MIN_FONT_SIZE, and keeps the first that fits; if none fits, the
+    last wording at the smallest size (the text is never cut).
+    """
+    start = max(MIN_FONT_SIZE, width // 45)
+    banner = _draw_banner(variants[-1], width, MIN_FONT_SIZE)
+    for lines in variants:
+        for size in range(start, MIN_FONT_SIZE - 1, -1):
+            candidate = _draw_banner(lines, width, size)
+            if max_height is None or candidate.shape[0] <= max_height:
+                return candidate
+    return banner
 
 
 def compose(
@@ -213,7 +265,8 @@ def compose(
     rows, columns = display_image.shape
     activation = None if cam is None else scale_activation(cam, (rows, columns))
     picture = blend_heat_map(display_image, activation)
-    banner = render_banner(banner_lines(result, draw_heat), display_image.shape[1])
+    variants = [banner_lines(result, draw_heat), compact_banner_lines(result, draw_heat)]
+    banner = render_banner(variants, columns, max_height=int(rows * BANNER_MAX_FRACTION))
     return np.ascontiguousarray(np.concatenate([banner, picture], axis=0))
 
 
@@ -241,6 +294,32 @@ def _source_image_item(source: Dataset) -> Dataset:
     return item
 
 
+#: Transfer syntaxes that are lossy by definition (PS3.5 Section 8.2.1 / A.4): JPEG Baseline and
+#: Extended. JPEG 2000 (.91) and JPEG-LS near-lossless (.81) may be either, and say so in Lossy
+#: Image Compression (0028,2110) when they were lossy, so only that attribute is trusted for them.
+_LOSSY_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1"}
+
+
+def _carry_lossy_compression(sc: Dataset, source: Dataset) -> None:
+    """Lossy Image Compression of a derived image (PS3.3 C.7.6.1.1.5): once a pixel has been
+    through lossy compression, every image derived from it says so, with the ratio and method
+    history, and the value is never reset to "00". An uncompressed copy of a lossy source is lossy.
+    """
+    lossy = str(source.get("LossyImageCompression") or "").strip() == "01"
+    method = source.get("LossyImageCompressionMethod")
+    if not lossy:
+        meta = getattr(source, "file_meta", None)
+        syntax = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+        if syntax not in _LOSSY_TRANSFER_SYNTAXES:
+            return
+        lossy, method = True, _LOSSY_TRANSFER_SYNTAXES[syntax]
+    sc.LossyImageCompression = "01"
+    if "LossyImageCompressionRatio" in source and source.LossyImageCompressionRatio not in (None, ""):
+        sc.LossyImageCompressionRatio = copy.deepcopy(source.LossyImageCompressionRatio)
+    if method not in (None, ""):
+        sc.LossyImageCompressionMethod = copy.deepcopy(method)
+
+
 def build_summary_image(
     source: Dataset,
     display_image: npt.NDArray[np.floating],
@@ -250,6 +329,7 @@ def build_summary_image(
     series_number: int = 9902,
     instance_number: int = 1,
     overlay_when_negative: bool = False,
+    site_zone: datetime.tzinfo | None = None,
 ) -> Dataset:
     """Build the Secondary Capture summary of *result* for *source* (PS3.3 A.8.1).
 
@@ -260,7 +340,9 @@ def build_summary_image(
     Source Image Sequence (PS3.3 C.7.6.1.1.4) with a Derivation Description, is marked Burned In
     Annotation YES (the banner is burned in; the conservative value for de-identification tools,
     even though the banner holds no patient identity) and carries the same single Contributing
-    Equipment item as the SR.
+    Equipment item as the SR. A lossy source makes a lossy summary: Lossy Image Compression "01"
+    with the source's ratio and method is carried over (PS3.3 C.7.6.1.1.5). *site_zone* is the
+    site's time zone for a source without Timezone Offset From UTC (None: the system's zone).
 
     Raises:
         SrBuildError: the source cannot be referenced.
@@ -276,7 +358,7 @@ def build_summary_image(
     pixels = compose(gray, result, overlay_when_negative=overlay_when_negative)
 
     header = evidence_header(source)
-    when = content_datetime(source, result)
+    when = content_datetime(source, result, site_zone)
     orientation = _patient_orientation(header)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -330,8 +412,9 @@ def build_summary_image(
         sc.InstanceCreationDate, sc.InstanceCreationTime = date, time
         sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
         sc.SeriesDate, sc.SeriesTime = date, time
-        if when.tzinfo is not None and source_utc_offset(header) is not None:
-            sc.TimezoneOffsetFromUTC = copy.deepcopy(header.TimezoneOffsetFromUTC)
+        if when.tzinfo is not None:
+            sc.TimezoneOffsetFromUTC = utc_offset_text(when)
+    _carry_lossy_compression(sc, source)
     return sc
 
 

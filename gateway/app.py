@@ -225,7 +225,7 @@ class Workers:
             runtime.database,
             runtime.store,
             ClassifierAnalyser(engine, rules_from_settings(settings.inference)),
-            DicomReports(),
+            DicomReports(timezone=settings.dicom.timezone),
             fanout,
             runtime.audit_source,
             ImageResultOptions(

@@ -180,7 +180,8 @@ def test_sr_is_valid_parses_and_round_trips(source: Dataset, tmp_path: Path, pro
         expected = '(52101004,SCT,"Present")' if result.present else '(272519000,SCT,"Absent")'
         assert f'CODE:(,,"Pneumonia")={expected}' in text
         assert '"Certainty of Finding")="' in text and '(%,UCUM,"Percent")' in text
-        assert '(399208008,SCT,"Plain chest X-ray")' in text
+        assert '(363679005,SCT,"Imaging procedure")' in text  # Procedure Reported, CID 100
+        assert 'INFERRED FROM SCOORD' in text or 'SCOORD:' in text
         assert '(121007,DCM,"Device")' in text
 
 
@@ -358,3 +359,62 @@ def test_any_other_highdicom_refusal_is_a_build_error_without_the_value(
     with pytest.raises(SrBuildError, match="highdicom refused the source header") as raised:
         build_ai_sr(source, make_result())
     assert "1923" not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------------- time zones
+
+
+@pytest.fixture()
+def system_tz(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Set the process's TZ (as a site would) and restore it afterwards."""
+    import time
+
+    def use(name: str) -> None:
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+
+    yield use
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("tz", "date", "time", "offset"),
+    [
+        ("America/New_York", "20261128", "000000", "-0500"),  # 05:00 UTC, EST
+        ("Europe/Berlin", "20261128", "060000", "+0100"),
+        ("Asia/Kolkata", "20261128", "103000", "+0530"),
+        ("UTC", "20261128", "050000", "+0000"),
+    ],
+)
+def test_source_without_offset_gets_local_time_and_offset(
+    source: Dataset, system_tz: Any, tz: str, date: str, time: str, offset: str
+) -> None:
+    """UTC wall-clock time used to be written as if local, with no offset (issue 13 item 3)."""
+    system_tz(tz)
+    untagged = copy.deepcopy(source)
+    untagged.pop("TimezoneOffsetFromUTC", None)
+    sr = build_ai_sr(untagged, make_result())
+    assert (str(sr.ContentDate), str(sr.ContentTime)[:6], sr.TimezoneOffsetFromUTC) == (date, time, offset)
+    assert (str(sr.InstanceCreationDate), str(sr.InstanceCreationTime)[:6]) == (date, time)
+
+
+def test_summer_time_and_configured_site_zone(source: Dataset, system_tz: Any) -> None:
+    from zoneinfo import ZoneInfo
+
+    system_tz("America/New_York")
+    untagged = copy.deepcopy(source)
+    untagged.pop("TimezoneOffsetFromUTC", None)
+    july = make_result(completed_at=datetime.datetime(2026, 7, 1, 2, 3, tzinfo=datetime.UTC))
+    sr = build_ai_sr(untagged, july)
+    assert (str(sr.ContentDate), str(sr.ContentTime)[:6], sr.TimezoneOffsetFromUTC) == ("20260630", "220300", "-0400")
+    site = build_ai_sr(untagged, july, site_zone=ZoneInfo("Australia/Adelaide"))
+    assert (str(site.ContentTime)[:6], site.TimezoneOffsetFromUTC) == ("113300", "+0930")
+
+
+def test_source_offset_wins_over_the_site_zone(source: Dataset, system_tz: Any) -> None:
+    system_tz("America/New_York")
+    tagged = copy.deepcopy(source)
+    tagged.TimezoneOffsetFromUTC = "+0900"
+    sr = build_ai_sr(tagged, make_result())
+    assert (str(sr.ContentTime)[:6], sr.TimezoneOffsetFromUTC) == ("140000", "+0900")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ from dicom_node.summary_image import (
     NOT_FOR_DIAGNOSTIC_USE,
     SummaryImageError,
     banner_lines,
+    blend_heat_map,
     build_summary_image,
+    heat_alpha,
     jet,
     scale_activation,
 )
@@ -179,12 +182,12 @@ def test_heat_map_only_for_positive_unless_asked(source: Dataset, display: npt.N
 def test_banner_text(intended_use: str, warned: bool) -> None:
     lines = banner_lines(make_result(intended_use=intended_use), heat_map_drawn=True)
     text = " ".join(lines)
-    assert text.startswith("AI: pneumonia 87.3% (POSITIVE at threshold 0.50) \u2014 PneumoNet 1.2.0 \u2014 ")
+    assert text.startswith("AI: pneumonia 87.3% (POSITIVE at threshold 50.0%) \u2014 PneumoNet 1.2.0 \u2014 ")
     assert intended_use in text
     assert (NOT_FOR_DIAGNOSTIC_USE in text.upper()) is warned
     assert text.upper().count(NOT_FOR_DIAGNOSTIC_USE) <= 1
     negative = " ".join(banner_lines(make_result(probability=0.1234), heat_map_drawn=False))
-    assert "12.3% (NEGATIVE at threshold 0.50)" in negative
+    assert "12.3% (NEGATIVE at threshold 50.0%)" in negative
 
 
 @pytest.mark.parametrize(
@@ -210,3 +213,53 @@ def test_activation_scaling_and_colour_map() -> None:
     assert scaled.shape == (4, 8) and scaled.min() == 0.0 and scaled.max() == pytest.approx(1.0)
     colours = jet(np.array([0.0, 1.0], dtype=np.float32))
     assert colours[0].argmax() == 2 and colours[1].argmax() == 0  # blue at 0, red at 1
+
+
+@pytest.mark.parametrize("side", [224, 1024])
+def test_banner_fits_the_image(source: Dataset, side: int) -> None:
+    """A 224 px summary used to be more than half banner (237 of 461 rows); now at most a third."""
+    display = np.linspace(0.0, 1.0, side * side, dtype=np.float32).reshape(side, side)
+    sc = build_summary_image(source, display, make_result())
+    banner_rows = int(sc.Rows) - side
+    assert 0 < banner_rows <= side // 3
+
+
+def test_heat_map_has_no_hard_edge() -> None:
+    """Opacity rises smoothly: a linear activation ramp gives no jump between neighbouring pixels."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 512, dtype=np.float32), (4, 1))
+    alpha = heat_alpha(ramp)[0]
+    assert alpha[0] == 0.0 and alpha[-1] == pytest.approx(0.5)
+    assert float(np.max(np.abs(np.diff(alpha)))) < 0.004  # old blend jumped 0 -> 0.15 at 0.5
+    blended = blend_heat_map(np.full((4, 512), 0.5, dtype=np.float32), ramp).astype(int)
+    assert int(np.max(np.abs(np.diff(blended[0], axis=0)))) <= 3
+
+
+@pytest.mark.parametrize(
+    ("attributes", "syntax", "expected"),
+    [
+        ({"LossyImageCompression": "01", "LossyImageCompressionRatio": "15",
+          "LossyImageCompressionMethod": "ISO_15444_1"}, None, ("01", "15", "ISO_15444_1")),
+        ({}, "1.2.840.10008.1.2.4.50", ("01", None, "ISO_10918_1")),
+        ({"LossyImageCompression": "00"}, None, None),
+        ({}, None, None),
+    ],
+    ids=["jpeg2000-lossy-attribute", "jpeg-baseline-syntax", "lossless", "unknown"],
+)
+def test_lossy_compression_is_carried(
+    source: Dataset, display: npt.NDArray[np.float32], attributes: dict[str, str], syntax: str | None,
+    expected: tuple[str, str | None, str] | None,
+) -> None:
+    lossy = copy.deepcopy(source)
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        lossy.pop(keyword, None)
+    for keyword, value in attributes.items():
+        setattr(lossy, keyword, value)
+    if syntax is not None:
+        lossy.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    sc = build_summary_image(lossy, display, make_result())
+    if expected is None:
+        assert sc.get("LossyImageCompression") in (None, "00")
+        return
+    assert sc.LossyImageCompression == expected[0]
+    assert (str(sc.LossyImageCompressionRatio) if "LossyImageCompressionRatio" in sc else None) == expected[1]
+    assert sc.LossyImageCompressionMethod == expected[2]
