@@ -18,6 +18,14 @@ A crash after 3 and before 4 leaves a file with no row (or, for a replace, new b
 old hash); the peer got no Success and will resend, which overwrites it and commits its hash.
 A crash after 4 loses nothing.
 
+Replace (``dicom.on_conflict = "replace"``, different bytes under a stored SOP Instance UID): the
+transaction of step 4 also refreshes every header-derived index field, counts a new revision of
+the instance, puts its ``infer`` job back to pending and arms its study's result job
+(:func:`storage.study_results.schedule_rejudgement`). So the same model version judges the new
+content, the results of the old content stop counting, and the new SR / summary image (new UIDs)
+and the amended study result go out on every channel — or, if the commit fails, none of it
+happened and the old file is back. The same bytes again stay a no-op.
+
 Because 2-4 hold the UID lock, when several associations send one SOP Instance UID with
 different bytes at once exactly one decides what the file becomes and commits its hash; the
 others see its row and follow ``dicom.on_conflict`` — the file on disk always has the indexed
@@ -61,11 +69,12 @@ from dicom_node.errors import (
 )
 from storage.db import Database
 from storage.filestore import FileStore, FileStoreError, StagedFile, StoredFile
-from storage.index import add_instance, find_instance
+from storage.index import add_instance, find_instance, replace_instance
 from storage.job_kinds import INFER_JOB, infer_job_key
-from storage.jobs import enqueue, requeue
+from storage.jobs import enqueue
 from storage.metadata import InstanceMetadata, MetadataError, extract_metadata
 from storage.models import InstanceOrigin, utcnow
+from storage.study_results import schedule_rejudgement
 
 log = structlog.get_logger(__name__)
 
@@ -180,11 +189,11 @@ class Ingestor:
                 try:
                     with self._db.read_session() as session:
                         existing = find_instance(session, meta.sop_instance_uid)
-                        existing_sha = existing.sha256 if existing is not None else None
+                        stored_as = (existing.sha256, existing.path) if existing is not None else None
                 except SQLAlchemyError as exc:
                     raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
-                if existing_sha is not None:
-                    return self._handle_existing(received, meta, staged, existing_sha, relative_path)
+                if stored_as is not None:
+                    return self._handle_existing(received, meta, staged, stored_as, relative_path)
                 return self._store_new(received, meta, staged, relative_path)
         finally:
             self._store.discard(staged)  # no-op once committed (renamed away)
@@ -267,9 +276,10 @@ class Ingestor:
         received: ReceivedInstance,
         meta: InstanceMetadata,
         staged: StagedFile,
-        existing_sha: str,
+        stored_as: tuple[str, str],
         relative_path: str,
     ) -> IngestResult:
+        existing_sha, existing_path = stored_as
         now = utcnow()
         if staged.sha256 == existing_sha:
             result, action, outcome, note = IngestResult.DUPLICATE, Action.READ, Outcome.SUCCESS, "duplicate of a stored instance"
@@ -294,6 +304,9 @@ class Ingestor:
             if previous is not None:
                 self._store.discard_path(previous)
         if stored is not None:
+            if existing_path != relative_path:  # it moved to another study/series: drop the old copy
+                with contextlib.suppress(OSError, FileStoreError):
+                    self._store.absolute(existing_path).unlink()
             self._on_queued()
         log.info("dicom.store.existing", result=str(result), sop_class_uid=meta.sop_class_uid)
         return result
@@ -315,17 +328,20 @@ class Ingestor:
                 if stored is not None:
                     instance = find_instance(session, meta.sop_instance_uid)
                     if instance is not None:
-                        instance.sha256 = stored.sha256
-                        instance.size = stored.size
-                        instance.transfer_syntax_uid = received.transfer_syntax_uid
-                        instance.calling_ae = received.calling.ae_title
-                        instance.updated_at = now
-                        requeue(session, infer_job_key(meta.sop_instance_uid))
+                        studies = replace_instance(
+                            session, instance, meta,
+                            transfer_syntax_uid=received.transfer_syntax_uid, relative_path=stored.relative_path,
+                            size=stored.size, sha256=stored.sha256, calling_ae=received.calling.ae_title, when=now,
+                        )
+                        schedule_rejudgement(session, instance, studies)
                 append_audit(session, self._transfer_event(received, meta, action, outcome, now, note))
         except SQLAlchemyError as exc:
-            if stored is not None and previous is not None:
-                with contextlib.suppress(OSError):
-                    self._store.restore(previous, relative_path)
+            if stored is not None:
+                with contextlib.suppress(OSError, FileStoreError):
+                    if previous is not None:
+                        self._store.restore(previous, relative_path)
+                    else:  # new bytes at a path nothing indexed points to
+                        self._store.absolute(relative_path).unlink()
             raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
 
     def _audit_failure(self, received: ReceivedInstance, exc: StoreError) -> None:

@@ -16,6 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -32,6 +35,9 @@ _SERVICE_BY_SOP_CLASS: dict[str, DicomService] = {
     str(StudyRootQueryRetrieveInformationModelFind): "find",
     str(StudyRootQueryRetrieveInformationModelMove): "move",
     str(StudyRootQueryRetrieveInformationModelGet): "get",
+    str(PatientRootQueryRetrieveInformationModelFind): "find",
+    str(PatientRootQueryRetrieveInformationModelMove): "move",
+    str(PatientRootQueryRetrieveInformationModelGet): "get",
 }
 
 

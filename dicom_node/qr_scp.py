@@ -1,5 +1,5 @@
-"""Study Root Query/Retrieve SCP (PS3.4 Annex C): thin adapters from EVT_C_FIND, EVT_C_MOVE
-and EVT_C_GET to :class:`~dicom_node.query_retrieve.QueryRetrieveService`.
+"""Study Root and Patient Root Query/Retrieve SCP (PS3.4 Annex C): thin adapters from
+EVT_C_FIND, EVT_C_MOVE and EVT_C_GET to :class:`~dicom_node.query_retrieve.QueryRetrieveService`.
 
 pynetdicom drives the DIMSE exchange from generator handlers (C-FIND: ``(status, identifier)``
 pairs; C-MOVE: destination, sub-operation count, then ``(status, dataset)``; C-GET: count,
@@ -9,11 +9,17 @@ exactly that, so the handlers listen to the C-STORE-RSP messages (EVT_DIMSE_RECV
 association the sub-operations run on: the move sub-association for C-MOVE, the requestor's own
 association for C-GET (PS3.4 C.4.3.3: C-GET sub-operations use the same association, with the
 requestor in the Storage SCP role).
+
+Encoding: each instance goes in its stored transfer syntax when the receiving association
+accepted it, else re-encoded losslessly for a context it did accept (compressed pixel data
+decoded): the same fallback as result deliveries, :func:`dicom_node.storage_scu.encode_for_association`.
+C-MOVE proposes, per SOP Class, the stored compressed syntax alone plus Explicit/Implicit VR
+Little Endian, so a destination that takes only uncompressed data still receives every image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
@@ -24,6 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import build_context, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -31,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.errors import QueryRetrieveError, Service, dimse_boundary
 from dicom_node.ingest import Peer
 from dicom_node.query_retrieve import QueryRetrieveService, SubOperationResults, Transfer
+from dicom_node.storage_scu import DeliveryError, encode_for_association
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +60,7 @@ def handle_find(event: Event, service: QueryRetrieveService) -> Iterator[tuple[i
         responses = service.find(
             event.identifier,
             _requestor(event),
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            sop_class_uid=_sop_class(event),
             encoded=_raw_identifier(event),
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
@@ -78,7 +86,8 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     transfer: Transfer | None = None
     contexts: list[PresentationContext] = []
     with dimse_boundary(Service.MOVE) as failure:
-        transfer = service.retrieve(event.identifier, _requestor(event), destination_ae=destination_ae)
+        transfer = service.retrieve(event.identifier, _requestor(event), destination_ae=destination_ae,
+                                    sop_class_uid=_sop_class(event))
         contexts = move_contexts(transfer.sop_pairs)
     if failure.status is not None or transfer is None:
         if transfer is not None:
@@ -94,10 +103,13 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     try:
         yield destination.host, destination.port, {
             "contexts": contexts,
-            "evt_handlers": [(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)],
+            "evt_handlers": [
+                (evt.EVT_ACCEPTED, tracker.on_accepted),
+                (evt.EVT_DIMSE_RECV, tracker.on_dimse_recv),
+            ],
         }
         yield len(transfer.matches)
-        yield from _sub_operations(event, transfer, tracker)
+        yield from _sub_operations(event, transfer, tracker, lambda: tracker.carrier)
     finally:
         # Also when the destination refused the association: pynetdicom then answers 0xA801
         # and drops this generator, and the audit trail must say nothing was sent.
@@ -109,7 +121,7 @@ def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     the storage contexts it proposed with the SCP role (role selection, PS3.7 D.3.3.4)."""
     transfer: Transfer | None = None
     with dimse_boundary(Service.GET) as failure:
-        transfer = service.retrieve(event.identifier, _requestor(event))
+        transfer = service.retrieve(event.identifier, _requestor(event), sop_class_uid=_sop_class(event))
     if failure.status is not None or transfer is None:
         yield 1
         yield failure.status, None
@@ -118,17 +130,22 @@ def handle_get(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
     event.assoc.bind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
     try:
         yield len(transfer.matches)
-        yield from _sub_operations(event, transfer, tracker)
+        yield from _sub_operations(event, transfer, tracker, lambda: event.assoc)
     finally:
         event.assoc.unbind(evt.EVT_DIMSE_RECV, tracker.on_dimse_recv)
         transfer.finish(tracker.results)
 
 
 class StoreResponseTracker:
-    """Collects the C-STORE-RSP statuses of the sub-operations, keyed by SOP Instance UID."""
+    """Collects the C-STORE-RSP statuses of the sub-operations, keyed by SOP Instance UID, and
+    (C-MOVE) the sub-association that carries them, once the destination accepted it."""
 
     def __init__(self) -> None:
         self.results = SubOperationResults()
+        self.carrier: Association | None = None
+
+    def on_accepted(self, event: Event) -> None:
+        self.carrier = event.assoc
 
     def on_dimse_recv(self, event: Event) -> None:
         command = event.message.command_set
@@ -137,25 +154,32 @@ class StoreResponseTracker:
 
 
 def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
-    """Presentation contexts for sending the matched instances without transcoding.
+    """Presentation contexts for the C-MOVE sub-association.
 
-    Native (uncompressed little endian) encodings share one context per SOP Class offering
-    Explicit and Implicit VR (pynetdicom converts between them); every other stored transfer
-    syntax gets a context of its own, since compressed pixel data is sent as stored.
+    Every SOP Class gets one native context offering Explicit and Implicit VR Little Endian
+    (pynetdicom converts between them; any image can be decoded into them); every other stored
+    transfer syntax gets a context of its own, proposed first, so that a destination accepting
+    it receives the stored bytes unchanged and one refusing it still receives the image,
+    decompressed (:func:`_sub_operations`).
     """
     wanted: dict[tuple[str, str], list[str]] = {}
-    for sop_class, syntax in sorted(pairs):
-        if syntax in _NATIVE:
-            wanted[(sop_class, "native")] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        else:
+    pairs = sorted(pairs)
+    for sop_class, syntax in pairs:
+        if syntax not in _NATIVE:
             wanted[(sop_class, syntax)] = [syntax]
+    for sop_class in sorted({sop_class for sop_class, _ in pairs}):
+        wanted[(sop_class, "native")] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     if len(wanted) > MAX_CONTEXTS:
         raise QueryRetrieveError(f"the matches need {len(wanted)} presentation contexts, more than {MAX_CONTEXTS}")
     return [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
 
 
-def _sub_operations(event: Event, transfer: Transfer, tracker: StoreResponseTracker) -> Iterator[tuple[int, Any]]:
-    """Pending + dataset per instance, read one at a time; stops on C-CANCEL (C.4.2.3.2).
+def _sub_operations(
+    event: Event, transfer: Transfer, tracker: StoreResponseTracker, carrier: Callable[[], Association | None]
+) -> Iterator[tuple[int, Any]]:
+    """Pending + dataset per instance, read one at a time and encoded for the association that
+    *carrier* returns (the one the C-STORE sub-operations run on); stops on C-CANCEL (C.4.2.3.2).
+    An instance no accepted context can carry is a failed sub-operation, as is an unreadable one.
 
     The callers audit the outcome in a ``finally``: pynetdicom simply drops the generator when
     the association is aborted or the sub-association cannot be opened, and closing it runs
@@ -167,11 +191,39 @@ def _sub_operations(event: Event, transfer: Transfer, tracker: StoreResponseTrac
             results.cancelled = True
             yield CANCEL, None
             return
-        if dataset is None:
+        sendable = None if dataset is None else _encoded(dataset, carrier())
+        if sendable is None:
             results.failed.append(match.sop_instance_uid)
             yield PENDING, _UNREADABLE
         else:
-            yield PENDING, dataset
+            yield PENDING, sendable
+
+
+def _encoded(dataset: Dataset, assoc: Association | None) -> Dataset | None:
+    """*dataset* in an encoding *assoc* accepted (see the module docstring), or None."""
+    if assoc is None:  # not reachable through pynetdicom: the carrier exists before any yield
+        return dataset
+    stored = str(dataset.file_meta.TransferSyntaxUID)
+    try:
+        encoded, syntax = encode_for_association(dataset, assoc, peer=_receiver_title(assoc))
+    except DeliveryError as exc:
+        log.warning("dicom.retrieve.no_context", sop_class_uid=str(dataset.SOPClassUID), detail=str(exc)[:300])
+        return None
+    if syntax != stored:
+        log.info("dicom.retrieve.transcoded", sop_class_uid=str(dataset.SOPClassUID), stored=stored, sent=syntax)
+    return encoded
+
+
+def _receiver_title(assoc: Association) -> str:
+    """The AE receiving the sub-operations: the C-MOVE destination (we requested the
+    sub-association) or the C-GET requestor."""
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return str(peer.ae_title).strip()
+
+
+def _sop_class(event: Event) -> str:
+    """The request's SOP Class (which information model: Study Root or Patient Root)."""
+    return str(event.request.AffectedSOPClassUID).strip()
 
 
 def _requestor(event: Event) -> Peer:

@@ -1,6 +1,11 @@
 """The Query/Retrieve domain service behind the C-FIND, C-MOVE and C-GET handlers.
 
-Everything the Study Root Q/R SCP decides lives here, free of pynetdicom: which stored instances
+Two information models (PS3.4 C.6): Study Root (STUDY, SERIES, IMAGE) and Patient Root
+(PATIENT, STUDY, SERIES, IMAGE). Below PATIENT the two select the same entities with the same
+keys (:mod:`storage.query`); the PATIENT level is :mod:`storage.patient_query`, and only the
+Patient Root SOP Classes reach it — a Study Root identifier at PATIENT level is refused (0xA900).
+
+Everything the Q/R SCP decides lives here, free of pynetdicom: which stored instances
 an identifier selects (received images and our own SR/SC objects alike, since both are in the
 same index), where a C-MOVE may send them, and the audit trail the IHE ATNA profile expects:
 
@@ -43,6 +48,7 @@ from dicom_node.errors import (
     RetrieveOutOfResourcesError,
 )
 from dicom_node.ingest import Peer
+from storage import patient_query
 from storage import query as index_query
 from storage.db import Database
 from storage.filestore import FileStore, FileStoreError
@@ -52,6 +58,18 @@ from storage.query import QueryError, RetrieveMatch
 log = structlog.get_logger(__name__)
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+#: The SOP Classes of the Patient Root model: only these may query or retrieve at PATIENT level.
+PATIENT_ROOT = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET})
+
+
+def _patient_level(identifier: Dataset, sop_class_uid: str) -> bool:
+    """Whether *identifier* is evaluated at the PATIENT level of the Patient Root model."""
+    return sop_class_uid in PATIENT_ROOT and patient_query.is_patient_level(identifier)
 
 
 @dataclass(frozen=True)
@@ -165,9 +183,8 @@ class QueryRetrieveService:
         audit = _QueryAudit(self, requestor, sop_class_uid, encoded, transfer_syntax_uid, identifier)
         try:
             with self._db.read_session() as session:
-                responses = list(
-                    index_query.find(session, identifier, retrieve_ae_title=self._settings.ae_title)
-                )
+                finder = patient_query.find_patients if _patient_level(identifier, sop_class_uid) else index_query.find
+                responses = list(finder(session, identifier, retrieve_ae_title=self._settings.ae_title))
         except QueryError as exc:
             audit.write(Outcome.MINOR_FAILURE, str(exc))
             raise IdentifierMismatchError(str(exc)) from exc
@@ -187,9 +204,12 @@ class QueryRetrieveService:
             raise MoveDestinationUnknownError(f"move destination {ae_title.strip()!r} is not a configured peer with a port")
         return destination
 
-    def retrieve(self, identifier: Dataset, requestor: Peer, destination_ae: str | None = None) -> Transfer:
+    def retrieve(
+        self, identifier: Dataset, requestor: Peer, destination_ae: str | None = None, *, sop_class_uid: str = ""
+    ) -> Transfer:
         """Select the instances of a C-MOVE (*destination_ae* given) or C-GET (the requestor is
         the destination) identifier and write the Begin Transferring audit records.
+        *sop_class_uid* is the request's (Patient Root allows the PATIENT level).
 
         Raises :class:`MoveDestinationUnknownError`, :class:`IdentifierMismatchError` or
         :class:`RetrieveOutOfResourcesError`; the caller answers with their status.
@@ -197,7 +217,10 @@ class QueryRetrieveService:
         destination = self.move_destination(destination_ae) if destination_ae is not None else None
         try:
             with self._db.read_session() as session:
-                matches = index_query.retrieve_matches(session, identifier)
+                if _patient_level(identifier, sop_class_uid):
+                    matches = patient_query.patient_retrieve_matches(session, identifier)
+                else:
+                    matches = index_query.retrieve_matches(session, identifier)
         except QueryError as exc:
             raise IdentifierMismatchError(str(exc)) from exc
         except SQLAlchemyError as exc:

@@ -35,6 +35,9 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -87,11 +90,15 @@ _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 NOT_AUTHORIZED = 0x0124
 
 
-#: Study Root Query/Retrieve (PS3.4 C.6.2); identifiers are small, so the native syntaxes do.
+#: Study Root and Patient Root Query/Retrieve (PS3.4 C.6.2, C.6.1); identifiers are small, so
+#: the native syntaxes do.
 QUERY_RETRIEVE_SOP_CLASSES: tuple[str, ...] = (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
 )
 
 
@@ -125,7 +132,7 @@ class GatewayAE(AE):
 
 def build_ae(settings: DicomSettings) -> AE:
     """An AE offering Verification, Storage for every storage SOP class pynetdicom knows, and
-    Study Root Query/Retrieve.
+    Study Root and Patient Root Query/Retrieve.
 
     Storage contexts accept SCP/SCU role selection (PS3.7 D.3.3.4) both ways: a requestor that
     proposes no roles gets the default (it is the SCU, we store), and a C-GET requestor that

@@ -219,7 +219,12 @@ def _ranked(assoc: Association, sop_class_uid: str, stored_syntax: str) -> list[
             return 1
         return 2 + (LOSSLESS_LABELS.index(syntax) if syntax in LOSSLESS_LABELS else len(LOSSLESS_LABELS))
 
-    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class_uid and cx.transfer_syntax]
+    # as_scu: on a C-GET association we are the acceptor and may only C-STORE over contexts
+    # whose role selection made us the SCU (PS3.7 D.3.3.4); a requestor always is.
+    accepted = [
+        cx for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class_uid and cx.transfer_syntax and cx.as_scu
+    ]
     return sorted(accepted, key=rank)
 
 
@@ -304,6 +309,30 @@ def transcode(dataset: Dataset, target: str) -> Dataset:
     if not lossless:
         raise CannotEncodeError(f"{wanted.name} did not round-trip the pixel values exactly")
     return result
+
+
+def encode_for_association(dataset: Dataset, assoc: Association, *, peer: str) -> tuple[Dataset, str]:
+    """*dataset* (as read from the store) encoded for the best context *assoc* accepted for its
+    SOP Class, and that context's transfer syntax: the stored bytes when the stored syntax was
+    accepted, else a lossless re-encoding (:func:`transcode`).
+
+    Shared by every C-STORE we originate: deliveries (:func:`send_instance`) and the C-MOVE /
+    C-GET sub-operations of the Query/Retrieve SCP, whose destination may accept nothing but
+    uncompressed syntaxes for an image we hold compressed (PS3.4 C.4.2.3.1: the SCP performs
+    the sub-operations over the contexts the destination accepted).
+
+    Raises:
+        DeliveryRejectedError: no accepted context can carry it (the message names them).
+    """
+    sop_class_uid = str(dataset.SOPClassUID)
+    stored_syntax = str(dataset.file_meta.TransferSyntaxUID)
+    offered = [
+        str(ts)
+        for cx in (*assoc.accepted_contexts, *assoc.rejected_contexts)
+        if cx.abstract_syntax == sop_class_uid
+        for ts in cx.transfer_syntax
+    ]
+    return _prepare(dataset, assoc, sop_class_uid, stored_syntax, list(dict.fromkeys(offered)), peer)
 
 
 def _prepare(

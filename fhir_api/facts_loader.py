@@ -125,7 +125,10 @@ def _model_facts(row: RegisteredModel) -> ModelFacts:
 
 
 def _findings(session: Session, study_pk: int) -> list[ImageFinding]:
-    """Every ``ok`` image result of the study, oldest first (``analysed_at`` is the result's creation)."""
+    """Every ``ok`` image result of the study, oldest first (``analysed_at`` is the result's creation).
+
+    Only results of each image's current revision count: an image re-stored with other content
+    (``on_conflict = "replace"``) is judged again, and its earlier results are history."""
     source = Instance.__table__.alias("source")
     source_series = Series.__table__.alias("source_series")
     report = Instance.__table__.alias("report")
@@ -139,6 +142,7 @@ def _findings(session: Session, study_pk: int) -> list[ImageFinding]:
         .where(
             source_series.c.study_pk == study_pk,
             source.c.origin == InstanceOrigin.RECEIVED,
+            InferenceResult.source_revision == source.c.revision,
             InferenceResult.status == ResultStatus.OK,
             InferenceResult.probability.is_not(None),
         )

@@ -82,17 +82,19 @@ def _model(session: Session, result: StudyResult) -> RegisteredModel:
 
 
 def _sr_uids(session: Session, study_pk: int, made_before: dt.datetime) -> tuple[str, ...]:
+    """The SRs the study result made at *made_before* stood on: per image, the SR of the newest
+    revision judged by then (an image re-stored with other content has an older SR, now history)."""
     report = Instance.__table__.alias("report")
     rows = session.execute(
-        select(report.c.sop_instance_uid)
-        .select_from(InferenceResult)
+        select(InferenceResult.instance_pk, report.c.sop_instance_uid)
         .join(Instance, InferenceResult.instance_pk == Instance.id)
         .join(Series, Instance.series_pk == Series.id)
         .join(report, InferenceResult.sr_instance_pk == report.c.id)
         .where(Series.study_pk == study_pk, InferenceResult.created_at <= made_before)
-        .order_by(InferenceResult.id)
-    ).scalars().all()
-    return tuple(rows)
+        .order_by(InferenceResult.instance_pk, InferenceResult.source_revision, InferenceResult.id)
+    ).all()
+    newest = {instance_pk: sr_uid for instance_pk, sr_uid in rows}  # the last row of each image wins
+    return tuple(newest.values())
 
 
 def oru_input(session: Session, study_result_pk: int, destination: Hl7Destination, settings: Hl7Settings) -> OruInput:

@@ -16,7 +16,11 @@ promises:
    the two re-runs the job, which finds the result recorded and draws only the picture.
 
 Generated UIDs derive from (source SOP Instance UID, model id, model version), so a re-run
-rewrites the same objects and never makes a second report. Instance Numbers are the source's
+rewrites the same objects and never makes a second report. A source replaced with other content
+(``dicom.on_conflict = "replace"``: a new :attr:`~storage.models.Instance.revision`) is judged
+again by the same model version: its result names the revision, and its SR and summary image
+get SOP Instance UIDs derived from the builders' ones and the revision (:func:`revised_uid`) —
+new objects, delivered anew, never a second meaning under a UID already sent. Instance Numbers are the source's
 rank among the study's received images, distinct within the SR and summary series and the same
 on every re-run.
 """
@@ -32,6 +36,7 @@ import pydicom
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from sqlalchemy import func, select
 
 from audit.builders import ai_processing
@@ -58,8 +63,26 @@ from storage.results import (
 )
 from storage.runtime import Waker
 from storage.study_results import schedule_study_changed, schedule_study_result
+from storage.uids import derive_uid
 
 log = structlog.get_logger(__name__)
+
+
+def revised_uid(uid: str, revision: int) -> str:
+    """The SOP Instance UID of a result object about revision *revision* of its source: the
+    builder's own (derived from source, model id and version) for the content first stored,
+    a UID derived from it and the revision for a replacement (deterministic: a re-run of the
+    same revision rewrites the same object)."""
+    return uid if revision == 0 else derive_uid(uid, "source-revision", str(revision))
+
+
+def _for_revision(dataset: Dataset, revision: int) -> Dataset:
+    """*dataset* (a freshly built SR / summary image) under its :func:`revised_uid`."""
+    if revision:
+        uid = UID(revised_uid(str(dataset.SOPInstanceUID), revision))
+        dataset.SOPInstanceUID = uid
+        dataset.file_meta.MediaStorageSOPInstanceUID = uid
+    return dataset
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,7 @@ class ImageResultHandler:
                     InferenceResult.instance_pk == work.context.instance_pk,
                     InferenceResult.model_id == work.model.model_id,
                     InferenceResult.model_version == work.model.version,
+                    InferenceResult.source_revision == work.context.revision,
                 )
             ).scalar_one_or_none()
 
@@ -171,7 +195,7 @@ class ImageResultHandler:
             except InvalidInputError as exc:  # the source lacks what a valid report needs
                 verdict = replace(verdict, status=ResultStatus.FAILED, reason=f"report not built: {exc}"[:1000], cam=None)
             else:
-                report = place_generated(self._store, dataset)
+                report = place_generated(self._store, _for_revision(dataset, work.context.revision))
         return self._record(job, worker_id, work, verdict, report, now)
 
     def _record(
@@ -191,6 +215,7 @@ class ImageResultHandler:
                 instance_pk=context.instance_pk,
                 model_id=work.model.model_id,
                 model_version=work.model.version,
+                source_revision=context.revision,
                 sr_instance_pk=sr_instance.id if sr_instance is not None else None,
                 created_at=now,
                 **verdict_record(verdict),
@@ -210,6 +235,7 @@ class ImageResultHandler:
             status=str(verdict.status),
             probability=None if verdict.probability is None else round(verdict.probability, 4),
             label=verdict.label,
+            reason=verdict.reason,  # why not analysed: rule texts, never values read from the image
         )
         return result
 
@@ -236,7 +262,7 @@ class ImageResultHandler:
             )
         except InvalidInputError as exc:
             raise InvalidInputError(f"summary image not built: {exc}") from exc
-        picture = place_generated(self._store, dataset)
+        picture = place_generated(self._store, _for_revision(dataset, work.context.revision))
         queued = 0
         with self._db.session() as session:
             sc_instance = index_generated(session, picture)

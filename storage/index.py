@@ -32,18 +32,18 @@ def _update_if_given(row: Any, values: dict[str, Any]) -> None:
             setattr(row, key, value)
 
 
-def upsert_hierarchy(session: Session, meta: InstanceMetadata) -> Series:
+def upsert_hierarchy(session: Session, meta: InstanceMetadata, *, refresh: bool = False) -> Series:
     """Make sure the patient, study and series of *meta* exist; return the series row.
 
     Fast path: most instances belong to a series we already hold (a CR study is a handful of
     images; a CT series hundreds), and re-upserting three parents per instance would triple
     the statements on the hot C-STORE path. Demographics are refreshed when a new series of
-    the study arrives.
+    the study arrives, or when *refresh* says the header is a replacement's (it may correct them).
     """
     known = session.execute(
         select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
     ).scalar_one_or_none()
-    if known is not None:
+    if known is not None and not refresh:
         return known
     now = utcnow()
     insert_ignore(
@@ -64,6 +64,8 @@ def upsert_hierarchy(session: Session, meta: InstanceMetadata) -> Series:
         ["study_instance_uid"],
     )
     study = session.execute(select(Study).where(Study.study_instance_uid == meta.study_instance_uid)).scalar_one()
+    if refresh and study.patient_pk != patient.id:
+        study.patient_pk = patient.id  # a replacement re-assigned the study (corrected Patient ID)
     _update_if_given(
         study,
         {
@@ -130,3 +132,38 @@ def add_instance(
     session.add(instance)
     session.flush()
     return instance
+
+
+def replace_instance(
+    session: Session,
+    instance: Instance,
+    meta: InstanceMetadata,
+    *,
+    transfer_syntax_uid: str,
+    relative_path: str,
+    size: int,
+    sha256: str,
+    calling_ae: str | None,
+    when: dt.datetime,
+) -> tuple[int, int]:
+    """Point *instance* at replacement content under the same SOP Instance UID and count a new
+    revision (results of earlier revisions stop counting: :attr:`Instance.revision`).
+
+    Every header-derived field is refreshed, the parents too (a replacement may correct
+    demographics, or even move the instance to another series). Returns the primary keys of the
+    instance's study and of the one it belonged to before (the same unless it moved; both must
+    be re-derived)."""
+    previous_study_pk = session.execute(select(Series.study_pk).where(Series.id == instance.series_pk)).scalar_one()
+    series = upsert_hierarchy(session, meta, refresh=True)
+    instance.series_pk = series.id
+    instance.sop_class_uid = meta.sop_class_uid
+    instance.instance_number = meta.instance_number
+    instance.transfer_syntax_uid = transfer_syntax_uid
+    instance.path = relative_path
+    instance.size = size
+    instance.sha256 = sha256
+    instance.calling_ae = calling_ae
+    instance.updated_at = when
+    instance.revision = (instance.revision or 0) + 1
+    session.flush()
+    return series.study_pk, int(previous_study_pk)

@@ -105,16 +105,22 @@ def rearm(session: Session, kind: str, dedup_key: str, run_after: dt.datetime, *
         job.last_error = None
 
 
-def requeue(session: Session, dedup_key: str) -> None:
-    """Put an existing job back to pending (e.g. its input was replaced)."""
-    job = session.execute(select(Job).where(Job.dedup_key == dedup_key)).scalar_one_or_none()
-    if job is not None:
-        job.state = JobState.PENDING
-        job.attempts = 0
-        job.run_after = utcnow()
-        job.lease_expires_at = None
-        job.locked_by = None
-        job.last_error = None
+def requeue(session: Session, dedup_key: str) -> bool:
+    """Put an existing job back to pending (e.g. its input was replaced); False when there is none.
+
+    A worker running it at this moment loses its lease: its :func:`complete` / :func:`holds`
+    then fail and it rolls back what it made of the old input (the row is locked meanwhile)."""
+    job = session.execute(select(Job).where(Job.dedup_key == dedup_key).with_for_update()).scalar_one_or_none()
+    if job is None:
+        return False
+    job.state = JobState.PENDING
+    job.attempts = 0
+    job.run_after = utcnow()
+    job.lease_expires_at = None
+    job.locked_by = None
+    job.last_error = None
+    job.rerun_after = None
+    return True
 
 
 def claim(

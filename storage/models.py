@@ -130,6 +130,9 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # How often the content under this SOP Instance UID was replaced (dicom.on_conflict =
+    # "replace"); results name the revision they judged (InferenceResult.source_revision).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -177,10 +180,15 @@ class ResultStatus(enum.StrEnum):
 
 
 class InferenceResult(Base):
-    """The classifier's verdict on one instance for one model version (idempotent per pair)."""
+    """The classifier's verdict on one revision of an instance for one model version (idempotent
+    per instance, model version and revision; only the instance's current revision counts)."""
 
     __tablename__ = "inference_result"
-    __table_args__ = (UniqueConstraint("instance_pk", "model_id", "model_version", name="uq_result_instance_model"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "instance_pk", "model_id", "model_version", "source_revision", name="uq_result_instance_model_revision"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
@@ -198,6 +206,8 @@ class InferenceResult(Base):
     sr_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
     sc_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instance.id"))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    # The Instance.revision judged: a replaced image's earlier results stay as history.
+    source_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     instance: Mapped[Instance] = relationship(foreign_keys=[instance_pk])
 

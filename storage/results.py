@@ -131,6 +131,7 @@ class InstanceContext:
     path: str
     origin: str
     meta: InstanceMetadata
+    revision: int = 0  # Instance.revision: how often its content was replaced
 
 
 def load_instance_context(session: Session, instance_pk: int) -> InstanceContext | None:
@@ -167,7 +168,7 @@ def load_instance_context(session: Session, instance_pk: int) -> InstanceContext
         sop_instance_uid=instance.sop_instance_uid,
         instance_number=instance.instance_number,
     )
-    return InstanceContext(instance.id, study.id, instance.path, instance.origin, meta)
+    return InstanceContext(instance.id, study.id, instance.path, instance.origin, meta, instance.revision or 0)
 
 
 def verdict_record(verdict: ImageVerdict) -> dict[str, Any]:

@@ -32,7 +32,14 @@ from audit.store import append as append_audit
 from conf.errors import LeaseLostError, NotFoundError
 from storage import jobs
 from storage.db import Database
-from storage.job_kinds import INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB, study_changed_key, study_result_key
+from storage.job_kinds import (
+    INFER_JOB,
+    STUDY_CHANGED_JOB,
+    STUDY_RESULT_JOB,
+    infer_job_key,
+    study_changed_key,
+    study_result_key,
+)
 from storage.jobs import ClaimedJob
 from storage.models import (
     InferenceResult,
@@ -86,6 +93,31 @@ def schedule_study_changed(
         utcnow() + dt.timedelta(seconds=delay_seconds),
         payload={"study_pk": study_pk},
     )
+
+
+def schedule_rejudgement(session: Session, instance: Instance, study_pks: Sequence[int]) -> None:
+    """An image was replaced with other content (``dicom.on_conflict = "replace"``): judge it
+    again and re-derive what was said about its study — in the caller's transaction, the one
+    that commits the replacement, so that an acknowledged replacement is always re-judged.
+
+    * its ``infer`` job goes back to pending (the same model version judges the new revision;
+      a worker judging the old content right now loses its lease and rolls back);
+    * each study in *study_pks* (the instance's study, and the one it left if it moved) gets
+      its ``study-result`` job armed now: until the new result exists the image counts as
+      waiting (:func:`image_outcomes` counts only results of the current revision), and once it
+      does, a new study result version (``amended``) is fanned out to every study-result route;
+      ``study-changed`` is armed with it, so the FHIR projection follows.
+
+    The new result's SR and summary image get new SOP Instance UIDs (derived from the revision,
+    :func:`storage.image_results.revised_uid`) and so new deliveries on every object route.
+    """
+    key = infer_job_key(instance.sop_instance_uid)
+    if not jobs.requeue(session, key):
+        jobs.enqueue(session, INFER_JOB, key, instance_pk=instance.id)
+    for study_pk in dict.fromkeys(study_pks):
+        study = session.get(Study, study_pk)
+        if study is not None:
+            schedule_study_result(session, study.id, study.study_instance_uid, 0.0)
 
 
 @dataclass(frozen=True)
@@ -173,20 +205,27 @@ def aggregate(images: Sequence[ImageOutcome], *, amends: bool) -> StudyAggregate
 
 
 def image_outcomes(session: Session, study_pk: int) -> list[ImageOutcome]:
-    """Every received instance of the study with its newest image result (or why it has none)."""
-    instances = session.execute(
-        select(Instance.id)
-        .join(Series, Instance.series_pk == Series.id)
-        .where(Series.study_pk == study_pk, Instance.origin == InstanceOrigin.RECEIVED)
-        .order_by(Instance.id)
-    ).scalars().all()
+    """Every received instance of the study with its newest image result (or why it has none).
+
+    Only results of the instance's current revision count: a replaced image whose new content
+    is not judged yet is waiting, not described by what was said about its old content."""
+    revisions: dict[int, int] = dict(
+        session.execute(
+            select(Instance.id, Instance.revision)
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.study_pk == study_pk, Instance.origin == InstanceOrigin.RECEIVED)
+            .order_by(Instance.id)
+        ).tuples().all()
+    )
+    instances = list(revisions)
     if not instances:
         return []
     results: dict[int, InferenceResult] = {}
     for row in session.execute(
         select(InferenceResult).where(InferenceResult.instance_pk.in_(instances)).order_by(InferenceResult.id)
     ).scalars():
-        results[row.instance_pk] = row  # the newest wins
+        if row.source_revision == revisions[row.instance_pk]:
+            results[row.instance_pk] = row  # the newest wins
     job_states: dict[int | None, str] = dict(
         session.execute(
             select(Job.instance_pk, Job.state).where(Job.instance_pk.in_(instances), Job.kind == INFER_JOB)

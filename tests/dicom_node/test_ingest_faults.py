@@ -271,6 +271,55 @@ def test_failed_replace_puts_the_stored_file_back(
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no set-aside copy left behind"
 
 
+def test_replace_rejudges_in_its_own_transaction_or_not_at_all(
+    tmp_path: Path, ingestor_parts: tuple[Database, FileStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replacement's revision, re-queued ``infer`` job and armed study result commit with it:
+    a failed commit leaves none of them (and the old file); a committed one leaves all of them —
+    here for a replacement that also moves the instance to another study, whose old file goes."""
+    from sqlalchemy import select
+
+    from storage.models import Job, JobState
+
+    database, store = ingestor_parts
+    ingestor = Ingestor(database, store, AuditSource("PNEUMO@test"), local_host=None, on_conflict="replace")
+    uid, study, other_study = generate_uid(), generate_uid(), generate_uid()
+    first = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "0", study_uid=study, sop_uid=uid)
+    moved = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "1", study_uid=other_study, sop_uid=uid,
+                               mutate=lambda ds: setattr(ds, "ImageComments", "corrected"))
+    assert ingestor.ingest(_received(first)) is IngestResult.STORED
+    with database.session() as session:  # as if the worker had judged it
+        [infer] = session.execute(select(Job).where(Job.kind == "infer")).scalars().all()
+        infer.state = JobState.DONE
+
+    def jobs_and_revision() -> tuple[dict[str, str], int, str]:
+        with database.read_session() as session:
+            jobs = {job.dedup_key: job.state for job in session.execute(select(Job)).scalars()}
+            row = find_instance(session, uid)
+            assert row is not None
+            return jobs, row.revision, row.path
+
+    before = jobs_and_revision()
+    with monkeypatch.context() as patched:
+        patched.setattr("dicom_node.ingest.append_audit", _database_gone)
+        with pytest.raises(OutOfResourcesError):
+            ingestor.ingest(_received(moved))
+    assert jobs_and_revision() == before  # nothing re-queued, no revision, same place
+    assert store.absolute(before[2]).is_file() and not list((tmp_path / "dicom" / other_study).rglob("*.dcm"))
+
+    assert ingestor.ingest(_received(moved)) is IngestResult.REPLACED
+    jobs, revision, path = jobs_and_revision()
+    assert revision == 1 and jobs[f"infer:{uid}"] == JobState.PENDING
+    assert jobs[f"study-result:{study}"] == jobs[f"study-result:{other_study}"] == JobState.PENDING
+    assert f"/{other_study}/" in f"/{path}" and not store.absolute(before[2]).exists()  # moved, old copy gone
+    assert ingestor.ingest(_received(moved)) is IngestResult.DUPLICATE
+    assert jobs_and_revision() == (jobs, 1, path)  # the same bytes again: nothing more
+
+
+def _database_gone(*args: object, **kwargs: object) -> None:
+    raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
+
+
 def test_ingest_refuses_new_bytes_below_the_free_space_floor(tmp_path: Path) -> None:
     """``storage.min_free_mb``: below the floor a new instance is 0xA700 and nothing is placed."""
     database = Database(f"sqlite:///{tmp_path / 'pneumo.db'}")

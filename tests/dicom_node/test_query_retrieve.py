@@ -20,8 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
     CTImageStorage,
     MRImageStorage,
+    PatientRootQueryRetrieveInformationModelMove,
     SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -410,3 +412,259 @@ def test_find_and_get_on_postgresql(postgres_url: str, gateway_factory: Any, tmp
     with gateway.runtime.database.read_session() as session:
         assert verify_chain(session).ok
 
+
+
+# -- transcoding for a peer that does not take the stored transfer syntax -----------------------
+
+
+@contextlib.contextmanager
+def _storescp_with(directory: Path, *options: str) -> Iterator[int]:
+    """A DCMTK storescp with extra transfer syntax *options*, ready when the block starts."""
+    port = _free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [_dcmtk("storescp"), *options, "-aet", "DEST", "-od", str(directory), str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification)
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            assert process.poll() is None, "storescp exited early"
+            assoc = ae.associate("127.0.0.1", port, ae_title="DEST")
+            if assoc.is_established:
+                assoc.release()
+                break
+            assert time.monotonic() < deadline, "storescp did not come up"
+            time.sleep(0.05)  # poll interval, bounded by the deadline above
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _compressed_study(gateway: Any, tmp_path: Path) -> dict[str, Any]:
+    """A JPEG 2000 lossless and a JPEG 2000 (lossy) CR image in one study. Decoding either is
+    deterministic, so what arrives decompressed must equal the stored image's own decode."""
+    study = generate_uid()
+    paths = [copy_with_new_uids(sample(name), tmp_path / "in", study_uid=study)
+             for name in ("RG1_J2KR.dcm", "RG1_J2KI.dcm")]
+    assert send(gateway, *paths) == [0, 0]
+    originals = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in paths)}
+    return {"study": study, "originals": originals}
+
+
+def _assert_same_pixels(received: Dataset, original: Dataset) -> None:
+    import numpy as np
+
+    assert received.SOPInstanceUID == original.SOPInstanceUID  # the same instance, another encoding
+    assert np.array_equal(received.pixel_array, original.pixel_array)  # lossless: bit for bit
+
+
+def test_move_to_uncompressed_only_storescp_decompresses(gateway_factory: Any, tmp_path: Path) -> None:
+    received = tmp_path / "dest"
+    with _storescp_with(received) as port:  # storescp's default: uncompressed transfer syntaxes only
+        gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
+        data = _compressed_study(gateway, tmp_path)
+        result = subprocess.run(
+            [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['study']}",
+             "127.0.0.1", str(gateway.dicom.port)],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    files = [pydicom.dcmread(p) for p in received.iterdir()]
+    assert {str(ds.SOPInstanceUID) for ds in files} == set(data["originals"])
+    for ds in files:
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        _assert_same_pixels(ds, data["originals"][str(ds.SOPInstanceUID)])
+    [moved] = [e for e in audit_events(gateway, "110104") if e["action"] == "R"]
+    assert moved["outcome"] == 0 and sorted(moved["objects"][0]["instances"]) == sorted(data["originals"])
+
+
+def test_move_to_storescp_accepting_the_stored_syntax_sends_it_unchanged(gateway_factory: Any, tmp_path: Path) -> None:
+    received = tmp_path / "dest"
+    with _storescp_with(received, "+xa") as port:  # accept every transfer syntax
+        gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
+        data = _compressed_study(gateway, tmp_path)
+        result = subprocess.run(
+            [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['study']}",
+             "127.0.0.1", str(gateway.dicom.port)],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 0, result.stderr
+    files = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in received.iterdir())}
+    assert set(files) == set(data["originals"])
+    for uid, ds in files.items():
+        original = data["originals"][uid]
+        assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert ds.PixelData == original.PixelData  # the stored bytes, not re-encoded
+
+
+def test_get_with_uncompressed_only_contexts_decompresses(gateway_factory: Any, tmp_path: Path) -> None:
+    gateway = gateway_factory(peers=QR_PEERS)
+    data = _compressed_study(gateway, tmp_path)
+    ae = _client("TESTSCU")
+    storage = (ComputedRadiographyImageStorage,)
+    for sop in storage:
+        ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    got: list[Dataset] = []
+
+    def on_store(event: Any) -> int:
+        got.append(event.dataset)
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO",
+                         ext_neg=[build_role(sop, scp_role=True) for sop in storage],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        statuses = [status.Status for status, _ in assoc.send_c_get(
+            _identifier("STUDY", StudyInstanceUID=data["study"]), StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000 and set(statuses[:-1]) == {0xFF00}
+    assert {str(ds.SOPInstanceUID) for ds in got} == set(data["originals"])
+    for ds in got:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
+        _assert_same_pixels(ds, data["originals"][str(ds.SOPInstanceUID)])
+
+
+# -- Patient Root (PS3.4 C.6.1) -----------------------------------------------------------------
+
+
+def _findscu_patient_root(gateway: Any, out: Path, level: str, *keys: str) -> list[Dataset]:
+    """DCMTK findscu with the Patient Root model (-P)."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [_dcmtk("findscu"), "-P", "-aet", "FINDSCU", "-aec", "PNEUMO", "-X", "-od", str(out),
+               "-k", f"QueryRetrieveLevel={level}"]
+    for key in keys:
+        command += ["-k", key]
+    command += ["127.0.0.1", str(gateway.dicom.port)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (["PatientName=CompressedSamples*"], {"1CT1", "4MR1"}),  # wildcard
+        (["PatientName=compressedsamples^mr?"], {"4MR1"}),  # PN: case-insensitive, "?" is one character
+        (["PatientID=1CT1"], {"1CT1"}),  # single value matching on the unique key
+        (["PatientID=1CT"], set()),  # ... exact, not a prefix
+        (["PatientID=1CT1", "IssuerOfPatientID=ELSEWHERE"], set()),  # the issuer narrows it
+        (["PatientSex=F"], {"4MR1"}),
+        (["StudyDate=19000101"], {"1CT1", "4MR1"}),  # a lower level's key is not matched at PATIENT level
+    ],
+)
+def test_findscu_patient_root_patient_level(
+    loaded: dict[str, Any], tmp_path: Path, keys: list[str], expected: set[str]
+) -> None:
+    responses = _findscu_patient_root(
+        loaded["gateway"], tmp_path / "rsp", "PATIENT", "PatientName", "PatientID", "StudyDate",
+        "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
+        *keys,
+    )
+    assert {str(r.PatientID) for r in responses} == expected
+    counts = {"1CT1": (1, 2, 3), "4MR1": (1, 1, 1)}  # CT: 2 images + our generated object in its own series
+    for response in responses:
+        assert response.QueryRetrieveLevel == "PATIENT" and response.RetrieveAETitle == "PNEUMO"
+        assert str(response.PatientName).startswith("CompressedSamples^")
+        assert response.StudyDate in ("", None)  # asked for, belongs to a lower level: returned empty
+        assert (int(response.NumberOfPatientRelatedStudies), int(response.NumberOfPatientRelatedSeries),
+                int(response.NumberOfPatientRelatedInstances)) == counts[str(response.PatientID)]
+
+
+def test_findscu_patient_root_lower_levels(loaded: dict[str, Any], tmp_path: Path) -> None:
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    gateway = loaded["gateway"]
+    studies = _findscu_patient_root(gateway, tmp_path / "studies", "STUDY", "PatientID=4MR1", "StudyInstanceUID")
+    assert [str(r.StudyInstanceUID) for r in studies] == [loaded["mr_study"]]
+    images = _findscu_patient_root(gateway, tmp_path / "images", "IMAGE", "PatientID=1CT1",
+                                   f"StudyInstanceUID={loaded['ct_study']}", f"SeriesInstanceUID={loaded['ct_series']}",
+                                   "SOPInstanceUID")
+    assert sorted(str(r.SOPInstanceUID) for r in images) == sorted(loaded["ct"])
+    queries = audit_events(gateway, "110112")
+    assert len(queries) == 2
+    assert {q["objects"][0]["object_id"] for q in queries} == {PatientRootQueryRetrieveInformationModelFind}
+
+
+def test_patient_root_move_and_get_at_patient_level(
+    gateway_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    received = tmp_path / "dest"
+    with storescp(received) as port:
+        gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
+        data = _load(gateway, tmp_path)
+        moved = subprocess.run(
+            [_dcmtk("movescu"), "-P", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
+             "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=1CT1", "127.0.0.1", str(gateway.dicom.port)],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+        # A PATIENT level retrieve needs one PatientID: no "everyone whose ID matches *"; and
+        # the Study Root model has no PATIENT level at all.
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO")
+        assert assoc.is_established
+        try:
+            refused = [
+                [status.Status for status, _ in assoc.send_c_move(_identifier("PATIENT", PatientID=value), "DEST", model)]
+                for value, model in (("*", PatientRootQueryRetrieveInformationModelMove),
+                                     ("", PatientRootQueryRetrieveInformationModelMove),
+                                     ("1CT1", StudyRootQueryRetrieveInformationModelMove))
+            ]
+        finally:
+            assoc.release()
+    assert moved.returncode == 0, moved.stderr
+    arrived = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+    assert arrived == {*data["ct"], data["generated"]}  # every instance of patient 1CT1, none of 4MR1
+    assert refused == [[0xA900], [0xA900], [0xA900]]
+
+    out = tmp_path / "get"
+    out.mkdir()
+    got = subprocess.run(
+        [_dcmtk("getscu"), "-P", "-aet", "GETSCU", "-aec", "PNEUMO", "-od", str(out),
+         "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=4MR1", "127.0.0.1", str(gateway.dicom.port)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert got.returncode == 0, got.stderr
+    files = [p for p in out.iterdir() if p.is_file()]
+    assert [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files] == [data["mr"]]
+    transferred = [e for e in audit_events(gateway, "110104") if e["action"] == "R"]
+    assert [e["outcome"] for e in transferred] == [0, 0]
+    logged = caplog.text + capsys.readouterr().out
+    assert "CompressedSamples" not in logged and "1CT1" not in logged and "4MR1" not in logged  # no PHI in logs
+    with gateway.runtime.database.read_session() as session:
+        assert verify_chain(session).ok
+
+
+def test_patient_root_needs_the_same_grants_as_study_root(gateway_factory: Any) -> None:
+    """A peer granted only echo and store (a PACS pushing images) is offered no Patient Root
+    context: patient-level queries disclose as much as study-level ones."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelGet,
+    )
+
+    gateway = gateway_factory(peers=[{"ae_title": "PACS", "host": "127.0.0.1", "permissions": ["echo", "store"]}])
+    ae = AE(ae_title="PACS")
+    patient_root = (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
+                    PatientRootQueryRetrieveInformationModelGet)
+    for sop in (Verification, *patient_root):
+        ae.add_requested_context(sop)
+    assoc = ae.associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO")
+    assert assoc.is_established
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {Verification} and rejected == {str(sop) for sop in patient_root}

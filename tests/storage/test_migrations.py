@@ -60,3 +60,49 @@ def test_0005_makes_the_outbox_channel_neutral_and_folds_summary_jobs(database_u
         assert (attempt.channel, attempt.subject, attempt.peer_status) == ("dicom", "1.2.3.4.5", "0xA700")
     finally:
         database.dispose()
+
+
+def test_0010_results_per_source_revision_and_back(database_url: str) -> None:
+    """0010: existing instances are revision 0 and their results judged revision 0; a second
+    result of the same model version for another revision is allowed; downgrading keeps only the
+    current revision's result (the old unique key could not hold both)."""
+    database = Database(database_url)
+    try:
+        _upgrade_to(database, "0009")
+        now = "2026-11-30 06:00:00"
+        with database.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO patient (id, patient_id, issuer, created_at, updated_at) VALUES (1, 'P', '', :n, :n)"), {"n": now})
+            connection.execute(text(
+                "INSERT INTO study (id, study_instance_uid, patient_pk, created_at, updated_at) VALUES (1, '1.2.3', 1, :n, :n)"),
+                {"n": now})
+            connection.execute(text(
+                "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
+            connection.execute(text(
+                "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
+                " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
+                " 'x', 'received', :n, :n)"), {"n": now})
+            connection.execute(text(
+                "INSERT INTO inference_result (id, instance_pk, model_id, model_version, status, timings_ms, created_at)"
+                " VALUES (1, 1, 'm', '1', 'ok', '{}', :n)"), {"n": now})
+        upgrade(database)
+        with database.engine.begin() as connection:
+            assert connection.execute(text("SELECT revision FROM instance")).scalar_one() == 0
+            assert connection.execute(text("SELECT source_revision FROM inference_result")).scalar_one() == 0
+            connection.execute(text("UPDATE instance SET revision = 1"))
+            connection.execute(text(
+                "INSERT INTO inference_result (id, instance_pk, model_id, model_version, status, timings_ms, created_at,"
+                " source_revision) VALUES (2, 1, 'm', '1', 'ok', '{}', :n, 1)"), {"n": now})
+        _downgrade_to(database, "0009")
+        with database.engine.begin() as connection:
+            assert connection.execute(text("SELECT id FROM inference_result")).scalars().all() == [2]
+        upgrade(database)  # and forward again
+    finally:
+        database.dispose()
+
+
+def _downgrade_to(database: Database, revision: str) -> None:
+    config = _config(database)
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
