@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
-from inference.applicability import ApplicabilityRules
+from inference.applicability import ApplicabilityRules, SiteRules, resolve_rules
 from inference.engine import InferenceEngine
 from inference.errors import PreprocessingError
 from inference.pipeline import classify_dataset
@@ -21,17 +21,19 @@ from storage.results import Analysis, DisplayImage, ImageVerdict, ModelIdentity
 
 
 class ClassifierAnalyser:
-    """One loaded model package (engine) and its applicability rules."""
+    """One loaded model package (engine) and its applicability rules (the model's intended use with
+    the site's overrides, :func:`inference.applicability.resolve_rules`)."""
 
     def __init__(
         self,
         engine: InferenceEngine,
-        rules: ApplicabilityRules | None = None,
+        rules: ApplicabilityRules | SiteRules | None = None,
         *,
         display_max_side: int = DEFAULT_DISPLAY_MAX_SIDE,
     ) -> None:
         self._engine = engine
-        self._rules = rules
+        # Resolved once against the loaded model's intended use (an invalid combination fails at start).
+        self._rules = resolve_rules(rules, engine.manifest.intended)
         self._display_max_side = display_max_side
         manifest = engine.manifest
         self._model = ModelIdentity(

@@ -21,15 +21,35 @@ outside these
 limits is not what the model was validated on, so it is not applicable, and the reason names the
 rule (the ``[inference]`` setting of the same name, docs/configuration.md). The upper bound on
 the side also caps what one decode may allocate (8192² 16-bit pixels = 128 MiB).
+
+Intended use (issue 11): the modalities, body parts, views, photometric and bit-depth limits and
+the **patient age range** come from the model's manifest (:mod:`inference.intended_use`), because
+they describe the model; ``pneumo.toml`` ``[inference]`` may override each one
+(:class:`SiteRules`, docs/configuration.md). The age is read by :mod:`inference.patient_age`
+(Patient's Age, else Patient's Birth Date and the study's date). An age outside the range makes
+the image not applicable; an age that cannot be established follows ``unknown_age`` — by default
+``"not-analysed"``: for a model validated only on children, an unknown age is not evidence of a
+child, and an adult's radiograph classified by a paediatric model gives a confident, wrong answer
+(docs/model.md, "Intended use"). The reason names the rule and the DICOM source of the age, never
+the age or birth date itself (it reaches the audit trail and the EHR, and must stay out of logs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
 
 from pydicom.dataset import Dataset
 
 from conf.settings import InferenceSettings
+from inference.errors import ApplicabilityConfigError
+from inference.intended_use import FRONTAL_VIEW_CODES, IntendedUse
+from inference.patient_age import PatientAge, patient_age
+
+#: What to do with an image whose patient age cannot be established (docs/model.md).
+UnknownAge = Literal["not-analysed", "analyse"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -61,6 +81,15 @@ class ApplicabilityRules:
     max_aspect_ratio: float = 2.0
     #: Smallest accepted Bits Stored (0028,0101); Bits Allocated must be 8 or 16 and hold it.
     min_bits_stored: int = 8
+    #: Largest accepted Bits Stored.
+    max_bits_stored: int = 16
+    #: View Code Sequence (0054,0220) codes standing in for an absent View Position.
+    view_codes: Mapping[tuple[str, str], str] = field(default_factory=lambda: MappingProxyType(dict(FRONTAL_VIEW_CODES)))
+    #: Accepted patient ages in years, ``[min_age_years, max_age_years)``; None = no bound.
+    min_age_years: float | None = None
+    max_age_years: float | None = None
+    #: When a bound is set and the header does not give the age: "not-analysed" or "analyse".
+    unknown_age: UnknownAge = "not-analysed"
 
     def __post_init__(self) -> None:
         """Validate the limits when built (docs/architecture.md §6.3), naming the argument."""
@@ -71,17 +100,120 @@ class ApplicabilityRules:
             )
         if not self.max_aspect_ratio >= 1.0:
             raise ValueError(f'Argument "max_aspect_ratio" must be >= 1, got {self.max_aspect_ratio!r}.')
-        if not 1 <= self.min_bits_stored <= 16:
-            raise ValueError(f'Argument "min_bits_stored" must be within [1, 16], got {self.min_bits_stored!r}.')
+        if not 1 <= self.min_bits_stored <= self.max_bits_stored <= 16:
+            raise ValueError(
+                f'Arguments "min_bits_stored" ({self.min_bits_stored}) and "max_bits_stored" '
+                f"({self.max_bits_stored}) must satisfy 1 <= min <= max <= 16."
+            )
+        for name in ("min_age_years", "max_age_years"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 150:
+                raise ValueError(f'Argument "{name}" must be within [0, 150] years, got {value!r}.')
+        if (
+            self.min_age_years is not None
+            and self.max_age_years is not None
+            and not self.min_age_years < self.max_age_years
+        ):
+            raise ValueError(
+                f'Arguments "min_age_years" ({self.min_age_years}) and "max_age_years" '
+                f"({self.max_age_years}) must satisfy min < max."
+            )
+        if self.unknown_age not in ("not-analysed", "analyse"):
+            raise ValueError(f'Argument "unknown_age" must be "not-analysed" or "analyse", got {self.unknown_age!r}.')
+
+    @property
+    def checks_age(self) -> bool:
+        """Whether any age bound applies."""
+        return self.min_age_years is not None or self.max_age_years is not None
 
 
-def rules_from_settings(settings: InferenceSettings) -> ApplicabilityRules:
-    """The default rules with the ``[inference]`` sanity limits (docs/configuration.md) applied."""
-    return ApplicabilityRules(
+@dataclass(frozen=True, slots=True)
+class SiteRules:
+    """The site's overrides (``pneumo.toml`` ``[inference]``) of the model's intended use.
+
+    Every ``None`` means "as the model's manifest declares"; :meth:`resolve` merges them with a
+    model's :class:`~inference.intended_use.IntendedUse` into the :class:`ApplicabilityRules` that
+    are checked. Kept apart from the model so that ``pneumo infer --model OTHER`` checks OTHER's
+    population, not the bundled model's.
+    """
+
+    modalities: frozenset[str] | None = None
+    body_parts: frozenset[str] | None = None
+    view_positions: frozenset[str] | None = None
+    photometric_interpretations: frozenset[str] | None = None
+    min_bits_stored: int | None = None
+    max_bits_stored: int | None = None
+    min_age_years: float | None = None
+    max_age_years: float | None = None
+    unknown_age: UnknownAge = "not-analysed"
+    require_single_frame: bool = True
+    dx_for_presentation_only: bool = True
+    reject_other_views: bool = True
+    min_image_side: int = 224
+    max_image_side: int = 8192
+    max_aspect_ratio: float = 2.0
+
+    def resolve(self, intended: IntendedUse) -> ApplicabilityRules:
+        """The rules to check: each override, else the model's declaration. Raises ValueError
+        (naming the argument) when the combination is invalid, e.g. min age >= max age."""
+
+        def pick(override: frozenset[str] | None, declared: frozenset[str]) -> frozenset[str]:
+            return declared if override is None else override
+
+        return ApplicabilityRules(
+            modalities=pick(self.modalities, intended.modalities),
+            body_parts=pick(self.body_parts, intended.body_parts),
+            view_positions=pick(self.view_positions, intended.view_positions),
+            photometric_interpretations=pick(self.photometric_interpretations, intended.photometric_interpretations),
+            require_single_frame=self.require_single_frame,
+            dx_for_presentation_only=self.dx_for_presentation_only,
+            reject_other_views=self.reject_other_views,
+            min_image_side=self.min_image_side,
+            max_image_side=self.max_image_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+            min_bits_stored=intended.min_bits_stored if self.min_bits_stored is None else self.min_bits_stored,
+            max_bits_stored=intended.max_bits_stored if self.max_bits_stored is None else self.max_bits_stored,
+            view_codes=MappingProxyType(dict(intended.frontal_view_codes)),
+            min_age_years=intended.min_age_years if self.min_age_years is None else self.min_age_years,
+            max_age_years=intended.max_age_years if self.max_age_years is None else self.max_age_years,
+            unknown_age=self.unknown_age,
+        )
+
+
+def resolve_rules(rules: ApplicabilityRules | SiteRules | None, intended: IntendedUse) -> ApplicabilityRules:
+    """Explicit :class:`ApplicabilityRules` as given; site overrides (or None: none) merged with
+    the model's intended use. None is the safe default: exactly what the model declares."""
+    if isinstance(rules, ApplicabilityRules):
+        return rules
+    try:
+        return (rules or SiteRules()).resolve(intended)
+    except ValueError as exc:
+        raise ApplicabilityConfigError(f"[inference] applicability overrides do not fit the model: {exc}") from exc
+
+
+def _terms(values: list[str] | None) -> frozenset[str] | None:
+    return None if values is None else frozenset(v.strip().upper() for v in values)
+
+
+def rules_from_settings(settings: InferenceSettings) -> SiteRules:
+    """The ``[inference]`` applicability keys (docs/configuration.md) as :class:`SiteRules`;
+    the pipeline merges them with the loaded model's intended use."""
+    return SiteRules(
+        modalities=_terms(settings.modalities),
+        body_parts=_terms(settings.body_parts),
+        view_positions=_terms(settings.view_positions),
+        photometric_interpretations=_terms(settings.photometric_interpretations),
+        min_bits_stored=settings.min_bits_stored,
+        max_bits_stored=settings.max_bits_stored,
+        min_age_years=settings.min_age_years,
+        max_age_years=settings.max_age_years,
+        unknown_age=settings.unknown_age,
+        require_single_frame=settings.require_single_frame,
+        dx_for_presentation_only=settings.dx_for_presentation_only,
+        reject_other_views=settings.reject_other_views,
         min_image_side=settings.min_image_side,
         max_image_side=settings.max_image_side,
         max_aspect_ratio=settings.max_aspect_ratio,
-        min_bits_stored=settings.min_bits_stored,
     )
 
 
@@ -132,10 +264,12 @@ def _geometry(dataset: Dataset, rules: ApplicabilityRules) -> Applicability | No
     allocated, stored = _int(dataset, "BitsAllocated"), _int(dataset, "BitsStored")
     if allocated is not None and allocated not in (8, 16):
         return _no(f"Bits Allocated {allocated} is not 8 or 16 (Image Pixel module, PS3.3 C.7.6.3)")
-    if stored is not None and not rules.min_bits_stored <= stored <= (allocated or 16):
-        return _no(
-            f"Bits Stored {stored} is outside [{rules.min_bits_stored}, {allocated or 16}] (rule min_bits_stored)"
-        )
+    top = min(allocated or 16, rules.max_bits_stored)
+    if stored is not None and not rules.min_bits_stored <= stored <= top:
+        rule = "min_bits_stored" if stored < rules.min_bits_stored else "max_bits_stored"
+        if stored >= rules.min_bits_stored and stored <= rules.max_bits_stored:
+            rule = "Bits Allocated"
+        return _no(f"Bits Stored {stored} is outside [{rules.min_bits_stored}, {top}] (rule {rule})")
     return None
 
 
@@ -149,6 +283,55 @@ def _frames(ds: Dataset) -> int | None:
         return None
 
 
+def _view(dataset: Dataset, rules: ApplicabilityRules) -> str:
+    """View Position (0018,5101), else the first View Code Sequence (0054,0220) item mapped by
+    ``rules.view_codes`` (a code not in the map gives "code SCHEME:VALUE"); "" when neither."""
+    view = _text(dataset, "ViewPosition")
+    if view:
+        return view
+    sequence = dataset.get("ViewCodeSequence")
+    if not sequence:
+        return ""
+    item = sequence[0]
+    scheme = str(item.get("CodingSchemeDesignator", "")).strip().upper()
+    value = str(item.get("CodeValue", "")).strip()
+    if not value:
+        return ""
+    return rules.view_codes.get((scheme, value), f"code {scheme}:{value}")
+
+
+def age_range_text(minimum: float | None, maximum: float | None) -> str:
+    """``[1, 6)`` -> "1 to under 6 years" (pure; for reasons and documentation)."""
+    if minimum is not None and maximum is not None:
+        return f"{minimum:g} to under {maximum:g} years"
+    if minimum is not None:
+        return f"{minimum:g} years or older"
+    return f"under {maximum:g} years"
+
+
+def check_age(age: PatientAge | None, rules: ApplicabilityRules) -> Applicability | None:
+    """The age rule alone (pure): None when it passes, else the not-applicable verdict."""
+    if not rules.checks_age:
+        return None
+    wanted = age_range_text(rules.min_age_years, rules.max_age_years)
+    if age is None:
+        if rules.unknown_age == "analyse":
+            return None
+        return _no(
+            "patient age unknown: neither Patient's Age (0010,1010) nor Patient's Birth Date (0010,0030) with a "
+            f"study date gives it, and the model is intended for patients aged {wanted} (rule unknown_age)"
+        )
+    if age.within(rules.min_age_years, rules.max_age_years):
+        return None
+    if rules.min_age_years is not None and age.low < rules.min_age_years:
+        where, rule = "below", "min_age_years"
+    elif rules.max_age_years is not None and age.low >= rules.max_age_years:
+        where, rule = "above", "max_age_years"
+    else:
+        where, rule = "not entirely within", "max_age_years"
+    return _no(f"patient age (from {age.source}) is {where} the model's intended age range of {wanted} (rule {rule})")
+
+
 def _no(reason: str) -> Applicability:
     return Applicability(applicable=False, reason=reason)
 
@@ -159,16 +342,22 @@ def _names(values: frozenset[str]) -> str:
 
 def assess(
     dataset: Dataset,
-    rules: ApplicabilityRules | None = None,
+    rules: ApplicabilityRules | SiteRules | None = None,
     *,
     pixels_loaded: bool = False,
+    intended: IntendedUse | None = None,
 ) -> Applicability:
     """Apply *rules* (default :class:`ApplicabilityRules`) to the header of *dataset*.
+
+    :class:`SiteRules` are first merged with *intended* (default: the runtime's chest-radiograph
+    declaration without an age range); the pipeline passes the loaded model's.
 
     ``pixels_loaded``: the dataset was read completely, so an absent Pixel Data element really
     means there is none. With ``stop_before_pixels`` Pixel Data is never in the dataset; then only
     the Image Pixel module attributes (Rows, Columns) are required.
     """
+    if isinstance(rules, SiteRules):
+        rules = resolve_rules(rules, intended or IntendedUse())
     rules = rules or ApplicabilityRules()
     modality = _text(dataset, "Modality")
     if modality not in rules.modalities:
@@ -201,7 +390,7 @@ def assess(
         if intent and intent != "FOR PRESENTATION":
             return _no(f"DX image is {intent}, not FOR PRESENTATION (PS3.3 C.8.11.1)")
     body_part = _text(dataset, "BodyPartExamined")
-    view = _text(dataset, "ViewPosition")
+    view = _view(dataset, rules)
     if body_part:
         if body_part not in rules.body_parts:
             return _no(f"body part {body_part} is not {_names(rules.body_parts)}")
@@ -212,4 +401,7 @@ def assess(
         )
     if view and rules.reject_other_views and view not in rules.view_positions:
         return _no(f"view position {view} is not frontal ({_names(rules.view_positions)})")
+    age = check_age(patient_age(dataset), rules)
+    if age is not None:
+        return age
     return Applicability(applicable=True)

@@ -63,7 +63,10 @@ class EngineOptions:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Prediction:
-    """One image's result. ``timings_ms``: decode, preprocess (from the caller), infer (the
+    """One image's result. ``probability`` and ``threshold`` are on the calibrated scale
+    (:mod:`inference.calibration`); the label was decided on the raw output against the raw
+    threshold, which is the same decision without float rounding at the boundary.
+    ``timings_ms``: decode, preprocess (from the caller), infer (the
     wall time of the batch run that included this image); ``batch_size`` that batch's size.
     ``cam`` is read-only. Compared by identity (it holds an array)."""
 
@@ -75,6 +78,8 @@ class Prediction:
     cam: npt.NDArray[np.float32]
     timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     batch_size: int = 1
+    #: The network's own sigmoid output before calibration (``probability`` is calibrated).
+    raw_probability: float | None = None
 
 
 def select_providers(allow_cuda: bool, available: Sequence[str] | None = None) -> list[str]:
@@ -241,15 +246,16 @@ class InferenceEngine:
         result: tuple[float, npt.NDArray[np.float32], float, int],
         timings_ms: Mapping[str, float] | None,
     ) -> Prediction:
-        probability, cam, infer_ms, batch_size = result
+        raw, cam, infer_ms, batch_size = result
         m = self.manifest
-        label = m.positive_label if probability >= m.threshold else m.negative_label
+        label = m.positive_label if raw >= m.network_threshold else m.negative_label
         timings = {"decode": 0.0, "preprocess": 0.0}
         if timings_ms:
             timings.update({k: float(v) for k, v in timings_ms.items()})
         timings["infer"] = infer_ms
         return Prediction(
-            probability=probability,
+            probability=m.calibration.apply(raw),
+            raw_probability=raw,
             label=label,
             threshold=m.threshold,
             model_id=m.id,

@@ -49,3 +49,8 @@ class MissingPixelDataError(PreprocessingError):
 
 class CorruptPixelDataError(PreprocessingError):
     """The Pixel Data could not be decoded (truncated, damaged, or an unsupported encoding)."""
+
+
+class ApplicabilityConfigError(InferenceError, InvalidInputError):
+    """The ``[inference]`` applicability overrides contradict the model's intended use (e.g. a
+    ``min_age_years`` at or above the model's ``max_age_years``); refused at start-up."""

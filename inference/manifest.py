@@ -22,7 +22,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from inference.calibration import Calibration
 from inference.errors import ModelIntegrityError, ModelPackageError
+from inference.intended_use import IntendedUse, parse_intended_use
 from storage.filestore import sha256_file
 from storage.uids import derive_uid
 
@@ -82,10 +84,17 @@ class ModelManifest:
     preprocessing: PreprocessingSpec
     probability: OutputSpec
     cam: OutputSpec
+    #: The decision threshold on the *reported* (calibrated) probability scale:
+    #: ``calibration.apply(raw_threshold)``. Equal to ``raw_threshold`` without calibration.
     threshold: float
     threshold_rule: str
     intended_use: str
     created: str
+    #: ``model.json`` → ``threshold``: on the network's own (uncalibrated) sigmoid output;
+    #: None (a manifest built in code) means ``threshold`` is already on that scale.
+    raw_threshold: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+    intended: IntendedUse = field(default_factory=IntendedUse)
     training_data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     metrics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     training: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -94,6 +103,11 @@ class ModelManifest:
     def onnx_path(self) -> Path:
         """Absolute path of the ONNX file (already verified to lie inside ``model_dir``)."""
         return self.model_dir / self.onnx_file
+
+    @property
+    def network_threshold(self) -> float:
+        """The threshold the raw network probability is compared with (decisions are made here)."""
+        return self.threshold if self.raw_threshold is None else self.raw_threshold
 
     @property
     def negative_label(self) -> str:
@@ -199,6 +213,26 @@ def _parse_output(outputs: Mapping[str, Any], key: str) -> OutputSpec:
     )
 
 
+def _parse_calibration(raw: Mapping[str, Any]) -> Calibration:
+    """The optional ``calibration`` object (:mod:`inference.calibration`); absent = identity."""
+    value = raw.get("calibration")
+    if value is None:
+        return Calibration()
+    if not isinstance(value, dict):
+        raise ModelPackageError(f"{MANIFEST_FILE}: 'calibration' must be an object when present")
+    temperature = value.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ModelPackageError(f"{MANIFEST_FILE}: 'calibration.temperature' must be a number, got {temperature!r}")
+    try:
+        return Calibration(
+            method=str(value.get("method", "")),
+            temperature=float(temperature),
+            fitted_on=str(value.get("fitted_on", "")),
+        )
+    except ValueError as exc:
+        raise ModelPackageError(f"{MANIFEST_FILE}: 'calibration': {exc}") from exc
+
+
 def parse_manifest(raw: Mapping[str, Any], model_dir: Path) -> ModelManifest:
     """Validate a decoded ``model.json`` object; no file access. Raises :class:`ModelPackageError`."""
     if not isinstance(raw, dict):
@@ -254,6 +288,7 @@ def parse_manifest(raw: Mapping[str, Any], model_dir: Path) -> ModelManifest:
     threshold = float(threshold_raw)
     if not 0.0 <= threshold <= 1.0:
         raise ModelPackageError(f"{MANIFEST_FILE}: 'threshold' must lie in [0, 1], got {threshold}")
+    calibration = _parse_calibration(raw)
     return ModelManifest(
         model_dir=model_dir,
         schema=schema,
@@ -271,7 +306,10 @@ def parse_manifest(raw: Mapping[str, Any], model_dir: Path) -> ModelManifest:
         preprocessing=preprocessing,
         probability=_parse_output(outputs, "probability"),
         cam=_parse_output(outputs, "cam"),
-        threshold=threshold,
+        threshold=calibration.apply(threshold),
+        raw_threshold=threshold,
+        calibration=calibration,
+        intended=parse_intended_use(raw),
         threshold_rule=str(raw.get("threshold_rule", "")),
         intended_use=_str(raw, "intended_use"),
         created=str(raw.get("created", "")),

@@ -17,7 +17,7 @@ from types import MappingProxyType
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from inference.applicability import ApplicabilityRules, assess
+from inference.applicability import ApplicabilityRules, SiteRules, assess, resolve_rules
 from inference.engine import InferenceEngine, Prediction
 from inference.errors import CorruptPixelDataError, UnsupportedImageError
 from inference.preprocess import FloatArray, preprocess
@@ -42,9 +42,12 @@ class ClassificationOutcome:
 def classify_file(
     path: str | PathLike[str],
     engine: InferenceEngine,
-    rules: ApplicabilityRules | None = None,
+    rules: ApplicabilityRules | SiteRules | None = None,
 ) -> ClassificationOutcome:
     """Read *path*, check applicability, preprocess and predict.
+
+    *rules*: explicit :class:`ApplicabilityRules`, or the site's :class:`SiteRules` merged with the
+    engine's model's intended use; None checks exactly the model's intended use.
 
     Raises :class:`UnsupportedImageError` for a file that is not DICOM,
     :class:`CorruptPixelDataError` for a truncated/malformed one, the other
@@ -67,7 +70,7 @@ def classify_file(
 def classify_dataset(
     ds: pydicom.Dataset,
     engine: InferenceEngine,
-    rules: ApplicabilityRules | None = None,
+    rules: ApplicabilityRules | SiteRules | None = None,
     *,
     display_max_side: int | None = None,
     read_ms: float = 0.0,
@@ -77,7 +80,7 @@ def classify_dataset(
     t0 = time.perf_counter() - read_ms / 1e3
     t_read = read_ms
     sop_uid = str(ds.get("SOPInstanceUID", ""))
-    verdict = assess(ds, rules, pixels_loaded=True)
+    verdict = assess(ds, resolve_rules(rules, engine.manifest.intended), pixels_loaded=True)
     if not verdict.applicable:
         total = (time.perf_counter() - t0) * 1e3
         return ClassificationOutcome(

@@ -70,6 +70,69 @@ INTENDED_USE = (
     "Research use only: estimates the probability of pneumonia on paediatric (1-5 years) frontal "
     "chest radiographs to assist, never replace, a clinician's reading; it is not a medical device."
 )
+#: Who and what the model may be run on, enforced by inference/applicability.py (docs/model.md).
+INTENDED_POPULATION: dict[str, Any] = {
+    "description": (
+        "children aged 1 to 5 years (completed years: from the first birthday to the day before the sixth), "
+        "the ages of the training data (Guangzhou Women and Children's Medical Center, Kermany et al. 2018); "
+        "never validated on infants, older children or adults"
+    ),
+    "min_age_years": 1,
+    "max_age_years": 6,
+    "age_source": (
+        "Patient's Age (0010,1010), else Patient's Birth Date (0010,0030) and Study/Series/Acquisition/Content "
+        "Date; a stated age (e.g. 005Y) is accepted only when the whole unit lies in [min, max)"
+    ),
+}
+INTENDED_INPUTS: dict[str, Any] = {
+    "description": (
+        "single-frame frontal (anterior-posterior or postero-anterior) chest radiographs; "
+        "the training images were anterior-posterior, 8-bit, 224x224"
+    ),
+    "modalities": [
+        "CR",
+        "DX"
+    ],
+    "body_parts": [
+        "CHEST"
+    ],
+    "view_positions": [
+        "AP",
+        "PA"
+    ],
+    "view_codes": [
+        {
+            "scheme": "SCT",
+            "value": "399348003",
+            "view": "AP",
+            "meaning": "antero-posterior (CID 4010)"
+        },
+        {
+            "scheme": "SRT",
+            "value": "R-10206",
+            "view": "AP",
+            "meaning": "antero-posterior (legacy SNOMED RT)"
+        },
+        {
+            "scheme": "SCT",
+            "value": "272479007",
+            "view": "PA",
+            "meaning": "postero-anterior (CID 4010)"
+        },
+        {
+            "scheme": "SRT",
+            "value": "R-10214",
+            "view": "PA",
+            "meaning": "postero-anterior (legacy SNOMED RT)"
+        }
+    ],
+    "photometric_interpretations": [
+        "MONOCHROME1",
+        "MONOCHROME2"
+    ],
+    "min_bits_stored": 8,
+    "max_bits_stored": 16
+}
 
 
 @dataclass(frozen=True)
@@ -343,6 +406,8 @@ def build_manifest(
         "threshold": threshold,
         "threshold_rule": threshold_rule,
         "intended_use": INTENDED_USE,
+        "intended_population": INTENDED_POPULATION,
+        "intended_inputs": INTENDED_INPUTS,
         "training_data": {
             "name": DATASET_NAME,
             "citation": DATASET_CITATION,

@@ -10,6 +10,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
+#: ``[inference]`` keys widening the age rule for the adult pydicom samples (tests/conftest.py,
+#: ADULT_SAMPLE_RULES); pass ``inference_rules=""`` to test the shipped rules.
+ADULT_SAMPLE_TOML = 'min_age_years = 0\nmax_age_years = 150\nunknown_age = "analyse"'
+
+
+def _with_inference_rules(extra: str, rules: str) -> str:
+    """*extra* with *rules* inside its ``[inference]`` table (added when it has none): a TOML
+    table may be defined only once."""
+    if not rules:
+        return extra
+    lines = extra.splitlines()
+    if "[inference]" in (line.strip() for line in lines):
+        at = [line.strip() for line in lines].index("[inference]") + 1
+        return "\n".join([*lines[:at], rules, *lines[at:]])
+    return "\n".join([extra, "[inference]", rules])
+
 
 def write_config(
     path: Path,
@@ -19,6 +35,7 @@ def write_config(
     dicom_extra: str = "",
     extra: str = "",
     workers: bool = False,
+    inference_rules: str = ADULT_SAMPLE_TOML,
 ) -> Path:
     lines = [
         f'data_dir = "{data_dir}"',
@@ -43,7 +60,7 @@ def write_config(
         "port = 0",
         "[worker]",
         f"enabled = {'true' if workers else 'false'}",
-        extra,
+        _with_inference_rules(extra, inference_rules),
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

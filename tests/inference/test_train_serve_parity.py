@@ -38,6 +38,7 @@ def as_cr(pixels: np.ndarray) -> Dataset:
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.PatientAge = "003Y"  # the Kermany children are 1-5 years old: inside the model's intended use
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
