@@ -4,16 +4,23 @@ PYTHON ?= python3
 PIP     = $(VENV)/bin/pip
 # Every install is pinned by the lock file: the exact versions the suite last passed with.
 LOCK    = constraints.txt
-APT_PACKAGES = dcmtk dicom3tools orthanc
+APT_PACKAGES = dcmtk dicom3tools orthanc libpixelmed-java default-jre-headless
 
-.PHONY: run test lint lock install install-test system-deps bench clean
+.PHONY: run test lint lock install install-test system-deps ohif-deps bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-install: $(VENV)/bin/python
+# Installed again only when the dependencies changed (the stamp is older than pyproject.toml or
+# the lock file): the install is editable, so code changes need none, and `make run` starts at once.
+INSTALL_STAMP = $(VENV)/.install-stamp
+
+$(INSTALL_STAMP): pyproject.toml $(LOCK) | $(VENV)/bin/python
 	$(PIP) install --quiet -c $(LOCK) -e .
+	@touch $@
+
+install: $(INSTALL_STAMP)
 
 install-test: $(VENV)/bin/python
 	$(PIP) install --quiet -c $(LOCK) -e '.[test]'
@@ -29,7 +36,14 @@ system-deps:
 run: install
 	$(VENV)/bin/pneumo serve
 
-test: system-deps install-test
+# OHIF's SR extension, pinned by tests/viewer/ohif/package-lock.json, for the viewer load test
+# (Node >= 20.17; without npm the test is skipped and says why).
+ohif-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix tests/viewer/ohif --legacy-peer-deps --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: tests/viewer/test_ohif_load.py will be skipped"; fi
+
+test: system-deps install-test ohif-deps
 	$(VENV)/bin/pytest
 
 # Style (ruff), types (mypy, strict) and the dependency-direction contracts (import-linter),

@@ -34,8 +34,9 @@ import logging
 import re
 import sys
 import threading
+import time
 import types
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -75,6 +76,73 @@ _SAFE_LITERALS = frozenset(
 #: Quoted snake_case names are ours (settings keys, arguments: 'onnx_sha256'), never patient data.
 _SAFE_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
 _STDERR_LOGGER = "stderr"
+#: Libraries whose INFO lines are chatter to an operator: highdicom logs "copy attributes of
+#: module ..." several times for every SR and summary image it builds, pynetdicom a line per PDU
+#: exchange. Their INFO (and lower) records are demoted to DEBUG; their warnings stay warnings.
+CHATTY_LIBRARIES: tuple[str, ...] = ("highdicom", "pynetdicom")
+
+
+def _is_chatty(logger_name: str) -> bool:
+    return any(logger_name == name or logger_name.startswith(name + ".") for name in CHATTY_LIBRARIES)
+
+
+class DemoteLibraryChatter(logging.Filter):
+    """Handler filter: a chatty library's record below WARNING becomes a DEBUG record, dropped
+    unless the process logs at DEBUG — whatever level the library's own logger was left at."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and _is_chatty(record.name):
+            if self.level > logging.DEBUG:
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+#: Our own packages: their lines are never rate-limited (each one is written on purpose).
+OWN_PACKAGES: tuple[str, ...] = ("conf", "storage", "audit", "dicom_node", "fhir_api", "hl7", "inference", "gateway")
+
+
+class LibraryFloodLimit(logging.Filter):
+    """Handler filter: at most *limit* records per library logger in any *window_s* window.
+
+    A library warns once per bad value it meets, and a peer controls the values: one crafted
+    A-ASSOCIATE-RQ with a thousand malformed UIDs made pydicom and pynetdicom write ~7,000 lines a
+    second, which slowed the listener enough to stop answering other peers in time. Beyond the
+    limit a library's records are dropped and counted; the first of its records after the window
+    brings one ``logging.suppressed`` line with the count. Our own loggers are never limited.
+    """
+
+    def __init__(self, limit: int = 20, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}  # logger -> (window start, passed, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if any(name == own or name.startswith(own + ".") for own in OWN_PACKAGES):
+            return True
+        now = self._clock()
+        with self._lock:
+            start, passed, dropped = self._windows.get(name, (now, 0, 0))
+            if now - start >= self.window_s:
+                start, passed, report, dropped = now, 0, dropped, 0
+            else:
+                report = 0
+            allowed = passed < self.limit
+            self._windows[name] = (start, passed + allowed, dropped + (not allowed))
+        if report:
+            logging.getLogger(__name__).warning(
+                "logging.suppressed: %d lines of logger %s dropped (more than %d in %.0f s)",
+                report, name, self.limit, self.window_s,
+            )
+        return allowed
 
 
 def scrub_text(text: str) -> str:
@@ -237,16 +305,20 @@ def configure_logging(settings: LogSettings, *, stream: Any = None, capture_stde
             renderer,
         ],
     )
+    level = logging.getLevelName(settings.level)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(DemoteLibraryChatter(level))
+    handler.addFilter(LibraryFloodLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
-    # pynetdicom is chatty at INFO (one line per PDU exchange); keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))
-    # highdicom logs every attribute it copies (INFO/DEBUG): noise, and a PHI risk if it ever
-    # logged values; its warnings still come through.
-    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))
+    # pynetdicom is chatty at INFO (one line per PDU exchange) and dumps whole messages at DEBUG;
+    # keep it to warnings.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
+    # highdicom's INFO lines (every module it copies) reach DEBUG output only, demoted to DEBUG by
+    # DemoteLibraryChatter; at INFO and above they are not even made. Its warnings still come through.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

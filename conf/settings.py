@@ -115,8 +115,25 @@ class DicomSettings(_Section):
     )
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    timezone: str | None = Field(
+        default=None,
+        description="IANA time zone (e.g. 'Europe/Berlin') of the date/times in the SR and summary image "
+        "when the source has no Timezone Offset From UTC; None: the system's local zone.",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"dicom.timezone: unknown IANA time zone {value!r}") from exc
+        return value
 
     @model_validator(mode="after")
     def _unique_peers(self) -> DicomSettings:
@@ -287,7 +304,45 @@ class InferenceSettings(_Section):
     )
     max_image_side: int = Field(default=8192, ge=1, le=65535, description="Largest Rows/Columns accepted.")
     max_aspect_ratio: float = Field(default=2.0, ge=1.0, description="Largest longer/shorter side ratio accepted.")
-    min_bits_stored: int = Field(default=8, ge=1, le=16, description="Smallest Bits Stored accepted.")
+    min_bits_stored: int | None = Field(
+        default=None, ge=1, le=16, description="Smallest Bits Stored accepted; default: the model's (bundled: 8)."
+    )
+    # Intended use (docs/model.md): each key overrides the model's model.json declaration; None = the model's.
+    max_bits_stored: int | None = Field(
+        default=None, ge=1, le=16, description="Largest Bits Stored accepted; default: the model's (bundled: 16)."
+    )
+    modalities: list[str] | None = Field(default=None, description="Accepted Modality values; default the model's (CR, DX).")
+    body_parts: list[str] | None = Field(default=None, description="Accepted Body Part Examined; default the model's (CHEST).")
+    view_positions: list[str] | None = Field(
+        default=None, description="Accepted (frontal) View Position values; default the model's (AP, PA)."
+    )
+    photometric_interpretations: list[str] | None = Field(
+        default=None, description="Accepted Photometric Interpretation; default the model's (MONOCHROME1, MONOCHROME2)."
+    )
+    min_age_years: float | None = Field(
+        default=None, ge=0, le=150, description="Youngest accepted age in years (inclusive); default the model's (1)."
+    )
+    max_age_years: float | None = Field(
+        default=None, ge=0, le=150,
+        description="Age in years from which images are refused (exclusive); default the model's (6: ages 1-5).",
+    )
+    unknown_age: Literal["not-analysed", "analyse"] = Field(
+        default="not-analysed",
+        description="When an age range applies and the header gives no age: do not analyse (default), or analyse.",
+    )
+    require_single_frame: bool = Field(default=True, description="Refuse multi-frame images.")
+    dx_for_presentation_only: bool = Field(default=True, description="Refuse DX images FOR PROCESSING.")
+    reject_other_views: bool = Field(
+        default=True, description="Refuse a present View Position that is not one of view_positions (e.g. LL)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> InferenceSettings:
+        if self.min_age_years is not None and self.max_age_years is not None and self.min_age_years >= self.max_age_years:
+            raise ValueError("inference.min_age_years must be below inference.max_age_years")
+        if self.min_bits_stored is not None and self.max_bits_stored is not None and self.min_bits_stored > self.max_bits_stored:
+            raise ValueError("inference.min_bits_stored must not exceed inference.max_bits_stored")
+        return self
 
 
 class ResultsSettings(_Section):

@@ -33,6 +33,11 @@ when the association thread died of an exception (:class:`CleaningRequestHandler
 ARTIM timer in state Sta13 (awaiting transport close, after it sent an A-ASSOCIATE-RJ, an A-ABORT
 or an A-RELEASE-RP) runs :data:`TRANSPORT_CLOSE_TIMEOUT` seconds, not the ACSE timeout: a peer that
 never closes its end cannot keep the association alive for long.
+
+Every association that reached pynetdicom ends with one INFO line, ``dicom.association``
+(:class:`AssociationLog`): calling and called AE titles, the peer's address, accepted or rejected,
+how it ended (released, aborted, closed) and how many instances were stored or refused — what a
+PACS engineer looks for first. AE titles and addresses only, never PHI.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Any
 
 import structlog
 from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import MaximumLengthNotification
@@ -393,6 +399,79 @@ class TempFiles:
         return removed
 
 
+#: PS3.4 B.2.3 / PS3.7 C.4: the C-STORE statuses that mean the instance was stored (Success,
+#: and the Warnings "coercion of data elements", "elements discarded", "data set does not match").
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+def association_end(*, accepted: bool, rejected: bool, released: bool, aborted: bool) -> str:
+    """How an association ended, in an operator's words (pure): ``rejected`` (A-ASSOCIATE-RJ),
+    ``released`` (A-RELEASE), ``aborted`` (A-ABORT, or the connection lost: A-P-ABORT),
+    ``closed`` (accepted, then the connection ended without either) or ``no-request`` (the
+    A-ASSOCIATE-RQ never reached negotiation)."""
+    if rejected:
+        return "rejected"
+    if released:
+        return "released"
+    if aborted:
+        return "aborted"
+    return "closed" if accepted else "no-request"
+
+
+class AssociationLog:
+    """Collects what one association did from pynetdicom's notification events and logs it as
+    one INFO line when the association is over (:meth:`emit`, from the connection's thread).
+
+    Instances are counted from the C-STORE responses we send (EVT_DIMSE_SENT), so every path of
+    the Storage SCP counts, refusals included, without the SCP knowing about this log.
+    """
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self.accepted = False
+        self.stored = 0
+        self.refused = 0
+        self._started = time.monotonic()
+
+    def bind(self, assoc: Any) -> None:
+        assoc.bind(evt.EVT_ACCEPTED, self._on_accepted)
+        assoc.bind(evt.EVT_DIMSE_SENT, self._on_dimse_sent)
+
+    def _on_accepted(self, _event: Event) -> None:
+        self.accepted = True
+
+    def _on_dimse_sent(self, event: Event) -> None:
+        message = event.message
+        if isinstance(message, C_STORE_RSP):
+            status = int(getattr(message.command_set, "Status", -1))
+            if status in STORED_STATUSES:
+                self.stored += 1
+            else:
+                self.refused += 1
+
+    def emit(self, assoc: Any) -> None:
+        """The association's one line; called once, after its thread ended (however it ended)."""
+        primitive = getattr(getattr(assoc, "requestor", None), "primitive", None)
+        end = association_end(
+            accepted=self.accepted, rejected=bool(assoc.is_rejected), released=bool(assoc.is_released),
+            aborted=bool(assoc.is_aborted),
+        )
+        log.info(
+            "dicom.association",
+            assoc_id=id(assoc) & 0xFFFFFF,
+            calling_ae=str(primitive.calling_ae_title).strip() if primitive is not None else None,
+            called_ae=str(primitive.called_ae_title).strip() if primitive is not None else None,
+            address=self.address,
+            port=self.port,
+            result="accepted" if self.accepted else "rejected" if end == "rejected" else "not-negotiated",
+            end=end,
+            instances_stored=self.stored,
+            instances_refused=self.refused,
+            duration_s=round(time.monotonic() - self._started, 3),
+        )
+
+
 def _remove_temp_file(handle: Any) -> int:
     try:
         handle.close()
@@ -427,6 +506,8 @@ class CleaningRequestHandler(RequestHandler):
         )
         temp_files = TempFiles()
         transport_closed = threading.Event()
+        summary = AssociationLog(str(self.client_address[0]), int(self.client_address[1]))
+        summary.bind(assoc)
         assoc.bind(evt.EVT_DIMSE_RECV, temp_files.on_dimse_recv)
         assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: transport_closed.set())
         try:
@@ -436,6 +517,7 @@ class CleaningRequestHandler(RequestHandler):
         finally:
             temp_files.remove_left_over(assoc)
             self._close_association(assoc)
+            summary.emit(assoc)
 
     @staticmethod
     def _join(assoc: Any, transport_closed: threading.Event) -> None:

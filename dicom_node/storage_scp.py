@@ -10,6 +10,13 @@ the association with no C-STORE-RSP, leaving the partial file behind to keep the
 never raise: on the first failure it deletes the partial file at once (freeing the space) and
 discards the rest of the data set, so the message completes normally and :func:`handle_store`
 answers PS3.4 B.2.3 "Refused: Out of Resources" (0xA700) on an association that stays up.
+
+**One log line per instance.** Once the C-STORE status is known, ``dicom.store`` says what
+arrived and what became of it: SOP Class UID, SOP Instance UID, transfer syntax, size in bytes,
+the status sent (``0x0000``…) and the outcome (stored, duplicate, kept-existing, replaced, or
+refused). UIDs only, never a patient's data; INFO when stored, WARNING when refused. Refusals
+for lack of resources are the exception: a PACS retries them at its own pace, so they keep their
+one rate-limited error line instead.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pynetdicom.events import Event
 
 from dicom_node.errors import OutOfResourcesError, Service, dimse_boundary
 from dicom_node.ingest import Ingestor, Peer, ReceivedInstance
+from storage.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
 
@@ -152,6 +160,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         ingestor.refuse(received, refusal)
         ingestor.resources_log.error(status=f"0x{refusal.status:04X}", detail=str(refusal), sop_class_uid=received.sop_class_uid)
         return refusal.status
+    size = _size(received.path)  # before ingest, which moves the file into the store
     with dimse_boundary(Service.STORE, sop_class_uid=received.sop_class_uid) as failure:
         try:
             result = ingestor.ingest(received)
@@ -161,5 +170,31 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
                 status=f"0x{exc.status:04X}", detail=str(exc)[:200], sop_class_uid=received.sop_class_uid
             )
             return exc.status
-        log.debug("dicom.store.ok", result=str(result), sop_class_uid=received.sop_class_uid)
-    return failure.status if failure.status is not None else 0x0000
+    status = failure.status if failure.status is not None else 0x0000
+    log_instance(received, size, status, "refused" if failure.status is not None else str(result))
+    return status
+
+
+def log_instance(received: ReceivedInstance, size: int | None, status: int, outcome: str) -> None:
+    """The ``dicom.store`` line of one C-STORE whose status is known (see the module docstring)."""
+    (log.info if outcome != "refused" else log.warning)(
+        "dicom.store",
+        sop_class_uid=_uid(received.sop_class_uid),
+        sop_instance_uid=_uid(received.sop_instance_uid),
+        transfer_syntax_uid=_uid(received.transfer_syntax_uid),
+        size=size,
+        status=f"0x{status:04X}",
+        outcome=outcome,
+    )
+
+
+def _uid(value: str) -> str:
+    """A UID as sent, or a placeholder: a peer can put any text in the request's UID fields."""
+    return value if is_valid_uid(value) else "[not a valid UID]"
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

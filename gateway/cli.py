@@ -1,14 +1,16 @@
 """``pneumo``: the command line of Pneumo Gateway.
 
-Every command takes ``--config PATH`` (default ``./pneumo.toml`` when present) and builds the one
-Settings object from it and the ``PNEUMO_*`` environment.
+Every command takes ``--config PATH``, before or after the command name (default
+``$PNEUMO_CONFIG``, else ``./pneumo.toml`` when present), and builds the one Settings object from
+it and the ``PNEUMO_*`` environment. Only ``serve``, ``worker`` and ``db reindex`` create a store;
+the commands that read one fail (exit 2) when it is not where the configuration points, and say on
+stderr which configuration and database they used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -17,25 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, select
 
 from audit.anchor import AnchorFile, AuditKeyError, load_signer, verify_anchored
-from conf.errors import InvalidInputError
+from conf.errors import ConflictError, InvalidInputError
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.acceptors import parent_alive
 from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
+from gateway.cli_db import announce_store, existing_store
 from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
 from gateway.cli_fhir import register as register_fhir
+from gateway.cli_help import CONFIG_HELP, accept_config_everywhere, add_command, default_config
 from inference.applicability import rules_from_settings
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from inference.pipeline import ClassificationOutcome, classify_file
+from storage.db import StoreNotFoundError, display_url
 from storage.integrity import StoreIntegrityError
-from storage.job_kinds import INFER_JOB
-from storage.models import Instance, Job, Series, Study
+from storage.inventory import list_instances
 from storage.study_results import list_studies
 
 log = structlog.get_logger(__name__)
@@ -45,6 +48,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the DICOM node and the HTTP server until SIGTERM/SIGINT (after the start-up checks)."""
+    announce_store(args.config, display_url(settings.effective_database_url))
     with runtime_for(settings, startup_checks=True) as runtime:
         gateway = Gateway(runtime, config_path=args.config)
         stop = _stop_on_signals()
@@ -78,6 +82,7 @@ def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run only the job workers (inference, study results, delivery), e.g. on extra hosts sharing PostgreSQL."""
+    announce_store(args.config, display_url(settings.effective_database_url))
     with runtime_for(settings, startup_checks=True) as runtime:
         workers = Workers(runtime, build_engine(settings))
         stop = _stop_on_signals()
@@ -179,51 +184,43 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _instance_rows(settings: Settings) -> list[dict[str, Any]]:
-    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
-        rows = session.execute(
-            select(Instance, Series.series_instance_uid, Study.study_instance_uid, Job.state)
-            .join(Series, Instance.series_pk == Series.id)
-            .join(Study, Series.study_pk == Study.id)
-            .outerjoin(Job, and_(Job.instance_pk == Instance.id, Job.kind == INFER_JOB))
-            .order_by(Instance.id)
-        ).all()
-        return [
-            {
-                "sop_instance_uid": inst.sop_instance_uid,
-                "sop_class_uid": inst.sop_class_uid,
-                "study_instance_uid": study_uid,
-                "series_instance_uid": series_uid,
-                "transfer_syntax_uid": inst.transfer_syntax_uid,
-                "size": inst.size,
-                "sha256": inst.sha256,
-                "received_at": inst.received_at.isoformat(),
-                "calling_ae": inst.calling_ae,
-                "origin": inst.origin,
-                "path": str(runtime.store.absolute(inst.path)),
-                "job_state": job_state,
-            }
-            for inst, series_uid, study_uid, job_state in rows
-        ]
+def _instance_rows(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    with existing_store(settings, args.config) as database, database.read_session() as session:
+        rows = list_instances(session)
+    store_root = settings.dicom_dir.resolve()
+    for row in rows:
+        row["path"] = str(store_root / row.pop("relative_path"))
+    return rows
 
 
 def cmd_instances(args: argparse.Namespace, settings: Settings) -> int:
-    """List stored instances (JSON lines with --json)."""
-    rows = _instance_rows(settings)
+    """List stored instances with their kind and outcome (JSON lines with --json)."""
+    rows = _instance_rows(args, settings)
     if args.json:
         for row in rows:
             print(json.dumps(row))
-    else:
-        print(f"{'SOP Instance UID':<66} {'AE':<16} {'size':>10} job")
-        for row in rows:
-            print(f"{row['sop_instance_uid']:<66} {row['calling_ae'] or '-':<16} {row['size']:>10} {row['job_state'] or '-'}")
-        print(f"{len(rows)} instance(s)")
+        return 0
+    print(f"{'SOP Instance UID':<64} {'kind':<5} {'AE':<16} {'size':>10} {'outcome':<14} reason")
+    for row in rows:
+        print(
+            f"{row['sop_instance_uid']:<64} {row['kind']:<5} {row['calling_ae'] or '-':<16} {row['size']:>10} "
+            f"{row['outcome']:<14} {_reason_text(row)}"
+        )
+    print(f"{len(rows)} instance(s)")
     return 0
+
+
+def _reason_text(row: dict[str, Any]) -> str:
+    if row["reason"]:
+        return str(row["reason"])
+    if row["label"] is not None and row["probability"] is not None:
+        return f"{row['label']} (p={row['probability']:.3f})"
+    return "-"
 
 
 def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     """List studies with their study result: final, amended, not-analysed, or pending."""
-    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+    with existing_store(settings, args.config) as database, database.read_session() as session:
         rows = list_studies(session)
     if args.json:
         for row in rows:
@@ -246,7 +243,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     anchor checkpoints; exit 1 if any record was edited, removed, reordered or re-hashed."""
     signer = load_signer(settings.audit.hmac_key_file)
     anchor = AnchorFile(settings.audit_anchor_file)
-    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+    with existing_store(settings, args.config) as database, database.read_session() as session:
         result = verify_anchored(session, signer, anchor)
     print(json.dumps({
         "ok": result.ok, "records": result.records, "first_bad_seq": result.first_bad_seq, "problem": result.problem,
@@ -257,63 +254,156 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.ok else 1
 
 
+SERVE_DESCRIPTION = """\
+Run the gateway until SIGTERM/SIGINT (in-flight associations finish first):
+
+  DICOM node   [dicom] bind:port (default 0.0.0.0:11112; the shipped pneumo.toml: 127.0.0.1:11112):
+               Verification, Storage SCP, Study Root Query/Retrieve (C-FIND/C-MOVE/C-GET), for the
+               [[dicom.peers]] only; [dicom] acceptor_processes > 1 adds acceptor processes on the port
+  HTTP         [fhir] bind:port (default 127.0.0.1:8080): /health, /ready and the FHIR R4 API at /fhir
+  HL7 MLLP     [hl7] bind:port (default 127.0.0.1:2575), unless [hl7] enabled = false
+  workers      inference, study results, FHIR projection and delivery ([worker] enabled = true)
+
+Settings come from --config PATH, else $PNEUMO_CONFIG, else ./pneumo.toml when present, else the
+built-in defaults, with PNEUMO_* environment variables on top (PNEUMO_DICOM__PORT=104). The store
+(database and files under data_dir: default ./var, relative to the working directory) is created and
+migrated on first start, after the start-up checks (`pneumo db check`). When ready it prints one JSON
+line on stdout: {"event": "ready", "dicom_port": ..., "http_port": ..., "hl7_port": ...}; logs go to
+stderr ([log] level, format)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumo",
         description="Pneumo Gateway: DICOM in, pneumonia classifier, SR / FHIR / HL7 out, audited.",
+        epilog=(
+            "Every command takes --config PATH, before or after the command name. Commands that read the\n"
+            "store never create one: they fail (exit 2) when it is not where the configuration points.\n"
+            "`pneumo COMMAND --help` describes each command.\n\n"
+            "examples:\n  pneumo --config /etc/pneumo/pneumo.toml serve\n  pneumo instances --config pneumo.toml\n"
+            "  PNEUMO_CONFIG=/etc/pneumo/pneumo.toml pneumo audit verify"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    default_config = os.environ.get("PNEUMO_CONFIG")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=Path(default_config) if default_config else None,
-        help="TOML settings file (default: $PNEUMO_CONFIG, else ./pneumo.toml if present)",
-    )
+    parser.add_argument("--config", type=Path, default=default_config(), metavar="PATH", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the DICOM node and HTTP server (health, readiness)")
+    serve = add_command(
+        commands, "serve", summary="run the gateway: DICOM node, HTTP (health, readiness, FHIR), HL7 MLLP, workers",
+        description=SERVE_DESCRIPTION,
+        examples=["pneumo serve", "pneumo --config /etc/pneumo/pneumo.toml serve", "PNEUMO_DICOM__PORT=104 pneumo serve"],
+    )
     serve.set_defaults(handler=cmd_serve)
 
-    studies = commands.add_parser("studies", help="list studies and their study results (what the EHR is told)")
+    worker = add_command(
+        commands, "worker", summary="run only the job workers (inference, study results, delivery)",
+        description=(
+            "Run only the job workers (inference, study results, FHIR projection, delivery), e.g. as extra\n"
+            "processes or hosts sharing one PostgreSQL database with `pneumo serve`. Runs the start-up\n"
+            "checks first; prints {\"event\": \"ready\", \"workers\": N} when running; stops on SIGTERM/SIGINT."
+        ),
+        examples=["PNEUMO_DATABASE_URL=postgresql+psycopg://pneumo@db/pneumo pneumo worker"],
+    )
+    worker.set_defaults(handler=cmd_worker)
+
+    instances = add_command(
+        commands, "instances", summary="list stored instances: kind, outcome and why",
+        description=(
+            "Every stored instance, received and generated, oldest first: SOP Instance UID, kind (image,\n"
+            "SR, SC), calling AE, size, outcome and reason. The outcome is pending or running while the\n"
+            "analysis is queued, then ok (the label and probability), not-applicable (the rule that excluded\n"
+            "the image, e.g. a CT or a non-chest image: no SR is made) or failed (the cause); generated for\n"
+            "our own SR and summary image. Reads the existing store only (exit 2 when there is none)."
+        ),
+        examples=["pneumo instances", "pneumo instances --json --config /etc/pneumo/pneumo.toml"],
+    )
+    instances.add_argument("--json", action="store_true", help="one JSON object per line (every column, with path and UIDs)")
+    instances.set_defaults(handler=cmd_instances)
+
+    studies = add_command(
+        commands, "studies", summary="list studies and their study results (what the EHR is told)",
+        description=(
+            "One line per study: its current study result (final, amended, not-analysed, or pending while\n"
+            "the study is still arriving), label, probability, images analysed/received and why the others\n"
+            "were not analysed. Reads the existing store only (exit 2 when there is none)."
+        ),
+        examples=["pneumo studies", "pneumo studies --json"],
+    )
     studies.add_argument("--json", action="store_true", help="one JSON object per line")
     studies.set_defaults(handler=cmd_studies)
 
-    instances = commands.add_parser("instances", help="list stored instances")
-    instances.add_argument("--json", action="store_true", help="one JSON object per line")
-    instances.set_defaults(handler=cmd_instances)
-
-    acceptor = commands.add_parser("acceptor", help=argparse.SUPPRESS)
-    acceptor.add_argument("--parent", type=int, required=True)
+    # (internal) started by `pneumo serve` itself: no summary, so it is not listed.
+    acceptor = add_command(
+        commands, "acceptor", summary=None,
+        description="(internal) An extra DICOM acceptor process, started and supervised by `pneumo serve`.",
+        examples=["pneumo acceptor --parent 1234   # started by pneumo serve, not by hand"],
+    )
+    acceptor.add_argument("--parent", type=int, required=True, help="process id of the supervising `pneumo serve`")
     acceptor.set_defaults(handler=cmd_acceptor)
 
-    worker = commands.add_parser("worker", help="run only the job workers (inference and delivery)")
-    worker.set_defaults(handler=cmd_worker)
-
-    infer = commands.add_parser("infer", help="classify DICOM files, one JSON line per file")
-    infer.add_argument("files", nargs="+", type=Path, metavar="FILE.dcm")
+    infer = add_command(
+        commands, "infer", summary="classify DICOM files, one JSON line per file (no database)",
+        description=(
+            "Classify DICOM files directly, without the database or the network: one JSON line per file\n"
+            "with applicable/reason, probability, label, threshold, model and timings. Exit 1 when a file\n"
+            "could not be read."
+        ),
+        examples=["pneumo infer chest.dcm", "pneumo infer --model ./my-model *.dcm"],
+    )
+    infer.add_argument("files", nargs="+", type=Path, metavar="FILE.dcm", help="DICOM files to classify")
     infer.add_argument("--model", type=Path, default=None, help="model package directory (default: configured/bundled)")
     infer.set_defaults(handler=cmd_infer)
 
-    model = commands.add_parser("model", help="model package tools")
+    model = add_command(
+        commands, "model", summary="model package tools: info, train, export",
+        description="Inspect, train and export the classifier's model package (train/export need the train extra).",
+        examples=["pneumo model info", "pneumo model train -- --help"],
+    )
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    info = model_commands.add_parser("info", help="print the manifest and verify the ONNX hash")
-    info.add_argument("--model", type=Path, default=None)
+    info = add_command(
+        model_commands, "info", summary="print the manifest and verify the ONNX hash",
+        description="Print the model package's manifest after verifying the ONNX file's SHA-256 (exit 1 on mismatch).",
+        examples=["pneumo model info", "pneumo model info --model ./my-model"],
+    )
+    info.add_argument("--model", type=Path, default=None, help="model package directory (default: configured/bundled)")
     info.set_defaults(handler=cmd_model_info)
-    train = model_commands.add_parser("train", help="train EfficientNet-B0 (train extra); options: pneumo model train -- --help")
-    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train = add_command(
+        model_commands, "train", summary="train EfficientNet-B0 (train extra); options: pneumo model train -- --help",
+        description="Train the classifier (needs the train extra: PyTorch); everything after -- goes to the trainer.",
+        examples=["pneumo model train -- --help"],
+    )
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="the trainer's own options, after --")
     train.set_defaults(handler=cmd_model_train)
-    export = model_commands.add_parser("export", help="export a checkpoint to ONNX + manifest (train extra)")
-    export.add_argument("rest", nargs=argparse.REMAINDER)
+    export = add_command(
+        model_commands, "export", summary="export a checkpoint to ONNX + manifest (train extra)",
+        description="Export a training checkpoint to an ONNX model package (needs the train extra).",
+        examples=["pneumo model export -- --help"],
+    )
+    export.add_argument("rest", nargs=argparse.REMAINDER, help="the exporter's own options, after --")
     export.set_defaults(handler=cmd_model_export)
 
     register_deliveries(commands)
     register_fhir(commands)
     register_db(commands)
 
-    audit = commands.add_parser("audit", help="audit log tools")
+    audit = add_command(
+        commands, "audit", summary="audit log tools",
+        description="Tools for the hash-chained audit log (PS3.15 events) in the database.",
+        examples=["pneumo audit verify"],
+    )
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    verify = audit_commands.add_parser("verify", help="verify the hash chain of the audit log")
+    verify = add_command(
+        audit_commands, "verify", summary="verify the hash chain of the audit log",
+        description=(
+            "Recompute the audit log's hash chain (HMAC with [audit] hmac_key_file when set) and check it\n"
+            "against the anchor checkpoints. Prints {ok, records, first_bad_seq, problem, ...}; exit 1 if any\n"
+            "record was edited, removed, reordered or re-hashed. Reads the existing store only (exit 2 when\n"
+            "there is none)."
+        ),
+        examples=["pneumo audit verify", "pneumo audit verify --config /etc/pneumo/pneumo.toml"],
+    )
     verify.set_defaults(handler=cmd_audit_verify)
+    accept_config_everywhere(parser)
     return parser
 
 
@@ -340,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InvalidInputError as exc:  # a setting that is valid alone but not together (e.g. [fhir.auth])
         print(f"pneumo: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreNotFoundError, ConflictError) as exc:  # no store where the configuration points
+        print(f"pneumo: {exc}", file=sys.stderr)
         return 2
 
 

@@ -9,23 +9,28 @@ the files (:mod:`storage.reindex`), audited as an operator action.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
 import json
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import structlog
 from pydicom.dataset import Dataset
 
 from audit.builders import operator_action
 from audit.events import Code
-from conf.settings import Settings
+from conf.errors import ConflictError
+from conf.settings import DEFAULT_CONFIG_FILE, Settings
 from dicom_node.reports import SR_SERIES_NUMBER, SUMMARY_SERIES_NUMBER
 from dicom_node.sr import COMPREHENSIVE_3D_SR_SOP_CLASS_UID
 from gateway.app import runtime_for
-from storage.db import Database
+from gateway.cli_help import add_command
+from storage.db import Database, StoreNotFoundError, missing_sqlite_file, open_existing
 from storage.integrity import (
     CheckReport,
     bind_database_identity,
@@ -35,7 +40,10 @@ from storage.integrity import (
     run_checks,
     write_marker,
 )
+from storage.migrate import is_current
 from storage.reindex import reindex
+
+log = structlog.get_logger(__name__)
 
 #: A private code (PS3.16 §8.2: "99" designators are local): PS3.15 CID 401 has no event type
 #: for "the index was rebuilt from the stored files".
@@ -43,25 +51,67 @@ INDEX_REBUILT = Code("INDEX-REBUILD", "99PNEUMO", "Operator rebuilt the index fr
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def _database(settings: Settings) -> Database:
-    return Database(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+def _database(settings: Settings, *, create: bool = True) -> Database:
+    return Database(
+        settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous, create=create
+    )
 
 
-def _missing_sqlite_file(database: Database) -> Path | None:
-    """The SQLite file when it does not exist (opening it would create an empty one)."""
-    name = database.url.database
-    if database.is_sqlite and name and name != ":memory:" and not Path(name).exists():
-        return Path(name)
-    return None
+def config_in_use(config: Path | None) -> Path | None:
+    """The configuration file :func:`conf.settings.load_settings` read for *config* (None: defaults)."""
+    if config is not None:
+        return config.resolve()
+    return DEFAULT_CONFIG_FILE.resolve() if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def describe_config(config: Path | None) -> str:
+    used = config_in_use(config)
+    return str(used) if used is not None else f"none (no --config, no $PNEUMO_CONFIG, no pneumo.toml in {Path.cwd()})"
+
+
+def announce_store(config: Path | None, database_url: str) -> None:
+    """The stderr line that says which configuration and which database a command used."""
+    log.info("cli.store", config=describe_config(config), database=database_url)
+
+
+@contextlib.contextmanager
+def existing_store(settings: Settings, config: Path | None, *, require_current: bool = True) -> Iterator[Database]:
+    """The store's database, only if it exists (never created, never migrated): for the commands
+    that read it. Raises :class:`StoreNotFoundError` naming the configuration, or
+    :class:`ConflictError` when its schema is older than this version (``pneumo serve`` migrates)."""
+    try:
+        database = open_existing(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+    except StoreNotFoundError as exc:
+        raise StoreNotFoundError(
+            f"no store: {exc} (configuration: {describe_config(config)}). Run from the gateway's folder, or give its "
+            "configuration with --config PATH or PNEUMO_CONFIG; `pneumo serve` creates the store."
+        ) from exc
+    try:
+        if require_current and not is_current(database):
+            raise ConflictError(
+                f"the database {database.display_url} is not at this version's schema: `pneumo serve` (or "
+                "`pneumo worker`) of this version migrates it when it starts; this command does not change it"
+            )
+        announce_store(config, database.display_url)
+        yield database
+    finally:
+        database.dispose()
+
+
+def require_store(settings: Settings, config: Path | None) -> None:
+    """Fail like :func:`existing_store` when there is no store; for commands that then write to it."""
+    with existing_store(settings, config, require_current=False):
+        pass
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Run the start-up checks read-only; exit 1 when ``pneumo serve`` would refuse to start."""
-    database = _database(settings)
+    database = _database(settings, create=False)  # a check creates nothing, not even the folder
+    announce_store(args.config, database.display_url)
     try:
-        missing = _missing_sqlite_file(database)
+        missing = missing_sqlite_file(settings.effective_database_url)
         if missing is not None:
-            report = CheckReport(problems=[f"the database file {missing} does not exist."])
+            report = CheckReport(problems=[f"the database file {missing.resolve()} does not exist."])
             if read_marker(settings.dicom_dir) is not None:
                 report.problems.append("The file store is marked: restore the database or run `pneumo db reindex`.")
         else:
@@ -122,11 +172,30 @@ def _operator() -> str | None:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``db check|reindex`` to the ``pneumo`` command parser's *subparsers*."""
-    db = subparsers.add_parser("db", help="database tools: start-up checks, rebuild the index from the files")
+    db = add_command(
+        subparsers, "db", summary="database tools: start-up checks, rebuild the index from the files",
+        description="The operator's side of the start-up checks that `pneumo serve` runs before it listens.",
+        examples=["pneumo db check", "pneumo db reindex --config /etc/pneumo/pneumo.toml"],
+    )
     actions = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    check = actions.add_parser("check", help="run the start-up checks without changing anything (exit 1 on a problem)")
+    check = add_command(
+        actions, "check", summary="run the start-up checks without changing anything (exit 1 on a problem)",
+        description=(
+            "Run the checks `pneumo serve` runs at start (SQLite quick_check, the database indexes this file\n"
+            "store, the newest files are indexed) without creating or changing anything. Prints one JSON\n"
+            "object {ok, problems, warnings, facts}; exit 1 when `pneumo serve` would refuse to start."
+        ),
+        examples=["pneumo db check"],
+    )
     check.set_defaults(handler=cmd_check)
-    rebuild = actions.add_parser(
-        "reindex", help="rebuild the index from the file store and queue analysis (gateway stopped; audited)"
+    rebuild = add_command(
+        actions, "reindex", summary="rebuild the index from the file store and queue analysis (gateway stopped; audited)",
+        description=(
+            "After a lost or replaced database: bind the database to the file store and index every file it\n"
+            "does not know, queueing analysis again. Run it with the gateway stopped. Never deletes; audited\n"
+            "as an operator action. Creates the database when there is none (the one command besides\n"
+            "`serve` and `worker` that does)."
+        ),
+        examples=["pneumo db reindex"],
     )
     rebuild.set_defaults(handler=cmd_reindex)

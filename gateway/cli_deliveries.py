@@ -14,12 +14,14 @@ import socket
 
 from conf.settings import Settings
 from gateway.app import runtime_for
+from gateway.cli_db import existing_store, require_store
+from gateway.cli_help import add_command
 from storage.models import JobState
 from storage.outbox import Channel, list_deliveries, retry_deliveries, show_delivery
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+    with existing_store(settings, args.config) as database, database.read_session() as session:
         rows = list_deliveries(session, args.state, args.channel)
     if args.json:
         for row in rows:
@@ -37,7 +39,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    with runtime_for(settings) as runtime, runtime.database.read_session() as session:
+    with existing_store(settings, args.config) as database, database.read_session() as session:
         detail = show_delivery(session, args.job_id)
     if detail is None:
         print(json.dumps({"error": f"no delivery job {args.job_id}"}))
@@ -58,6 +60,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({"error": "give JOB_ID... or --all-failed (not both)"}))
         return 2
     wanted: list[int] | None = None if args.all_failed else list(args.job_ids)
+    require_store(settings, args.config)
     with runtime_for(settings) as runtime, runtime.database.session() as session:
         retried = retry_deliveries(
             session, wanted, audit_source=runtime.audit_source, operator=_operator(), host=socket.gethostname()
@@ -69,20 +72,46 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``deliveries list|show|retry`` to the ``pneumo`` command parser's *subparsers*."""
-    deliveries = subparsers.add_parser("deliveries", help="the outbox: list, inspect and retry deliveries (all channels)")
+    deliveries = add_command(
+        subparsers, "deliveries", summary="the outbox: list, inspect and retry deliveries (all channels)",
+        description=(
+            "The outbox of every channel (dicom, hl7, fhir-subscription): what was sent where, every\n"
+            "attempt and the peer's answer, and operator retries of dead-lettered deliveries."
+        ),
+        examples=["pneumo deliveries list --state failed", "pneumo deliveries show 42", "pneumo deliveries retry --all-failed"],
+    )
     actions = deliveries.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")
 
-    listing = actions.add_parser("list", help="list deliveries")
-    listing.add_argument("--state", choices=[s.value for s in JobState], default=None)
-    listing.add_argument("--channel", choices=[c.value for c in Channel], default=None)
+    listing = add_command(
+        actions, "list", summary="list deliveries",
+        description=(
+            "One line per delivery: id, state (pending, running, done, failed = dead-lettered), attempts,\n"
+            "channel, destination, subject (a SOP Instance UID on the dicom channel) and the last error.\n"
+            "Reads the existing store only (exit 2 when there is none)."
+        ),
+        examples=["pneumo deliveries list", "pneumo deliveries list --channel dicom --state failed --json"],
+    )
+    listing.add_argument("--state", choices=[s.value for s in JobState], default=None, help="only deliveries in this state")
+    listing.add_argument("--channel", choices=[c.value for c in Channel], default=None, help="only this channel")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=cmd_list)
 
-    show = actions.add_parser("show", help="one delivery with all its attempts (JSON)")
-    show.add_argument("job_id", type=int, metavar="JOB_ID")
+    show = add_command(
+        actions, "show", summary="one delivery with all its attempts (JSON)",
+        description="One delivery job and every attempt at it (when, outcome, what the peer answered), as JSON.",
+        examples=["pneumo deliveries show 42"],
+    )
+    show.add_argument("job_id", type=int, metavar="JOB_ID", help="the id `pneumo deliveries list` shows")
     show.set_defaults(handler=cmd_show)
 
-    retry = actions.add_parser("retry", help="put dead-lettered deliveries back in the queue (audited)")
-    retry.add_argument("job_ids", type=int, nargs="*", metavar="JOB_ID")
+    retry = add_command(
+        actions, "retry", summary="put dead-lettered deliveries back in the queue (audited)",
+        description=(
+            "Put dead-lettered deliveries (state failed) back in the queue, by id or all of them; audited\n"
+            "with the operator's user and host. Prints {retried, skipped}; exit 1 when some were skipped."
+        ),
+        examples=["pneumo deliveries retry 42 43", "pneumo deliveries retry --all-failed"],
+    )
+    retry.add_argument("job_ids", type=int, nargs="*", metavar="JOB_ID", help="delivery ids (state failed)")
     retry.add_argument("--all-failed", action="store_true", help="every dead-lettered delivery")
     retry.set_defaults(handler=cmd_retry)

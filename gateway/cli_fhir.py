@@ -22,10 +22,13 @@ from conf.settings import Settings
 from fhir_api.auth import TokenVerifier, mint_development_token
 from fhir_api.projection import publish_study
 from gateway.app import runtime_for
+from gateway.cli_db import require_store
+from gateway.cli_help import add_command
 from storage.models import Study
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    require_store(settings, args.config)
     with runtime_for(settings) as runtime:
         with runtime.database.read_session() as session:
             query = select(Study.id).order_by(Study.id)
@@ -56,14 +59,33 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``fhir publish`` to the ``pneumo`` command parser's *subparsers*."""
-    fhir = subparsers.add_parser("fhir", help="the FHIR API's resources: (re)publish them")
+    """Add ``fhir publish|token`` to the ``pneumo`` command parser's *subparsers*."""
+    fhir = add_command(
+        subparsers, "fhir", summary="the FHIR API's resources: (re)publish them; a development token",
+        description="Operator commands of the FHIR R4 API that `pneumo serve` runs at /fhir (docs/fhir.md).",
+        examples=["pneumo fhir publish", "pneumo fhir token --scope 'system/*.rs'"],
+    )
     actions = fhir.add_subparsers(dest="fhir_command", required=True, metavar="ACTION")
-    publish = actions.add_parser("publish", help="(re)build the FHIR resources of every study, or of the given ones")
-    publish.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
+    publish = add_command(
+        actions, "publish", summary="(re)build the FHIR resources of every study, or of the given ones",
+        description=(
+            "(Re)build the FHIR resources of every study, or of the given Study Instance UIDs, one\n"
+            "transaction per study; prints {studies, resources_changed, notifications_queued} (0 changed:\n"
+            "the served resources were current). Needs an existing store (exit 2 when there is none)."
+        ),
+        examples=["pneumo fhir publish", "pneumo fhir publish 1.2.826.0.1.3680043.8.498.1"],
+    )
+    publish.add_argument("study_uids", nargs="*", metavar="STUDY_UID", help="only these studies (default: all)")
     publish.set_defaults(handler=cmd_publish)
-    token = actions.add_parser("token", help="print a development bearer token (needs [fhir.auth] hs256_secret)")
-    token.add_argument("--client-id", default="dev-client")
-    token.add_argument("--scope", default="system/*.rs")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    token = add_command(
+        actions, "token", summary="print a development bearer token (needs [fhir.auth] hs256_secret)",
+        description=(
+            "Print an HS256 bearer token signed with [fhir.auth] hs256_secret, checked against the API's\n"
+            "own verifier. For development only: in production the hospital's token service issues them."
+        ),
+        examples=["curl -H \"Authorization: Bearer $(pneumo fhir token)\" 127.0.0.1:8080/fhir/DiagnosticReport"],
+    )
+    token.add_argument("--client-id", default="dev-client", help="the token's client_id (default: dev-client)")
+    token.add_argument("--scope", default="system/*.rs", help="SMART scopes (default: system/*.rs)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default: 3600)")
     token.set_defaults(handler=cmd_token)

@@ -15,9 +15,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from conf.errors import NotFoundError
+
+#: The table Alembic keeps its revision in: every database our migrations ever touched has it.
+SCHEMA_MARKER_TABLE = "alembic_version"
+
+
+class StoreNotFoundError(NotFoundError):
+    """There is no Pneumo store where the settings point: no SQLite file, or a database without
+    our schema. Raised instead of creating an empty one (``pneumo instances`` in the wrong folder)."""
 
 
 class Database:
@@ -30,6 +41,7 @@ class Database:
         sqlite_synchronous: str = "FULL",
         echo: bool = False,
         session_info: Mapping[str, object] | None = None,
+        create: bool = True,
     ) -> None:
         """*session_info* is copied into every session's ``Session.info``.
 
@@ -37,12 +49,15 @@ class Database:
         threading them through every call: the audit signer (``audit.store.signer_session_info``),
         which ``audit.store.append`` reads, so its many call sites seal records with the HMAC key
         without each being handed the key.
+
+        *create* False: create nothing, not even the folder of a SQLite file; see
+        :func:`open_existing`, which readers use so that a wrong path fails instead of making a store.
         """
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
             database = self.url.database
-            if database and database != ":memory:":
+            if create and database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = self._sqlite_engine(url, immediate=True, synchronous=sqlite_synchronous, echo=echo)
             self.read_engine = self._sqlite_engine(url, immediate=False, synchronous=sqlite_synchronous, echo=echo)
@@ -113,7 +128,57 @@ class Database:
         except Exception:  # noqa: BLE001 - any failure means "not reachable"
             return False
 
+    @property
+    def display_url(self) -> str:
+        """The URL to show an operator (:func:`display_url`)."""
+        return display_url(self.url.render_as_string(hide_password=False))
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+def display_url(url: str) -> str:
+    """*url* as shown to an operator: password hidden, a SQLite path made absolute."""
+    parsed = make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() == "sqlite" and name and name != ":memory:":
+        parsed = parsed.set(database=str(Path(name).resolve()))
+    return parsed.render_as_string(hide_password=True)
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The SQLite file *url* names when it does not exist (connecting would create it), else None."""
+    parsed = make_url(url)
+    name = parsed.database
+    if parsed.get_backend_name() == "sqlite" and name and name != ":memory:" and not Path(name).is_file():
+        return Path(name)
+    return None
+
+
+def open_existing(url: str, *, sqlite_synchronous: str = "FULL", session_info: Mapping[str, object] | None = None) -> Database:
+    """Open the store's database only if it exists and holds our schema; create nothing.
+
+    For SQLite the file must exist before the first connection (connecting creates it); for any
+    backend the schema must be there (Alembic's revision table), so an empty database is refused
+    too. Raises :class:`StoreNotFoundError` naming the database (password hidden).
+    """
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        raise StoreNotFoundError(f"no database file at {missing.resolve()}")
+    database = Database(url, sqlite_synchronous=sqlite_synchronous, session_info=session_info, create=False)
+    try:
+        with database.read_engine.connect() as connection:
+            has_schema = inspect(connection).has_table(SCHEMA_MARKER_TABLE)
+    except DBAPIError as exc:
+        database.dispose()
+        cause = exc.orig if exc.orig is not None else exc
+        detail = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise StoreNotFoundError(
+            f"cannot open the database {database.display_url}: {cause.__class__.__name__}: {detail}"
+        ) from exc
+    if not has_schema:
+        database.dispose()
+        raise StoreNotFoundError(f"the database {database.display_url} holds no Pneumo store (no schema)")
+    return database

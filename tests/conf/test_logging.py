@@ -14,7 +14,7 @@ import structlog
 from pydicom import config
 from pydicom.valuerep import DA, validate_value
 
-from conf.logging import REDACTED, StderrToLog, configure_logging, scrub_text
+from conf.logging import REDACTED, LibraryFloodLimit, StderrToLog, configure_logging, scrub_text
 from conf.settings import LogSettings
 
 
@@ -106,6 +106,57 @@ def test_highdicom_chatter_is_off_at_info() -> None:
     configure_logging(LogSettings(level="INFO", format="json"), stream=io.StringIO())
     assert not logging.getLogger("highdicom.base").isEnabledFor(logging.INFO)
     assert logging.getLogger("highdicom.base").isEnabledFor(logging.WARNING)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_library_chatter_is_debug(level: str) -> None:
+    """Issue 14, item 5: highdicom's INFO lines ("copy attributes of module ...", several per SR or
+    summary image) are DEBUG lines, even when its logger was left at INFO; its warnings stay."""
+    out = io.StringIO()
+    configure_logging(LogSettings(level=level, format="json"), stream=out)  # type: ignore[arg-type]
+    chatty = logging.getLogger("highdicom.base")
+    chatty.setLevel(logging.INFO)  # as if something re-enabled it: the demotion still holds
+    chatty.info("copy attributes of module General Study")
+    chatty.warning("a real highdicom warning")
+    logging.getLogger("pynetdicom.acse").warning("a real pynetdicom warning")
+    structlog.get_logger("dicom_node.listener").info("dicom.association")
+    lines = {line["event"]: line["level"] for line in _lines(out)}
+    expected = {"a real highdicom warning": "warning", "a real pynetdicom warning": "warning", "dicom.association": "info"}
+    if level == "DEBUG":
+        expected["copy attributes of module General Study"] = "debug"
+    assert lines == expected
+
+
+def test_a_library_flood_is_cut_and_counted(stream: io.StringIO) -> None:
+    """A peer can make a library warn once per bad value it sends: each library logger gets 20
+    lines per 10 s window; the rest are dropped, counted, and the count is said once the window
+    is over. Our own lines are never dropped."""
+    for n in range(500):
+        logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.%d'", n)
+        logging.getLogger("pynetdicom.utils").warning("Non-conformant value")
+    for _ in range(30):
+        structlog.get_logger("dicom_node.listener").info("dicom.association")
+    by_logger: dict[str, int] = {}
+    for line in _lines(stream):
+        by_logger[line["logger"]] = by_logger.get(line["logger"], 0) + 1
+    assert by_logger == {"pydicom": 20, "pynetdicom.utils": 20, "dicom_node.listener": 30}
+
+
+def test_the_dropped_count_is_reported_after_the_window() -> None:
+    now = [0.0]
+    limiter = LibraryFloodLimit(limit=2, window_s=10.0, clock=lambda: now[0])
+    out = io.StringIO()
+    configure_logging(LogSettings(level="INFO", format="json"), stream=out)
+    handler = logging.getLogger().handlers[0]
+    handler.filters[:] = [f for f in handler.filters if not isinstance(f, LibraryFloodLimit)] + [limiter]
+    library = logging.getLogger("pydicom")
+    for _ in range(5):
+        library.warning("bad value")
+    now[0] = 10.5
+    library.warning("bad value")
+    events = [line["event"] for line in _lines(out)]
+    assert events == ["bad value", "bad value",
+                      "logging.suppressed: 3 lines of logger pydicom dropped (more than 2 in 10 s)", "bad value"]
 
 
 def test_stderr_and_crashes_are_captured(monkeypatch: pytest.MonkeyPatch) -> None:

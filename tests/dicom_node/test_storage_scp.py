@@ -273,3 +273,74 @@ def test_sixteen_concurrent_associations(gateway_factory: Any, tmp_path: Path) -
     assert count(gateway, Instance) == 48 and count(gateway, Job) == 48
     with gateway.runtime.database.read_session() as session:
         assert verify_chain(session).ok
+
+
+# -- issue 14, item 5: one INFO line per association and per stored instance (UIDs only) ----------
+
+
+def test_one_log_line_per_instance_and_per_association(gateway_factory: Any, tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from tests.conftest import wait_until
+
+    gateway = gateway_factory()
+    good = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")
+    bad = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "bad")
+    ds = pydicom.dcmread(bad)
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage  # request says CR, data is CT
+    ds.save_as(bad, enforce_file_format=False)
+    with capture_logs() as logs:
+        assert send(gateway, good, good) == [0, 0]
+        assert _send_file_raw(gateway, bad) == 0xA900
+        associations = wait_until(
+            lambda: [e for e in logs if e["event"] == "dicom.association"] if sum(
+                e["event"] == "dicom.association" for e in logs) >= 2 else None,
+            timeout=10, what="two association lines",
+        )
+    stores = [e for e in logs if e["event"] == "dicom.store"]
+    original = pydicom.dcmread(good, stop_before_pixels=True)
+    assert [(e["log_level"], e["outcome"], e["status"]) for e in stores] == [
+        ("info", "stored", "0x0000"), ("info", "duplicate", "0x0000"), ("warning", "refused", "0xA900")
+    ]
+    for entry in stores[:2]:
+        assert entry["sop_instance_uid"] == original.SOPInstanceUID
+        assert entry["sop_class_uid"] == original.SOPClassUID == CTImageStorage
+        assert entry["transfer_syntax_uid"] in (EXPLICIT_LE, IMPLICIT_LE)
+        assert entry["size"] > 0
+    first, second = associations
+    assert first["log_level"] == "info"
+    assert (first["calling_ae"], first["called_ae"], first["address"]) == ("TESTSCU", "PNEUMO", "127.0.0.1")
+    assert (first["result"], first["end"], first["instances_stored"], first["instances_refused"]) == (
+        "accepted", "released", 2, 0
+    )
+    assert (second["instances_stored"], second["instances_refused"]) == (0, 1)
+    text = repr(logs)
+    assert str(original.PatientName) not in text and str(original.PatientID) not in text
+
+
+def test_a_rejected_association_is_one_info_line_too(gateway_factory: Any) -> None:
+    from structlog.testing import capture_logs
+
+    from tests.conftest import wait_until
+
+    gateway = gateway_factory()
+    with capture_logs() as logs:
+        assert _client("INTRUDER").associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO").is_rejected
+        line = wait_until(lambda: next((e for e in logs if e["event"] == "dicom.association"), None), timeout=10)
+    assert (line["log_level"], line["calling_ae"], line["result"], line["end"]) == ("info", "INTRUDER", "rejected", "rejected")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"accepted": True, "rejected": False, "released": True, "aborted": False}, "released"),
+        ({"accepted": True, "rejected": False, "released": False, "aborted": True}, "aborted"),
+        ({"accepted": False, "rejected": True, "released": False, "aborted": False}, "rejected"),
+        ({"accepted": True, "rejected": False, "released": False, "aborted": False}, "closed"),
+        ({"accepted": False, "rejected": False, "released": False, "aborted": False}, "no-request"),
+    ],
+)
+def test_association_end_words(flags: dict[str, bool], expected: str) -> None:
+    from dicom_node.listener import association_end
+
+    assert association_end(**flags) == expected

@@ -6,7 +6,6 @@ queued in one transaction exactly as the inference workflow does it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
 import io
@@ -19,6 +18,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -29,7 +29,7 @@ from conf.settings import DicomDestination, Settings
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import send_instance
 from gateway.app import Runtime, open_runtime, outbox_kind, result_fanout
-from gateway.cli_deliveries import register
+from gateway.cli import build_parser
 from storage import jobs
 from storage.index import add_instance
 from storage.job_kinds import DELIVER_JOB, delivery_key
@@ -122,11 +122,10 @@ def run_until(predicate: Callable[[], bool], step: Callable[[], object], deadlin
 
 
 def cli(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="pneumo")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
+    args = build_parser().parse_args(list(argv))
     capsys.readouterr()
-    code = int(args.handler(args, settings))
+    with structlog.testing.capture_logs():  # the command's log lines go to stderr in `pneumo`, not into its output
+        code = int(args.handler(args, settings))
     return code, capsys.readouterr().out
 
 

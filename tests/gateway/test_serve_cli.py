@@ -30,6 +30,7 @@ def test_help_lists_every_command() -> None:
     assert result.returncode == 0
     for command in ("serve", "instances", "audit"):
         assert command in result.stdout
+    assert "==SUPPRESS==" not in result.stdout
 
 
 def test_health_and_ready(served: ServeProcess) -> None:
@@ -75,6 +76,7 @@ def test_dcmtk_echo_and_store_then_list(served: ServeProcess, tmp_path: Path) ->
         assert row["series_instance_uid"] == ds.SeriesInstanceUID
         assert row["calling_ae"] == "STORESCU"
         assert row["job_state"] == "pending"
+        assert (row["kind"], row["outcome"], row["reason"]) == ("image", "pending", None)  # workers are off
         assert row["size"] == Path(row["path"]).stat().st_size
         assert row["received_at"]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog
 from sqlalchemy import func, select
 
 from audit.models import AuditRecord
@@ -200,7 +201,8 @@ def test_study_result_two_frontal_one_lateral_then_a_late_image_amends(
     assert v1_again.status == "final"  # what the EHR was told first is kept
 
     capsys.readouterr()
-    assert cmd_studies(argparse.Namespace(json=True), gateway.runtime.settings) == 0
+    with structlog.testing.capture_logs():  # the command's log lines go to stderr in `pneumo`, not into its JSON
+        assert cmd_studies(argparse.Namespace(json=True, config=None), gateway.runtime.settings) == 0
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {k: row[k] for k in ("study_instance_uid", "status", "label", "images", "analysed", "version")} == {
         "study_instance_uid": study_uid, "status": "amended", "label": v2.label, "images": 4, "analysed": 3, "version": 2,
