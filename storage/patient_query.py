@@ -35,7 +35,7 @@ from storage.query import (
     QueryLevel,
     RetrieveMatch,
     build_response,
-    build_select,
+    instances_matching,
     parse_query,
 )
 
@@ -122,18 +122,4 @@ def patient_retrieve_matches(session: Session, identifier: Dataset) -> list[Retr
     patient_id = str(identifier.get("PatientID", "") or "").strip()
     if not patient_id or "*" in patient_id or "?" in patient_id or "\\" in patient_id:
         raise QueryError("a PATIENT level retrieve needs PatientID (a single value, no wildcards)")
-    query = parse_patient_query(identifier)
-    rows = session.execute(build_select(query, granularity=QueryLevel.IMAGE)).all()
-    return [
-        RetrieveMatch(
-            path=instance.path,
-            sop_class_uid=instance.sop_class_uid,
-            sop_instance_uid=instance.sop_instance_uid,
-            transfer_syntax_uid=instance.transfer_syntax_uid,
-            study_instance_uid=study.study_instance_uid,
-            accession_number=study.accession_number,
-            patient_id=patient.patient_id,
-            patient_name=patient.name,
-        )
-        for study, patient, _series, instance in rows
-    ]
+    return instances_matching(session, parse_patient_query(identifier))

@@ -486,7 +486,11 @@ def parse_retrieve(identifier: Dataset) -> Query:
 
 def retrieve_matches(session: Session, identifier: Dataset) -> list[RetrieveMatch]:
     """Every stored instance selected by a C-MOVE / C-GET identifier, in a stable order."""
-    query = parse_retrieve(identifier)
+    return instances_matching(session, parse_retrieve(identifier))
+
+
+def instances_matching(session: Session, query: Query) -> list[RetrieveMatch]:
+    """Every stored instance a parsed (Study or Patient Root) query selects, in a stable order."""
     rows = session.execute(build_select(query, granularity=QueryLevel.IMAGE)).all()
     return [
         RetrieveMatch(

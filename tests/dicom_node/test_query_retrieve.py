@@ -71,12 +71,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def storescp(directory: Path) -> Iterator[int]:
-    """A DCMTK storescp on a free port, ready (answers C-ECHO) when the block starts."""
+def storescp(directory: Path, *options: str) -> Iterator[int]:
+    """A DCMTK storescp on a free port, with extra transfer syntax *options*, ready (answers
+    C-ECHO) when the block starts."""
     port = _free_port()
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [_dcmtk("storescp"), "-aet", "DEST", "-od", str(directory), str(port)],
+        [_dcmtk("storescp"), *options, "-aet", "DEST", "-od", str(directory), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -417,31 +418,6 @@ def test_find_and_get_on_postgresql(postgres_url: str, gateway_factory: Any, tmp
 # -- transcoding for a peer that does not take the stored transfer syntax -----------------------
 
 
-@contextlib.contextmanager
-def _storescp_with(directory: Path, *options: str) -> Iterator[int]:
-    """A DCMTK storescp with extra transfer syntax *options*, ready when the block starts."""
-    port = _free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [_dcmtk("storescp"), *options, "-aet", "DEST", "-od", str(directory), str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        ae = AE(ae_title="ECHOSCU")
-        ae.add_requested_context(Verification)
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            assert process.poll() is None, "storescp exited early"
-            assoc = ae.associate("127.0.0.1", port, ae_title="DEST")
-            if assoc.is_established:
-                assoc.release()
-                break
-            assert time.monotonic() < deadline, "storescp did not come up"
-            time.sleep(0.05)  # poll interval, bounded by the deadline above
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _compressed_study(gateway: Any, tmp_path: Path) -> dict[str, Any]:
@@ -464,7 +440,7 @@ def _assert_same_pixels(received: Dataset, original: Dataset) -> None:
 
 def test_move_to_uncompressed_only_storescp_decompresses(gateway_factory: Any, tmp_path: Path) -> None:
     received = tmp_path / "dest"
-    with _storescp_with(received) as port:  # storescp's default: uncompressed transfer syntaxes only
+    with storescp(received) as port:  # storescp's default: uncompressed transfer syntaxes only
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _compressed_study(gateway, tmp_path)
         result = subprocess.run(
@@ -485,7 +461,7 @@ def test_move_to_uncompressed_only_storescp_decompresses(gateway_factory: Any, t
 
 def test_move_to_storescp_accepting_the_stored_syntax_sends_it_unchanged(gateway_factory: Any, tmp_path: Path) -> None:
     received = tmp_path / "dest"
-    with _storescp_with(received, "+xa") as port:  # accept every transfer syntax
+    with storescp(received, "+xa") as port:  # accept every transfer syntax
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _compressed_study(gateway, tmp_path)
         result = subprocess.run(
