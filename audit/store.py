@@ -267,7 +267,15 @@ def verify_chain(
     anchor file) pin ``(seq, hash)`` pairs the chain must still contain: a different hash at an
     anchored seq means the records after the last matching checkpoint were rewritten, and a chain
     shorter than the newest checkpoint means its newest records were removed.
+
+    The head and every record are read from one snapshot, so a gateway appending meanwhile is
+    neither a false alarm nor a hiding place: on PostgreSQL the session's transaction is made
+    REPEATABLE READ when it has not begun yet (under READ COMMITTED each statement would see the
+    newest commits, and records appended after the head was read would look like tampering);
+    SQLite's read transaction is a snapshot already.
     """
+    if not session.in_transaction() and session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     signer = signer or _UNKEYED
     pins = sorted((c for c in checkpoints or () if c.seq >= 1), key=lambda c: c.seq)
     anchored_seq = pins[-1].seq if pins else None

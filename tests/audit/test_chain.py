@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import JSON, Integer, String, column, delete, insert, select, table, update
+from sqlalchemy import JSON, Integer, String, column, delete, event, insert, select, table, update
 
 from audit.anchor import (
     AnchorFile,
@@ -354,3 +354,27 @@ def test_records_written_before_the_upgrade_still_verify(database_url: str) -> N
         assert _verify(database).first_bad_seq == 1
     finally:
         database.dispose()
+
+
+def test_verify_reads_one_snapshot_while_the_gateway_appends(database: Database) -> None:
+    """A record appended while verification runs (after it read the head, before it read the
+    records) is neither a false alarm nor counted: the head and the records come from one snapshot
+    (PostgreSQL: REPEATABLE READ; under READ COMMITTED the new record looked like tampering)."""
+    _write(database, 5)
+    appended = threading.Event()
+
+    def append_meanwhile(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if not appended.is_set() and "FROM audit_record" in statement:
+            appended.set()
+            _write(database, 1)  # its own connection and transaction, committed before our read
+
+    event.listen(database.read_engine, "before_cursor_execute", append_meanwhile)
+    try:
+        with database.read_session() as session:
+            result = verify_chain(session)
+    finally:
+        event.remove(database.read_engine, "before_cursor_execute", append_meanwhile)
+    assert appended.is_set()
+    assert result.ok and result.records == 5
+    with database.read_session() as session:
+        assert verify_chain(session).records == 6
