@@ -147,9 +147,10 @@ def _load(gateway: Any, tmp_path: Path, extra_peers: list[dict[str, Any]] | None
     }
 
 
-def _findscu(gateway: Any, out: Path, level: str, *keys: str) -> list[Dataset]:
+def _findscu(gateway: Any, out: Path, level: str, *keys: str, model: str = "-S") -> list[Dataset]:
+    """DCMTK findscu; *model* ``-S`` Study Root, ``-P`` Patient Root."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [_dcmtk("findscu"), "-S", "-aet", "FINDSCU", "-aec", "PNEUMO", "-X", "-od", str(out),
+    command = [_dcmtk("findscu"), model, "-aet", "FINDSCU", "-aec", "PNEUMO", "-X", "-od", str(out),
                "-k", f"QueryRetrieveLevel={level}"]
     for key in keys:
         command += ["-k", key]
@@ -514,15 +515,7 @@ def test_get_with_uncompressed_only_contexts_decompresses(gateway_factory: Any, 
 
 def _findscu_patient_root(gateway: Any, out: Path, level: str, *keys: str) -> list[Dataset]:
     """DCMTK findscu with the Patient Root model (-P)."""
-    out.mkdir(parents=True, exist_ok=True)
-    command = [_dcmtk("findscu"), "-P", "-aet", "FINDSCU", "-aec", "PNEUMO", "-X", "-od", str(out),
-               "-k", f"QueryRetrieveLevel={level}"]
-    for key in keys:
-        command += ["-k", key]
-    command += ["127.0.0.1", str(gateway.dicom.port)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
+    return _findscu(gateway, out, level, *keys, model="-P")
 
 
 @pytest.mark.parametrize(

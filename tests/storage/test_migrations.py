@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alembic import command
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 
 from storage.db import Database
 from storage.migrate import _config, upgrade
@@ -17,19 +17,24 @@ def _upgrade_to(database: Database, revision: str) -> None:
         command.upgrade(config, revision)
 
 
+def _insert_patient_study_series(connection: Connection, now: str) -> None:
+    """Patient 1 / study 1 (1.2.3) / series 1 (1.2.3.4), as raw rows: the models may be newer than the schema."""
+    connection.execute(text(
+        "INSERT INTO patient (id, patient_id, issuer, created_at, updated_at) VALUES (1, 'P', '', :n, :n)"), {"n": now})
+    connection.execute(text(
+        "INSERT INTO study (id, study_instance_uid, patient_pk, created_at, updated_at) VALUES (1, '1.2.3', 1, :n, :n)"),
+        {"n": now})
+    connection.execute(text(
+        "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
+
+
 def test_0005_makes_the_outbox_channel_neutral_and_folds_summary_jobs(database_url: str) -> None:
     database = Database(database_url)
     try:
         _upgrade_to(database, "0004")
         with database.engine.begin() as connection:
             now = "2026-11-28 06:00:00"
-            connection.execute(text(
-                "INSERT INTO patient (id, patient_id, issuer, created_at, updated_at) VALUES (1, 'P', '', :n, :n)"), {"n": now})
-            connection.execute(text(
-                "INSERT INTO study (id, study_instance_uid, patient_pk, created_at, updated_at) VALUES (1, '1.2.3', 1, :n, :n)"),
-                {"n": now})
-            connection.execute(text(
-                "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
+            _insert_patient_study_series(connection, now)
             for pk, uid in ((1, "1.2.3.4.5"), (2, "1.2.3.4.6")):
                 connection.execute(text(
                     "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
@@ -71,13 +76,7 @@ def test_0010_results_per_source_revision_and_back(database_url: str) -> None:
         _upgrade_to(database, "0009")
         now = "2026-11-30 06:00:00"
         with database.engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO patient (id, patient_id, issuer, created_at, updated_at) VALUES (1, 'P', '', :n, :n)"), {"n": now})
-            connection.execute(text(
-                "INSERT INTO study (id, study_instance_uid, patient_pk, created_at, updated_at) VALUES (1, '1.2.3', 1, :n, :n)"),
-                {"n": now})
-            connection.execute(text(
-                "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
+            _insert_patient_study_series(connection, now)
             connection.execute(text(
                 "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
                 " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
