@@ -219,7 +219,14 @@ def resize_batch(images: Tensor, size: int) -> Tensor:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Ranges of the random transforms (each sampled uniformly per image)."""
+    """Ranges of the random transforms (each sampled uniformly per image).
+
+    The defaults are the recipe of the shipped model.  The second group (``p_frame`` onwards, off
+    by default) simulates the acquisition shifts that ``evaluate_shift`` showed that model failing
+    on (EXPERIMENTS.md, experiment 2): a wider field of view or a padded export (a black or white
+    frame around a smaller chest: AUC fell to 0.76), detector noise (0.93), and a softer/lower-
+    resolution acquisition; :meth:`acquisition_shift` turns it on with wider photometric ranges.
+    """
 
     rotation_deg: float = 7.0
     scale: tuple[float, float] = (0.90, 1.10)
@@ -230,31 +237,63 @@ class AugmentConfig:
     gamma: tuple[float, float] = (0.80, 1.25)  # sampled log-uniformly
     p_affine: float = 0.9
     p_photometric: float = 0.9
+    p_frame: float = 0.0  # zoom out inside a constant frame (black, or white with p_white_frame)
+    frame_scale: tuple[float, float] = (0.70, 0.95)  # chest size relative to the image
+    p_white_frame: float = 0.25
+    p_noise: float = 0.0
+    noise_sigma: tuple[float, float] = (0.005, 0.05)  # Gaussian, in [0, 1] pixel units
+    p_lowres: float = 0.0  # down- and up-sampling (blur, lower detector resolution)
+    lowres_factor: tuple[float, float] = (0.35, 0.8)
+
+    @classmethod
+    def acquisition_shift(cls) -> AugmentConfig:
+        """The recipe aimed at acquisition shift (EXPERIMENTS.md, experiment 3)."""
+        return cls(
+            brightness=0.12, contrast=(0.70, 1.35), gamma=(0.65, 1.55), p_frame=0.25, p_noise=0.3, p_lowres=0.2
+        )
 
     def describe(self) -> str:
         """Human-readable summary for the model card / manifest."""
-        return (
+        text = (
             f"random affine (p={self.p_affine}): rotation +-{self.rotation_deg} deg, scale "
             f"{self.scale[0]}-{self.scale[1]}, translation +-{self.translate:.0%}, shear "
             f"+-{self.shear_deg} deg, border padding; photometric (p={self.p_photometric}): "
             f"brightness +-{self.brightness}, contrast x{self.contrast[0]}-{self.contrast[1]}, "
             f"gamma {self.gamma[0]}-{self.gamma[1]}; no horizontal or vertical flip"
         )
+        if self.p_frame > 0:
+            text += (
+                f"; frame (p={self.p_frame}): chest scaled {self.frame_scale[0]}-{self.frame_scale[1]} "
+                f"inside a black (or white, p={self.p_white_frame}) border"
+            )
+        if self.p_noise > 0:
+            text += f"; Gaussian noise (p={self.p_noise}) sigma {self.noise_sigma[0]}-{self.noise_sigma[1]}"
+        if self.p_lowres > 0:
+            text += (
+                f"; down/up-sampling (p={self.p_lowres}) by "
+                f"{self.lowres_factor[0]}-{self.lowres_factor[1]}"
+            )
+        return text
 
 
 def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
     """Apply random affine + photometric jitter to a float batch ``[B, 1, H, W]`` in [0, 1].
 
-    Batch-wise (one ``grid_sample`` call) so it costs little next to the network on a small CPU.
-    All randomness comes from *generator* so a resumed run reproduces the same sequence.
+    Batch-wise (one ``grid_sample`` call per transform) so it costs little next to the network on a
+    small CPU.  All randomness comes from *generator* so a resumed run reproduces the same sequence.
+    Order: geometry, frame, resolution, photometry, noise — the order in which a real acquisition
+    and export would apply them (the detector's noise is on the final pixels).
     """
     b = images.shape[0]
 
     def uniform(lo: float, hi: float) -> Tensor:
         return lo + (hi - lo) * torch.rand(b, generator=generator)
 
+    def chosen(p: float) -> Tensor:
+        return torch.rand(b, generator=generator) < p
+
     out = images
-    apply_affine = torch.rand(b, generator=generator) < cfg.p_affine
+    apply_affine = chosen(cfg.p_affine)
     if bool(apply_affine.any()):
         rot = torch.deg2rad(uniform(-cfg.rotation_deg, cfg.rotation_deg))
         shear = torch.deg2rad(uniform(-cfg.shear_deg, cfg.shear_deg))
@@ -273,7 +312,19 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    apply_photo = (torch.rand(b, generator=generator) < cfg.p_photometric)[:, None, None, None]
+    if cfg.p_frame > 0:
+        out = _frame(out, chosen(cfg.p_frame), uniform(*cfg.frame_scale), chosen(cfg.p_white_frame), generator)
+
+    if cfg.p_lowres > 0:
+        lowres = chosen(cfg.p_lowres)
+        factor = float(uniform(*cfg.lowres_factor)[0])  # one factor per batch: one resize call
+        if bool(lowres.any()):
+            h, w = out.shape[-2:]
+            small = resize_batch(out[lowres], max(16, int(round(h * factor))))
+            out = out.clone()
+            out[lowres] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+    apply_photo = chosen(cfg.p_photometric)[:, None, None, None]
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     contrast = uniform(*cfg.contrast)[:, None, None, None]
     brightness = uniform(-cfg.brightness, cfg.brightness)[:, None, None, None]
@@ -282,7 +333,39 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
     jittered = ((out - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
     jittered = jittered.clamp_min(1e-6).pow(gamma)
     out = torch.where(apply_photo, jittered, out)
+
+    if cfg.p_noise > 0:
+        noisy = chosen(cfg.p_noise)[:, None, None, None]
+        sigma = uniform(*cfg.noise_sigma)[:, None, None, None]
+        noise = torch.randn(out.shape, generator=generator) * sigma
+        out = torch.where(noisy, out + noise, out)
     return out.clamp(0.0, 1.0)
+
+
+def _frame(
+    images: Tensor, selected: Tensor, scale: Tensor, white: Tensor, generator: torch.Generator
+) -> Tensor:
+    """Shrink the selected images by *scale* (random position) inside a constant black/white frame."""
+    if not bool(selected.any()):
+        return images
+    b = images.shape[0]
+    inv = 1.0 / scale
+    # Room left for the shrunken image to move without leaving the frame, in normalised coords.
+    room = (1.0 - scale) * inv
+    tx = (torch.rand(b, generator=generator) * 2.0 - 1.0) * room
+    ty = (torch.rand(b, generator=generator) * 2.0 - 1.0) * room
+    zeros = torch.zeros(b)
+    theta = torch.stack(
+        [torch.stack([inv, zeros, tx], dim=1), torch.stack([zeros, inv, ty], dim=1)], dim=1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    shrunk = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(
+        torch.ones_like(images), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    fill = white.to(images.dtype)[:, None, None, None]
+    framed = shrunk + (1.0 - inside) * fill
+    return torch.where(selected[:, None, None, None], framed, images)
 
 
 class InMemoryDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):

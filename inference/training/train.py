@@ -150,8 +150,9 @@ class TrainConfig:
         d["data_root"] = Path(d["data_root"])
         d["stages"] = tuple(Stage(**s) for s in d["stages"])
         aug = dict(d["augmentation"])
-        for k in ("scale", "contrast", "gamma"):
-            aug[k] = tuple(aug[k])
+        for k in ("scale", "contrast", "gamma", "frame_scale", "noise_sigma", "lowres_factor"):
+            if k in aug:
+                aug[k] = tuple(aug[k])
         d["augmentation"] = AugmentConfig(**aug)
         return cls(**d)
 
@@ -772,6 +773,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.num_threads)
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
+    p.add_argument(
+        "--augmentation",
+        choices=["baseline", "shift"],
+        default="baseline",
+        help="baseline: the shipped model's recipe; shift: also frames, noise, down-sampling, wider photometry",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        help="targets pulled towards 0.5 by this fraction (0 = off)",
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     p.add_argument(
         "--time-budget",
@@ -797,6 +810,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         num_threads=args.threads,
         target_sensitivity=args.target_sensitivity,
+        label_smoothing=args.label_smoothing,
+        augmentation=AugmentConfig.acquisition_shift() if args.augmentation == "shift" else AugmentConfig(),
         resume=not args.no_resume,
         max_images=args.max_images,
         max_steps_per_epoch=args.max_steps_per_epoch,

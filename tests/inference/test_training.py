@@ -18,8 +18,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from inference.training.data import (  # noqa: E402
+    AugmentConfig,
     DataError,
     Record,
+    augment,
     deduplicate,
     patient_key,
     patient_split,
@@ -209,3 +211,34 @@ def test_tiny_training_run_exports_a_contract_conformant_model(tmp_path: Path) -
     # The plain function the CLI uses for "ONNX only".
     plain = export_onnx(outcome.best_checkpoint, tmp_path / "plain", tolerance=1e-2)
     assert plain == tmp_path / "plain" / "model.onnx" and plain.stat().st_size > 1_000_000
+
+
+def test_default_augmentation_adds_no_frame_noise_or_resampling() -> None:
+    """The shift transforms are off unless asked for: the defaults stay the shipped model's recipe."""
+    config = AugmentConfig()
+    assert (config.p_frame, config.p_noise, config.p_lowres) == (0.0, 0.0, 0.0)
+    assert "frame" not in config.describe() and "frame" in AugmentConfig.acquisition_shift().describe()
+
+
+@pytest.mark.parametrize("white", [False, True])
+def test_frame_puts_the_whole_chest_inside_a_constant_border(white: bool) -> None:
+    images = torch.full((6, 1, 64, 64), 0.5)
+    config = AugmentConfig(p_affine=0.0, p_photometric=0.0, p_frame=1.0, frame_scale=(0.7, 0.7),
+                           p_white_frame=1.0 if white else 0.0)
+    framed = augment(images, config, torch.Generator().manual_seed(0))
+    border = 1.0 if white else 0.0
+    for image in framed[:, 0]:
+        picture = torch.isclose(image, torch.tensor(0.5))
+        frame = image == border
+        edge = ~(picture | frame)  # bilinear blend along the picture's edge only
+        assert abs(float(picture.float().mean()) - 0.7**2) < 0.05  # the whole chest, at 70 % of the side
+        assert int(edge.sum()) <= 4 * 64
+        assert bool(frame[0].all() or frame[-1].all()) and bool(frame[:, 0].all() or frame[:, -1].all())
+
+
+def test_noise_and_resampling_change_pixels_within_range() -> None:
+    images = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    config = AugmentConfig(p_affine=0.0, p_photometric=0.0, p_noise=1.0, p_lowres=1.0)
+    out = augment(images, config, torch.Generator().manual_seed(2))
+    assert out.shape == images.shape and not torch.equal(out, images)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
