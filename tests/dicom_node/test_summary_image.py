@@ -263,3 +263,17 @@ def test_lossy_compression_is_carried(
     assert sc.LossyImageCompression == expected[0]
     assert (str(sc.LossyImageCompressionRatio) if "LossyImageCompressionRatio" in sc else None) == expected[1]
     assert sc.LossyImageCompressionMethod == expected[2]
+
+
+@pytest.mark.parametrize("with_heat_map", [True, False])
+def test_blend_is_the_reference_formula(with_heat_map: bool) -> None:
+    """The in-place, per-channel blend gives exactly the pixels of the plain formula it replaced."""
+    rng = np.random.default_rng(7)
+    gray = rng.random((96, 130), dtype=np.float32)
+    activation = scale_activation(rng.random((7, 7), dtype=np.float32), gray.shape) if with_heat_map else None
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if activation is not None:
+        alpha = heat_alpha(activation)[..., None]
+        rgb = (1.0 - alpha) * rgb + alpha * jet(activation)
+    expected = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    assert np.array_equal(blend_heat_map(gray, activation), expected)
