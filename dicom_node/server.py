@@ -22,7 +22,6 @@ rejection audited as a PS3.15 A.5.3.11 Security Alert before the peer learns of 
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import threading
 import time
 import weakref
@@ -57,6 +56,7 @@ from dicom_node.peers import PeerPolicy, service_of
 from dicom_node.qr_scp import handle_find, handle_get, handle_move
 from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.storage_scp import handle_store, install_receive_file
+from dicom_node.tcp import set_tcp_nodelay
 from dicom_node.verification import handle_echo
 
 log = structlog.get_logger(__name__)
@@ -227,7 +227,7 @@ class DicomNode:
         _config.STORE_RECV_CHUNKED_DATASET = True
         install_receive_file()  # a full disk answers 0xA700 instead of dropping the association
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, _on_closed),
             (evt.EVT_ABORTED, _on_closed),
@@ -362,16 +362,6 @@ def _send_reject(assoc: Any, diagnostic: int, wait_seconds: float = 2.0) -> None
     # Sta13: "awaiting transport close" — entered right after the RJ PDU was sent (PS3.8 9.2).
     while assoc.dul.state_machine.current_state not in ("Sta13", "Sta1") and time.monotonic() < deadline:
         time.sleep(0.001)
-
-
-def _set_tcp_nodelay(event: Event) -> None:
-    """Small C-STORE-RSP PDUs must not wait for Nagle: it would cap one association's rate."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def _on_closed(event: Event) -> None:

@@ -52,12 +52,13 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from conf.settings import DicomDestination
 from dicom_node.errors import DicomNodeError
+from dicom_node.tcp import set_tcp_nodelay
 from storage.outbox import DeliveryFailedError
 
 log = structlog.get_logger(__name__)
@@ -402,7 +403,10 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
 
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+    )
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts after such a negotiation, but the answer is about the SOP Class

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -43,6 +44,7 @@ from dicom_node.storage_scu import (
     send_instance,
 )
 from dicom_node.summary_image import build_summary_image
+from dicom_node.tcp import set_tcp_nodelay
 from tests.conftest import copy_with_new_uids, sample, sample_ai_result
 from tests.dicom_peers import StatusScp, StoreScp, free_port
 
@@ -361,3 +363,19 @@ def test_big_endian_round_trip_keeps_the_sop_instance_uid(tmp_path: Path) -> Non
         [arrived] = scp.received()  # storescp overwrites by SOP Instance UID: one file
     assert first.transfer_syntax_uid == second.transfer_syntax_uid == ExplicitVRBigEndian
     _check_arrived(arrived, sent, ExplicitVRBigEndian)
+
+
+def test_delivery_associations_send_without_nagle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our SCU socket has TCP_NODELAY from the moment it connects (before A-ASSOCIATE-RQ): with Nagle,
+    each C-STORE's data set PDU waited for the PACS's delayed ACK (~45 ms per report)."""
+    seen: list[int] = []
+
+    def recording(event: Any) -> None:
+        set_tcp_nodelay(event)
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr("dicom_node.storage_scu.set_tcp_nodelay", recording)
+    path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")
+    with StoreScp(tmp_path / "out") as scp:
+        assert send_instance(path, _dest(scp.port), "PNEUMO", 10).status == 0x0000
+    assert seen == [1]
