@@ -1,4 +1,6 @@
-"""Extra DICOM acceptor processes (``dicom.acceptor_processes`` > 1), supervised.
+"""Supervised child processes of ``pneumo serve``: extra DICOM acceptors and the job workers.
+
+Extra DICOM acceptor processes (``dicom.acceptor_processes`` > 1):
 
 pynetdicom handles every PDU in Python, so the associations of one process share one GIL: on a
 2-core node, 4 associations into one process ingest slower than 2 into each of 2 processes
@@ -9,6 +11,12 @@ HTTP server and the workers, which pick up the children's jobs from the shared d
 A child exits when told to (SIGTERM, forwarded by the parent's graceful stop) or when its parent
 disappears (SIGKILL of the parent): it polls its parent PID, finishes in-flight associations and
 stops, so a crashed gateway never leaves orphan listeners on the port.
+
+Worker processes (``worker.processes`` > 0) run the job workers (``pneumo worker --parent``) out of
+the acceptor's process for the same reason: a result (SR, summary image, FHIR projection,
+deliveries) holds the GIL for ~200 ms of Python work, and in one process the results of a burst
+and the C-STOREs of the next images took turns on one core while the other idled (docs/
+benchmarks.md). Images queued by any acceptor wake them across processes (:mod:`storage.wakeup`).
 
 A child that dies on its own (killed, out of memory, a crash in a native library) is restarted
 by a supervisor thread in the parent, after an exponential backoff so that a child that cannot
@@ -62,10 +70,27 @@ class _Slot:
     restart_at: float | None = None
 
 
-class AcceptorProcesses:
-    def __init__(self, config: Path | None, port: int, count: int, *, backoff: Backoff | None = None) -> None:
+class ChildProcesses:
+    """*count* children running ``pneumo <command...>`` with *config*, restarted when they die.
+
+    Each child prints one ``{"event": "ready"}`` line on stdout when it serves; *log_prefix* names
+    its log lines (``<prefix>_died``, ``<prefix>_restarted``, ...).
+    """
+
+    def __init__(
+        self,
+        config: Path | None,
+        count: int,
+        command: list[str],
+        *,
+        log_prefix: str,
+        env: dict[str, str] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self._config = config
-        self._port = port
+        self._command = command
+        self._env = dict(env or {})
+        self._log_prefix = log_prefix
         self._slots = [_Slot(index) for index in range(count)]
         self._backoff = backoff or Backoff()
         self._stopping = threading.Event()
@@ -80,10 +105,10 @@ class AcceptorProcesses:
         for slot in self._slots:
             if not _wait_ready(slot, deadline - time.monotonic()):
                 self.stop()
-                raise RuntimeError("a DICOM acceptor process did not start (see its log lines)")
-        self._supervisor = threading.Thread(target=self._supervise, name="acceptor-supervisor", daemon=True)
+                raise RuntimeError(f"a child process ({' '.join(self._command)}) did not start (see its log lines)")
+        self._supervisor = threading.Thread(target=self._supervise, name=f"{self._log_prefix}-supervisor", daemon=True)
         self._supervisor.start()
-        log.info("dicom.acceptors_started", processes=len(self._slots) + 1, port=self._port)
+        log.info(f"{self._log_prefix}_children_started", processes=len(self._slots))
 
     @property
     def running(self) -> bool:
@@ -123,16 +148,18 @@ class AcceptorProcesses:
     # -- supervision --------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
-        env = {**os.environ, "PNEUMO_DICOM__PORT": str(self._port), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self._env, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "gateway.cli"]
         if self._config is not None:
             command += ["--config", str(self._config)]
         ready = threading.Event()
-        child = subprocess.Popen([*command, "acceptor", "--parent", str(os.getpid())],
+        child = subprocess.Popen([*command, *self._command, "--parent", str(os.getpid())],
                                  stdout=subprocess.PIPE, text=True, env=env)
         with self._lock:
             slot.process, slot.ready, slot.started_at, slot.restart_at = child, ready, time.monotonic(), None
-        threading.Thread(target=_read_ready, args=(child, ready), name=f"acceptor-{slot.index}-out", daemon=True).start()
+        name = f"{self._log_prefix}-{slot.index}-out"
+        reader = threading.Thread(target=_read_ready, args=(child, ready), name=name, daemon=True)
+        reader.start()
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.2):
@@ -142,7 +169,7 @@ class AcceptorProcesses:
                 except OSError as exc:  # e.g. no memory or PIDs to fork: try again after the backoff
                     slot.failures += 1
                     slot.restart_at = time.monotonic() + self._backoff.delay(slot.failures)
-                    log.error("dicom.acceptor_restart_failed", acceptor=slot.index, error=exc.__class__.__name__)
+                    log.error(f"{self._log_prefix}_restart_failed", child=slot.index, error=exc.__class__.__name__)
 
     def _tend(self, slot: _Slot) -> None:
         now = time.monotonic()
@@ -150,7 +177,7 @@ class AcceptorProcesses:
             if now >= slot.restart_at and not self._stopping.is_set():
                 slot.restarts += 1
                 self._spawn(slot)
-                log.info("dicom.acceptor_restarted", acceptor=slot.index, restarts=slot.restarts)
+                log.info(f"{self._log_prefix}_restarted", child=slot.index, restarts=slot.restarts)
             return
         assert slot.process is not None
         code = slot.process.poll()
@@ -163,8 +190,23 @@ class AcceptorProcesses:
         with self._lock:
             slot.restart_at = now + delay
             slot.ready.clear()
-        log.error("dicom.acceptor_died", acceptor=slot.index, exit_code=code, restart_in_seconds=delay,
+        log.error(f"{self._log_prefix}_died", child=slot.index, exit_code=code, restart_in_seconds=delay,
                   consecutive_failures=slot.failures)
+
+
+class AcceptorProcesses(ChildProcesses):
+    """``dicom.acceptor_processes - 1`` extra DICOM acceptors on *port* (SO_REUSEPORT)."""
+
+    def __init__(self, config: Path | None, port: int, count: int, *, backoff: Backoff | None = None) -> None:
+        super().__init__(config, count, ["acceptor"], log_prefix="dicom.acceptor",
+                         env={"PNEUMO_DICOM__PORT": str(port)}, backoff=backoff)
+
+
+class WorkerProcesses(ChildProcesses):
+    """``worker.processes`` children running the job workers (``pneumo worker --parent``)."""
+
+    def __init__(self, config: Path | None, count: int, *, backoff: Backoff | None = None) -> None:
+        super().__init__(config, count, ["worker"], log_prefix="worker.process", backoff=backoff)
 
 
 def _alive(slot: _Slot) -> bool:
@@ -193,3 +235,23 @@ def _wait_ready(slot: _Slot, timeout: float) -> bool:
 def parent_alive(parent_pid: int) -> bool:
     """True while the process that started us is still our parent."""
     return os.getppid() == parent_pid
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process the moment its parent dies (``PR_SET_PDEATHSIG``).
+
+    For worker children: a job a child holds is released at the next start only when the PID that
+    claimed it is gone (:func:`storage.jobs.release_orphans`). A child that outlived a SIGKILLed
+    parent by even a second, finishing its job, could keep that job claimed past the restart
+    until its lease expired; dying with the parent is what a SIGKILL of an in-process worker
+    did. Elsewhere than Linux the child's parent polling (one second) is all there is.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("worker.pdeathsig_unavailable", errno=ctypes.get_errno())

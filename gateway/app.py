@@ -13,11 +13,13 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import structlog
 
 from audit.anchor import AnchorFile, AnchorOptions, ChainAnchor, load_signer
@@ -36,7 +38,7 @@ from fhir_api.audit_trail import AuditTrail
 from fhir_api.auth import TokenVerifier
 from fhir_api.notifications import SubscriptionChannel
 from fhir_api.projection import StudyProjectionHandler
-from gateway.acceptors import AcceptorProcesses
+from gateway.acceptors import AcceptorProcesses, WorkerProcesses
 from gateway.http import HttpServer, build_app
 from hl7.inbound import InboundService
 from hl7.mllp import MllpServer
@@ -44,6 +46,7 @@ from hl7.results_channel import Hl7ResultChannel
 from inference.analyser import ClassifierAnalyser
 from inference.applicability import rules_from_settings
 from inference.engine import EngineOptions, InferenceEngine
+from inference.example_dicom import wrap_radiograph
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
 from storage.db import Database
@@ -55,6 +58,7 @@ from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
 from storage.runtime import JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
 from storage.study_results import StudyResultHandler
+from storage.wakeup import INFER, WakeSender
 
 log = structlog.get_logger(__name__)
 
@@ -221,7 +225,7 @@ class Workers:
         fanout = result_fanout(settings)
         application_id = f"{settings.dicom.ae_title}/inference"
         jobs_retry = RetryPolicy(max_attempts=settings.worker.max_attempts)
-        image_results = ImageResultHandler(
+        self.image_results = image_results = ImageResultHandler(
             runtime.database,
             runtime.store,
             ClassifierAnalyser(engine, rules_from_settings(settings.inference)),
@@ -283,8 +287,21 @@ class Workers:
         )
         if released:
             log.info("worker.orphans_released", jobs=released)
+        self._warm_up()
         for worker in self.all:
             worker.start()
+
+    def _warm_up(self) -> None:
+        """A synthetic radiograph through the classifier and the SR/SC builders, in memory, before
+        the first real one (:meth:`~storage.image_results.ImageResultHandler.warm_up`)."""
+        started = time.perf_counter()
+        gradient = np.linspace(0, 255, 512 * 512).reshape(512, 512).astype(np.uint8)
+        try:
+            self.image_results.warm_up(wrap_radiograph(gradient, comments="worker warm-up"))
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up costs only the first image its speed
+            log.warning("worker.warm_up_failed", error=exc.__class__.__name__)
+        else:
+            log.info("worker.warmed_up", seconds=round(time.perf_counter() - started, 3))
 
     def stop(self) -> None:
         for worker in self.all:
@@ -315,33 +332,41 @@ def build_dicom_node(runtime: Runtime, *, on_queued: Callable[[], None] | None) 
 class DicomOnly:
     """An extra acceptor process (see :mod:`gateway.acceptors`): the DICOM node and nothing else.
 
-    It must not sweep the staging directory — the parent's associations are using it."""
+    It must not sweep the staging directory — the parent's associations are using it. The images
+    it queues wake the worker processes of this host (:mod:`storage.wakeup`)."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.dicom = build_dicom_node(runtime, on_queued=None)
+        self._wake = WakeSender(runtime.settings.wake_dir)
+        self.dicom = build_dicom_node(runtime, on_queued=lambda: self._wake.notify(INFER))
 
     def start(self) -> None:
         self.dicom.start()
 
     def stop(self) -> None:
         self.dicom.stop()
+        self._wake.close()
 
 
 class Gateway:
-    """``pneumo serve``: the DICOM node, the HTTP server and the workers, in one process, plus
-    the supervised extra acceptor processes of ``dicom.acceptor_processes`` (started by the
-    same command line with *config_path*)."""
+    """``pneumo serve``: the DICOM node, the HTTP server and the MLLP listener in this process; the
+    job workers in the supervised worker processes of ``worker.processes`` (or, with 0, as
+    threads here); the supervised extra acceptor processes of ``dicom.acceptor_processes``. The
+    children are started by the same command line with *config_path* (None: the defaults and the
+    environment, as this process read them)."""
 
     def __init__(self, runtime: Runtime, *, config_path: Path | None = None) -> None:
         self.runtime = runtime
         self._config_path = config_path
         self.acceptors: AcceptorProcesses | None = None
+        self.worker_processes: WorkerProcesses | None = None
         settings = runtime.settings
-        self.workers = Workers(runtime, build_engine(settings)) if settings.worker.enabled else None
+        in_process = settings.worker.enabled and settings.worker.processes == 0
+        self.workers = Workers(runtime, build_engine(settings)) if in_process else None
         removed = runtime.store.sweep_staging()
         if removed:
             log.info("storage.staging_swept", files=removed)
-        self.dicom = build_dicom_node(runtime, on_queued=self.workers.wake_inferers if self.workers else None)
+        self._wake = WakeSender(settings.wake_dir)
+        self.dicom = build_dicom_node(runtime, on_queued=self._images_queued)
         self.audit_trail = AuditTrail(runtime.database)
         http_app = build_app(self.readiness)
         install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
@@ -363,16 +388,26 @@ class Gateway:
             AnchorOptions(settings.audit.anchor_every, settings.audit.anchor_interval_seconds),
         )
 
+    def _images_queued(self) -> None:
+        """New ``infer`` jobs committed: wake this process's inference threads, if it has any, and
+        every worker process of this host (ours, and any ``pneumo worker`` started by hand)."""
+        if self.workers is not None:
+            self.workers.wake_inferers()
+        self._wake.notify(INFER)
+
     def readiness(self) -> dict[str, bool]:
-        """``/ready``: every part up, every acceptor process listening (a dead one is being
-        restarted), and room on the disk for what a C-STORE Success promises to keep."""
+        """``/ready``: every part up, every acceptor and worker process running (a dead one is
+        being restarted), and room on the disk for what a C-STORE Success promises to keep."""
         database_ok = self.runtime.database.ping()
+        workers = self.workers.running if self.workers else True
+        if self.worker_processes is not None:
+            workers = self.worker_processes.running
         return {
             "database": database_ok,
             "migrations": database_ok and is_current(self.runtime.database),
             "dicom": self.dicom.running,
             "acceptors": self.acceptors.running if self.acceptors else True,
-            "workers": self.workers.running if self.workers else True,
+            "workers": workers,
             "hl7": self.hl7.running if self.hl7 else True,
             "disk": self._disk_ok(),
         }
@@ -396,6 +431,10 @@ class Gateway:
         self.anchor.start()
         if self.workers:
             self.workers.start()
+        settings = self.runtime.settings
+        if settings.worker.enabled and settings.worker.processes > 0:
+            self.worker_processes = WorkerProcesses(self._config_path, settings.worker.processes)
+            self.worker_processes.start()
         self.dicom.start()
         extra = self.runtime.settings.dicom.acceptor_processes - 1
         if extra > 0:
@@ -415,12 +454,15 @@ class Gateway:
         if self.acceptors is not None:
             self.acceptors.stop()
         self.dicom.stop()
+        if self.worker_processes is not None:
+            self.worker_processes.stop()
         if self.hl7 is not None:
             self.hl7.stop()
         self.http.stop()
         self.audit_trail.stop()
         if self.workers:
             self.workers.stop()
+        self._wake.close()
         if not self._started:
             return
         self.runtime.audit(

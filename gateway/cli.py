@@ -24,7 +24,7 @@ from audit.anchor import AnchorFile, AuditKeyError, load_signer, verify_anchored
 from conf.errors import ConflictError, InvalidInputError
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
-from gateway.acceptors import parent_alive
+from gateway.acceptors import die_with_parent, parent_alive
 from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
 from gateway.cli_db import announce_store, existing_store
 from gateway.cli_db import register as register_db
@@ -40,6 +40,7 @@ from storage.db import StoreNotFoundError, display_url
 from storage.integrity import StoreIntegrityError
 from storage.inventory import list_instances
 from storage.study_results import list_studies
+from storage.wakeup import DELIVER, INFER, WakeListener
 
 log = structlog.get_logger(__name__)
 
@@ -81,17 +82,32 @@ def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Run only the job workers (inference, study results, delivery), e.g. on extra hosts sharing PostgreSQL."""
-    announce_store(args.config, display_url(settings.effective_database_url))
-    with runtime_for(settings, startup_checks=True) as runtime:
+    """Run only the job workers (inference, study results, delivery): as a worker process of
+    ``pneumo serve`` (``--parent``), or by hand, e.g. on extra hosts sharing PostgreSQL."""
+    parent: int | None = args.parent
+    if parent is not None:
+        die_with_parent()
+    else:
+        announce_store(args.config, display_url(settings.effective_database_url))
+    # A worker process of `pneumo serve` leaves the start-up checks and migrations to its parent,
+    # which ran them before starting it (and must not be raced by its children doing the same).
+    with runtime_for(settings, startup_checks=parent is None, migrate=parent is None) as runtime:
         workers = Workers(runtime, build_engine(settings))
+        listeners = [WakeListener(settings.wake_dir, INFER, workers.wake_inferers),
+                     WakeListener(settings.wake_dir, DELIVER, workers.wake_deliverers)]
         stop = _stop_on_signals()
         try:
             workers.start()
+            for listener in listeners:
+                listener.start()
             _announce({"event": "ready", "workers": len(workers.all)})
             while not stop.wait(1.0):
-                pass
+                if parent is not None and not parent_alive(parent):
+                    log.warning("worker.orphaned")
+                    break
         finally:
+            for listener in listeners:
+                listener.stop()
             workers.stop()
     return 0
 
@@ -304,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         examples=["PNEUMO_DATABASE_URL=postgresql+psycopg://pneumo@db/pneumo pneumo worker"],
     )
+    worker.add_argument("--parent", type=int, default=None,
+                        help="(internal) process id of the supervising `pneumo serve`: exit with it")
     worker.set_defaults(handler=cmd_worker)
 
     instances = add_command(

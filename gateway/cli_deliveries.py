@@ -18,6 +18,7 @@ from gateway.cli_db import existing_store, require_store
 from gateway.cli_help import add_command
 from storage.models import JobState
 from storage.outbox import Channel, list_deliveries, retry_deliveries, show_delivery
+from storage.wakeup import DELIVER, WakeSender
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,6 +66,10 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         retried = retry_deliveries(
             session, wanted, audit_source=runtime.audit_source, operator=_operator(), host=socket.gethostname()
         )
+    if retried:  # committed: a running gateway's delivery workers start on them now, not at their next poll
+        sender = WakeSender(settings.wake_dir)
+        sender.notify(DELIVER)
+        sender.close()
     skipped = sorted(set(wanted or ()) - set(retried))
     print(json.dumps({"retried": retried, "skipped": skipped}))
     return 1 if skipped else 0

@@ -117,6 +117,9 @@ def make_settings(
     """
     sections = dict(sections or {})
     sections["inference"] = {**ADULT_SAMPLE_RULES, **sections.get("inference", {})}
+    # Ingest tests look at queued jobs; workflow tests turn the workers on explicitly. An in-process
+    # gateway has no configuration file to hand to worker processes: its workers are its threads.
+    sections["worker"] = {"processes": 0, **sections["worker"]} if "worker" in sections else {"enabled": False, "processes": 0}
     peers = dicom.pop(
         "peers",
         [
@@ -133,9 +136,7 @@ def make_settings(
             "fhir": {"port": 0},
             "hl7": {"port": 0},
             "log": {"format": "json"},
-            # Ingest tests look at queued jobs; workflow tests turn the workers on explicitly.
-            "worker": {"enabled": False},
-            **(sections or {}),
+            **sections,
         }
     )
 
