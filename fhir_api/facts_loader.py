@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from conf.errors import NotFoundError
@@ -129,44 +130,56 @@ def _findings(session: Session, study_pk: int) -> list[ImageFinding]:
 
     Only results of each image's current revision count: an image re-stored with other content
     (``on_conflict = "replace"``) is judged again, and its earlier results are history."""
+    rows = session.execute(_FINDINGS, {"study_pk": study_pk}).all()
+    models = {
+        (m.model_id, m.version): _model_facts(m)
+        for m in session.execute(
+            select(RegisteredModel).where(RegisteredModel.model_id.in_({r.model_id for r in rows}))
+        ).scalars()
+    }
+    findings: list[ImageFinding] = []
+    for row in rows:
+        model = models.get((row.model_id, row.model_version))
+        if model is None or row.probability is None or row.threshold is None:
+            continue  # a result of a model never registered: nothing we could say about its device
+        findings.append(
+            ImageFinding(
+                source_sop_instance_uid=row.source_uid, source_series_instance_uid=row.series_uid,
+                probability=float(row.probability), label=row.label or "", threshold=float(row.threshold),
+                model=model, analysed_at=row.created_at, sr_sop_instance_uid=row.sr_uid,
+            )
+        )
+    return findings
+
+
+def _findings_statement() -> Select[Any]:
+    """The query of :func:`_findings`, built once: only the columns a finding needs (not the
+    result rows' class activation maps and timings, which are JSON to decode)."""
     source = Instance.__table__.alias("source")
     source_series = Series.__table__.alias("source_series")
     report = Instance.__table__.alias("report")
-    rows = session.execute(
+    return (
         select(
-            InferenceResult, source.c.sop_instance_uid, source_series.c.series_instance_uid, report.c.sop_instance_uid,
+            InferenceResult.model_id, InferenceResult.model_version, InferenceResult.probability,
+            InferenceResult.threshold, InferenceResult.label, InferenceResult.created_at,
+            source.c.sop_instance_uid.label("source_uid"), source_series.c.series_instance_uid.label("series_uid"),
+            report.c.sop_instance_uid.label("sr_uid"),
         )
         .join(source, InferenceResult.instance_pk == source.c.id)
         .join(source_series, source.c.series_pk == source_series.c.id)
         .outerjoin(report, InferenceResult.sr_instance_pk == report.c.id)
         .where(
-            source_series.c.study_pk == study_pk,
+            source_series.c.study_pk == bindparam("study_pk"),
             source.c.origin == InstanceOrigin.RECEIVED,
             InferenceResult.source_revision == source.c.revision,
             InferenceResult.status == ResultStatus.OK,
             InferenceResult.probability.is_not(None),
         )
         .order_by(InferenceResult.id)
-    ).all()
-    models = {
-        (m.model_id, m.version): _model_facts(m)
-        for m in session.execute(
-            select(RegisteredModel).where(RegisteredModel.model_id.in_({r[0].model_id for r in rows}))
-        ).scalars()
-    }
-    findings: list[ImageFinding] = []
-    for result, source_uid, series_uid, sr_uid in rows:
-        model = models.get((result.model_id, result.model_version))
-        if model is None or result.probability is None or result.threshold is None:
-            continue  # a result of a model never registered: nothing we could say about its device
-        findings.append(
-            ImageFinding(
-                source_sop_instance_uid=source_uid, source_series_instance_uid=series_uid,
-                probability=float(result.probability), label=result.label or "", threshold=float(result.threshold),
-                model=model, analysed_at=result.created_at, sr_sop_instance_uid=sr_uid,
-            )
-        )
-    return findings
+    )
+
+
+_FINDINGS = _findings_statement()
 
 
 def load_study_view(session: Session, study_pk: int) -> StudyView:

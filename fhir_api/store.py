@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Table, bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from fhir_api.search_params import date_range, extract_index
@@ -105,12 +105,28 @@ def put(session: Session, body: Mapping[str, Any], *, study_uid: str | None, now
     return _stored(row)
 
 
+def current_digests(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The content digest of the current version of each (resource type, id) in *keys* that exists.
+
+    One query for a whole study's resources, so that the unchanged ones (on a study's second
+    publication: the Patient, the Device, the orders) cost no write statements at all."""
+    if not keys:
+        return {}
+    wanted = set(keys)
+    rows = session.execute(
+        select(FhirResource.resource_type, FhirResource.logical_id, FhirResource.digest).where(
+            FhirResource.logical_id.in_({logical_id for _, logical_id in keys}), FhirResource.version_id > 0
+        )
+    )
+    return {(t, i): d for t, i, d in rows if (t, i) in wanted}
+
+
 def _reindex(session: Session, row: FhirResource, body: Mapping[str, Any]) -> None:
-    session.execute(delete(FhirSearchIndex).where(FhirSearchIndex.resource_pk == row.id))
+    session.execute(_DELETE_INDEX, {"resource_pk": row.id})
     entries = extract_index(row.resource_type, body)
     if entries:
         session.execute(
-            insert(FhirSearchIndex),
+            _INSERT_INDEX,
             [
                 {
                     "resource_pk": row.id, "resource_type": row.resource_type, "param": e.param, "system": e.system,
@@ -119,6 +135,13 @@ def _reindex(session: Session, row: FhirResource, body: Mapping[str, Any]) -> No
                 for e in entries
             ],
         )
+
+
+# Core statements on the index table, built once: the ORM's bulk path and building the statements
+# per call cost more than running them (every changed resource version is re-indexed).
+_INDEX_TABLE = cast(Table, FhirSearchIndex.__table__)
+_DELETE_INDEX = _INDEX_TABLE.delete().where(_INDEX_TABLE.c.resource_pk == bindparam("resource_pk"))
+_INSERT_INDEX = _INDEX_TABLE.insert()
 
 
 def remove(session: Session, resource_type: str, logical_id: str) -> bool:

@@ -8,9 +8,10 @@ transaction wins, both end up pointing at the same row (PostgreSQL and SQLite al
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -20,9 +21,19 @@ from storage.models import Instance, Patient, Series, Study, utcnow
 
 def insert_ignore(session: Session, model: type[Any], values: dict[str, Any], conflict: list[str]) -> None:
     """INSERT that silently does nothing when *conflict* columns already exist."""
-    dialect = session.get_bind().dialect.name
+    statement = _insert_ignore(session.get_bind().dialect.name, model.__table__, tuple(conflict))
+    session.execute(statement, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_ignore(dialect: str, table: Table, conflict: tuple[str, ...]) -> Any:
+    """The statement for :func:`insert_ignore`, built once per table (its values are bound per call).
+
+    Built on the Core table, not the ORM class: an ORM-enabled INSERT would take the session's
+    bulk-insert path. Building the statement with ``.values(...)`` on every call cost more than
+    executing it (an ``infer`` job re-arms two jobs; each FHIR resource version is one call)."""
     module: Any = postgresql if dialect == "postgresql" else sqlite
-    session.execute(module.insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict))
+    return module.insert(table).on_conflict_do_nothing(index_elements=list(conflict))
 
 
 def _update_if_given(row: Any, values: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -123,26 +123,37 @@ def requeue(session: Session, dedup_key: str) -> bool:
     return True
 
 
+#: A job that may run now: pending and due, or running under a lease that expired.
+_RUNNABLE = and_(
+    Job.kind.in_(bindparam("kinds", expanding=True)),
+    or_(
+        and_(Job.state == JobState.PENDING, Job.run_after <= bindparam("now")),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < bindparam("now")),
+    ),
+)
+_ANY_RUNNABLE = select(Job.id).where(_RUNNABLE).limit(1)
+_MOST_URGENT = (
+    select(Job).where(_RUNNABLE).order_by(Job.priority, Job.run_after, Job.id).limit(1).with_for_update(skip_locked=True)
+)
+
+
 def claim(
     database: Database, kinds: Iterable[str], worker_id: str, lease: dt.timedelta
 ) -> ClaimedJob | None:
     """Take the most urgent runnable job of *kinds* (lowest priority, then oldest), or one whose
-    previous holder's lease expired."""
+    previous holder's lease expired.
+
+    On SQLite a read-only look comes first: a write transaction takes the database's one write
+    lock, and every idle poll and every wake-up that another worker answered first would
+    otherwise queue behind (and hold up) the transactions doing real work."""
     now = utcnow()
+    parameters = {"kinds": list(kinds), "now": now}
+    if database.is_sqlite:
+        with database.read_session() as session:
+            if session.execute(_ANY_RUNNABLE, parameters).first() is None:
+                return None
     with database.session() as session:
-        job = session.execute(
-            select(Job)
-            .where(
-                Job.kind.in_(list(kinds)),
-                or_(
-                    and_(Job.state == JobState.PENDING, Job.run_after <= now),
-                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-                ),
-            )
-            .order_by(Job.priority, Job.run_after, Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
+        job = session.execute(_MOST_URGENT, parameters).scalar_one_or_none()
         if job is None:
             return None
         job.state = JobState.RUNNING
