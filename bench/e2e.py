@@ -46,7 +46,9 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.hl7 import proc_cpu_seconds, speed_probe  # noqa: E402
 from bench.ingest import free_port, wait_for_port  # noqa: E402
+from conf.settings import ResultsSettings, WorkerSettings  # noqa: E402
 from tests.gateway.serve_process import ServeProcess, write_config  # noqa: E402
 
 WORK_COUNTER = ROOT / "bench" / "work_counter"
@@ -116,7 +118,7 @@ def gateway(
     config = write_config(
         work / f"{name}.toml", data_dir, workers=True, dicom_extra=f"acceptor_processes = {args.acceptor_processes}",
         extra=(
-            f"threads = {args.worker_threads}\npoll_interval = 0.2\n"
+            f"threads = {args.worker_threads}\nprocesses = {args.worker_processes}\npoll_interval = 0.2\n"
             f'[[dicom.destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
             + (f'[inference]\nmodel_dir = "{args.model.resolve()}"\n' if args.model else "")
         ),
@@ -258,6 +260,12 @@ def storescu(port: int, files: list[Path], flags: list[str]) -> subprocess.Popen
     )
 
 
+def gateway_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pneumo serve`` and its live children (worker and acceptor processes)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
+    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(int(child)) for child in out.stdout.split())
+
+
 def timing(work: Path, pacs_dir: Path, pacs_port: int, args: argparse.Namespace) -> dict[str, Any]:
     """The latency and throughput runs, on one gateway without the work counter."""
     document: dict[str, Any] = {}
@@ -276,11 +284,16 @@ def timing(work: Path, pacs_dir: Path, pacs_port: int, args: argparse.Namespace)
             # the latency run's summary images trail its SRs: let them land first
             wait_for_srs(pacs_dir, count_srs(pacs_dir), 600, count_scs, "summary images")
             before, before_sc = count_srs(pacs_dir), count_scs(pacs_dir)
+            assert server.proc is not None
+            cpu_before = gateway_cpu_seconds(server.proc.pid)
             start = time.perf_counter()
             send_all(server.dicom_port, files, args.associations, args.flags)
             stored = time.perf_counter()
             done = wait_for_srs(pacs_dir, before + len(files), 3600)
             sc_done = wait_for_srs(pacs_dir, before_sc + len(files), 3600, count_scs, "summary images")
+            # the last studies' results (after study_stable_seconds) and FHIR publications, counted too
+            time.sleep(ResultsSettings().study_stable_seconds + 3.0)
+            cpu = gateway_cpu_seconds(server.proc.pid) - cpu_before
 
     if latencies:
         ms = sorted(x * 1e3 for x in latencies)
@@ -296,10 +309,14 @@ def timing(work: Path, pacs_dir: Path, pacs_port: int, args: argparse.Namespace)
             "studies_per_minute": args.count / ((done - start) / 60),
             "all_scs_seconds": sc_done - start,
             "studies_per_minute_with_sc": args.count / ((sc_done - start) / 60),
+            "results_vs_ingest": (done - start) and (stored - start) / (done - start),
+            "gateway_cpu_ms_per_radiograph": cpu * 1e3 / args.count,
         }
         print(f"throughput: {args.count} radiographs over {args.associations} associations -> "
               f"{throughput['studies_per_minute']:.0f} studies/min (all SRs after {done - start:.1f} s; "
-              f"all SCs after {sc_done - start:.1f} s = {throughput['studies_per_minute_with_sc']:.0f}/min)")
+              f"all SCs after {sc_done - start:.1f} s = {throughput['studies_per_minute_with_sc']:.0f}/min); "
+              f"ingest done after {stored - start:.1f} s: results/ingest {throughput['results_vs_ingest']:.2f}x; "
+              f"gateway CPU {throughput['gateway_cpu_ms_per_radiograph']:.0f} ms per radiograph")
     return document
 
 
@@ -311,6 +328,8 @@ def main() -> int:
     parser.add_argument("--image", default="RG1_UNCR.dcm", help="pydicom-data sample (RG1_J2KR.dcm with --flags -xv)")
     parser.add_argument("--flags", nargs="*", default=[], help="extra storescu flags")
     parser.add_argument("--worker-threads", type=int, default=1)
+    parser.add_argument("--worker-processes", type=int, default=WorkerSettings().processes,
+                        help="worker.processes of the gateway (0: workers as threads of pneumo serve)")
     parser.add_argument("--acceptor-processes", type=int, default=1, help="dicom.acceptor_processes of the gateway")
     parser.add_argument("--model", type=Path, help="model package (default: the bundled one)")
     parser.add_argument("--json", type=Path)
@@ -326,7 +345,8 @@ def main() -> int:
         args.keep_logs = args.keep_logs.resolve()
     os.chdir(ROOT)  # ``python -m`` puts the working directory first on the child's sys.path
 
-    document: dict[str, Any] = {"benchmark": "e2e", "image": args.image}
+    document: dict[str, Any] = {"benchmark": "e2e", "image": args.image, "worker_processes": args.worker_processes,
+                                "speed_probe_ms_at_start": speed_probe()}
     with tempfile.TemporaryDirectory(prefix="pneumo-e2e-") as tmp:
         work = Path(tmp)
         pacs_dir = work / "pacs"
@@ -350,6 +370,9 @@ def main() -> int:
                 for kept in [*work.glob("*-serve.log"), *work.glob("counts/counts-*.json")]:
                     shutil.copy(kept, args.keep_logs / kept.name)
 
+    document["speed_probe_ms_at_end"] = speed_probe()
+    print(f"speed probe (lower is faster): {document['speed_probe_ms_at_start']} ms at start, "
+          f"{document['speed_probe_ms_at_end']} ms at end")
     print(json.dumps(document))
     if args.json:
         args.json.write_text(json.dumps(document, indent=2))

@@ -4,7 +4,10 @@ Targets, each measured in the same run with the same max PDU (128 KiB) and TCP_N
 
 * ``pneumo``      — ``pneumo serve`` doing all its durable work (fsync, index, job, audit);
 * ``storescp``    — DCMTK's storage SCP writing files (``--fork`` for several associations);
-* ``pynetdicom``  — a bare pynetdicom Storage SCP receiving straight to a file.
+* ``pynetdicom``  — a bare pynetdicom Storage SCP receiving straight to a file;
+* ``orthanc``     — Orthanc (Debian's package) as the PACS peers run it: ``SyncStorageArea`` on
+  (fsync of every stored file; its SQLite index commits each instance), ``TCP_NODELAY`` (DCMTK
+  reads it from the environment), ``MaximumPduLength`` 128 KiB, 4 DICOM threads (its default).
 
 Not a test: it prints a table and a JSON document. Run: ``python bench/ingest.py --count 200``.
 """
@@ -166,6 +169,21 @@ def pynetdicom_target(work: Path, associations: int) -> Iterator[tuple[int, str]
 
 
 @contextmanager
+def orthanc_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
+    from tests.dicom_peers import ORTHANC_BINARY, Orthanc
+
+    if not Path(ORTHANC_BINARY).is_file():
+        raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+    options = {"SyncStorageArea": True, "MaximumPduLength": MAX_PDU, "DicomThreadsCount": 4, "StorageCompression": False}
+    orthanc = Orthanc(work / "orthanc", ae_title="ORTHANC", options=options, env={"TCP_NODELAY": "1"}).start()
+    try:
+        yield orthanc.dicom_port, "ORTHANC"
+    finally:
+        orthanc.stop()
+        shutil.rmtree(work / "orthanc", ignore_errors=True)
+
+
+@contextmanager
 def pneumo_nofsync_target(work: Path, associations: int) -> Iterator[tuple[int, str]]:
     with pneumo_target(work, associations, durable=False) as target:
         yield target
@@ -183,6 +201,7 @@ TARGETS: dict[str, Callable[[Path, int], AbstractContextManager[tuple[int, str]]
     "pneumo-nofsync": pneumo_nofsync_target,
     "storescp": storescp_target,
     "pynetdicom": pynetdicom_target,
+    "orthanc": orthanc_target,
 }
 
 
@@ -191,7 +210,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument(
-        "--targets", nargs="+", default=["pneumo", "pneumo-2proc", "storescp", "pynetdicom"], choices=list(TARGETS)
+        "--targets", nargs="+", default=["pneumo", "pneumo-2proc", "storescp", "pynetdicom", "orthanc"],
+        choices=list(TARGETS),
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -215,13 +235,14 @@ def main() -> int:
                 print(f"{name:<11} assoc={associations} {m.per_second:7.1f} inst/s {m.mb_per_second:7.1f} MB/s", flush=True)
 
     print()
-    print(f"{'target':<14} {'assoc':>5} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
+    peers = [peer for peer in ("storescp", "orthanc") if peer in args.targets]
+    print(f"{'target':<14} {'assoc':>5} {'inst/s':>8} {'MB/s':>8}" + "".join(f" {'vs ' + p:>12}" for p in peers))
     for m in results:
-        reference = m
-        if "storescp" in args.targets:
-            reference = next(r for r in results if r.target == "storescp" and r.associations == m.associations)
-        ratio = m.per_second / reference.per_second
-        print(f"{m.target:<14} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f} {ratio:>11.2f}x")
+        ratios = ""
+        for peer in peers:
+            reference = next(r for r in results if r.target == peer and r.associations == m.associations)
+            ratios += f" {m.per_second / reference.per_second:>11.2f}x"
+        print(f"{m.target:<14} {m.associations:>5} {m.per_second:>8.1f} {m.mb_per_second:>8.1f}{ratios}")
     document = {
         "benchmark": "ingest",
         "image": "RG1_UNCR.dcm (CR chest, 1955x1841, 7.2 MB)",

@@ -7,6 +7,7 @@ deadline; nothing sleeps a fixed time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -98,9 +99,20 @@ class Orthanc:
     """An Orthanc server with a generated configuration: DICOM and HTTP on free ports, storage
     in *work_dir*, loopback REST without authentication (test only)."""
 
-    def __init__(self, work_dir: Path, *, dicom_port: int | None = None, ae_title: str = "ORTHANC") -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        dicom_port: int | None = None,
+        ae_title: str = "ORTHANC",
+        options: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """*options* are added to the generated configuration; *env* to Orthanc's environment."""
         self.work_dir = work_dir
         self.ae_title = ae_title
+        self.options = dict(options or {})
+        self.env = dict(env or {})
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -123,11 +135,14 @@ class Orthanc:
             "SaveJobs": False,
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
+            **self.options,
         }
         config_path = self.work_dir / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.work_dir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen([ORTHANC_BINARY, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [ORTHANC_BINARY, str(config_path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
         wait_for_port(self.http_port, self.proc)
         wait_for_port(self.dicom_port, self.proc)
         return self
