@@ -56,6 +56,7 @@ from storage.integrity import run_checks
 from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB
 from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
+from storage.processes import process_alive
 from storage.runtime import JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
 from storage.study_results import StudyResultHandler
 from storage.wakeup import INFER, WakeSender
@@ -473,16 +474,6 @@ class Gateway:
         )
         self.anchor.stop()
         log.info("gateway.stopped")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _user() -> str | None:

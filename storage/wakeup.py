@@ -31,6 +31,8 @@ from pathlib import Path
 
 import structlog
 
+from storage.processes import process_alive
+
 log = structlog.get_logger(__name__)
 
 #: Topics: new ``infer`` jobs (an image was stored); new ``deliver`` jobs (a report was queued).
@@ -138,15 +140,5 @@ def _remove_stale(directory: Path) -> None:
             pid = int(path.stem.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if not _process_exists(pid):
+        if not process_alive(pid):
             path.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

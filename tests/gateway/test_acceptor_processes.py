@@ -9,38 +9,15 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import copy_with_new_uids, dcmtk, sample
+from tests.gateway.processes import child_pids, wait_gone
 from tests.gateway.serve_process import ServeProcess, pneumo, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _children(parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in out.stdout.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited
-        return stat.read().split()[2] != "Z"
-
-
-def _wait_gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _serve(tmp_path: Path) -> ServeProcess:
@@ -51,7 +28,7 @@ def _serve(tmp_path: Path) -> ServeProcess:
 def test_two_acceptor_processes_store_everything_once(tmp_path: Path) -> None:
     server = _serve(tmp_path)
     assert server.proc is not None
-    children = _children(server.proc.pid)
+    children = child_pids(server.proc.pid)
     assert len(children) == 1
     files = [copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in") for _ in range(24)]
     failures: list[str] = []
@@ -71,7 +48,7 @@ def test_two_acceptor_processes_store_everything_once(tmp_path: Path) -> None:
         thread.join(120)
     assert failures == []
     assert server.terminate() == 0
-    assert _wait_gone(children, 30), "the acceptor child must stop with its parent"
+    assert wait_gone(children, 30), "the acceptor child must stop with its parent"
 
     rows = [json.loads(line) for line in pneumo(server.config, "instances", "--json").stdout.splitlines()]
     assert len(rows) == 24 and len({r["sop_instance_uid"] for r in rows}) == 24
@@ -82,8 +59,8 @@ def test_two_acceptor_processes_store_everything_once(tmp_path: Path) -> None:
 def test_sigkill_of_the_parent_leaves_no_orphan_listener(tmp_path: Path) -> None:
     server = _serve(tmp_path)
     assert server.proc is not None
-    children = _children(server.proc.pid)
+    children = child_pids(server.proc.pid)
     assert children
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
-    assert _wait_gone(children, 30)
+    assert wait_gone(children, 30)

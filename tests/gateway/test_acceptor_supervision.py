@@ -8,44 +8,17 @@ free-space floor.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway.acceptors import Backoff
 from tests.conftest import copy_with_new_uids, dcmtk, sample
+from tests.gateway.processes import alive, child_pids, ready, wait_for
 from tests.gateway.serve_process import ServeProcess, pneumo, write_config
-
-
-def _children(parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in out.stdout.split()]
-
-
-def _ready(server: ServeProcess) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ready", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _wait_for(condition: Any, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 @pytest.mark.slow
@@ -54,20 +27,20 @@ def test_killed_acceptor_is_restarted_and_reported_in_ready(tmp_path: Path) -> N
     server = ServeProcess(config, tmp_path / "serve.log").start()
     assert server.proc is not None
     try:
-        status, body = _ready(server)
+        status, body = ready(server)
         assert status == 200 and body["checks"]["acceptors"] is True
-        [child] = _children(server.proc.pid)
+        [child] = child_pids(server.proc.pid)
 
         os.kill(child, signal.SIGKILL)
-        degraded = _wait_for(lambda: (r := _ready(server))[0] == 503 and r, 30)
+        degraded = wait_for(lambda: (r := ready(server))[0] == 503 and r, 30)
         assert degraded, "/ready must report the dead acceptor"
         assert degraded[1]["checks"]["acceptors"] is False
 
         def restarted() -> bool:
-            children = _children(server.proc.pid) if server.proc else []
-            return bool(children) and child not in children and _ready(server)[0] == 200
+            children = child_pids(server.proc.pid) if server.proc else []
+            return bool(children) and child not in children and ready(server)[0] == 200
 
-        assert _wait_for(restarted, 90, 0.2), "the acceptor must be restarted and /ready recover"
+        assert wait_for(restarted, 90, 0.2), "the acceptor must be restarted and /ready recover"
         log = (tmp_path / "serve.log").read_text()
         assert "dicom.acceptor_died" in log and "dicom.acceptor_restarted" in log
 
@@ -79,22 +52,13 @@ def test_killed_acceptor_is_restarted_and_reported_in_ready(tmp_path: Path) -> N
                  *map(str, chunk)], capture_output=True, text=True, check=False, timeout=120,
             )
             assert sent.returncode == 0, sent.stderr
-        survivors = _children(server.proc.pid)
+        survivors = child_pids(server.proc.pid)
     finally:
         code = server.terminate()
     assert code == 0
-    assert _wait_for(lambda: not any(_alive(pid) for pid in survivors), 30, 0.1), "children stop with the parent"
+    assert wait_for(lambda: not any(alive(pid) for pid in survivors), 30, 0.1), "children stop with the parent"
     rows = pneumo(config, "instances", "--json").stdout.splitlines()
     assert len(rows) == 6
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited
-        return stat.read().split()[2] != "Z"
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
@@ -110,7 +74,7 @@ def test_ready_reports_a_disk_below_the_free_space_floor(tmp_path: Path) -> None
     config = write_config(tmp_path / "pneumo.toml", tmp_path / "var", extra=f"[storage]\nmin_free_mb = {floor_mb}")
     server = ServeProcess(config, tmp_path / "serve.log").start()
     try:
-        status, body = _ready(server)
+        status, body = ready(server)
         assert status == 503 and body["status"] == "not-ready"
         assert body["checks"]["disk"] is False
         assert all(ok for name, ok in body["checks"].items() if name != "disk")

@@ -13,14 +13,12 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import copy_with_new_uids, dcmtk, sample
+from tests.gateway.processes import alive, child_pids, ready, wait_for
 from tests.gateway.serve_process import ServeProcess, pneumo, write_config
 from tests.inference.tiny_model import write_model_dir
 
@@ -38,37 +36,6 @@ def _config(tmp_path: Path) -> Path:
         f'model_dir = "{write_model_dir(tmp_path / "model")}"',
     ])
     return write_config(tmp_path / "pneumo.toml", tmp_path / "var", workers=True, extra=extra)
-
-
-def _children(parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in out.stdout.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _ready(server: ServeProcess) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ready", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _wait_for(condition: Any, timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 def _analysed(config: Path) -> int:
@@ -90,9 +57,9 @@ def test_images_wake_a_worker_process_and_a_killed_worker_is_replaced(tmp_path: 
     server = ServeProcess(config, tmp_path / "serve.log").start()
     assert server.proc is not None
     try:
-        workers = _children(server.proc.pid)
+        workers = child_pids(server.proc.pid)
         assert len(workers) == 2
-        status, body = _ready(server)
+        status, body = ready(server)
         assert status == 200 and body["checks"]["workers"] is True
         # Each worker warmed up on a synthetic radiograph in memory, and stored nothing of it.
         assert (tmp_path / "serve.log").read_text().count('"worker.warmed_up"') == 2
@@ -102,22 +69,22 @@ def test_images_wake_a_worker_process_and_a_killed_worker_is_replaced(tmp_path: 
         # sent by the parent's C-STORE can make them judge the image within the wait.
         time.sleep(1.0)
         _store(server, tmp_path)
-        assert _wait_for(lambda: _analysed(config) == 1, POLL_SECONDS / 4), "the worker process was not woken"
+        assert wait_for(lambda: _analysed(config) == 1, POLL_SECONDS / 4), "the worker process was not woken"
 
         os.kill(workers[0], signal.SIGKILL)
-        degraded = _wait_for(lambda: (r := _ready(server))[0] == 503 and r, 30)
+        degraded = wait_for(lambda: (r := ready(server))[0] == 503 and r, 30)
         assert degraded and degraded[1]["checks"]["workers"] is False
 
         def replaced() -> bool:
-            children = _children(server.proc.pid) if server.proc else []
-            return len(children) == 2 and workers[0] not in children and _ready(server)[0] == 200
+            children = child_pids(server.proc.pid) if server.proc else []
+            return len(children) == 2 and workers[0] not in children and ready(server)[0] == 200
 
-        assert _wait_for(replaced, 90, 0.2), "the worker process must be restarted and /ready recover"
+        assert wait_for(replaced, 90, 0.2), "the worker process must be restarted and /ready recover"
         log = (tmp_path / "serve.log").read_text()
         assert "worker.process_died" in log and "worker.process_restarted" in log
 
         _store(server, tmp_path)  # the replacement registered for wake-ups too
-        assert _wait_for(lambda: _analysed(config) == 2, POLL_SECONDS / 4)
+        assert wait_for(lambda: _analysed(config) == 2, POLL_SECONDS / 4)
     finally:
         server.terminate(60)
 
@@ -125,7 +92,7 @@ def test_images_wake_a_worker_process_and_a_killed_worker_is_replaced(tmp_path: 
 def test_sigkill_of_the_parent_takes_the_worker_processes_with_it(tmp_path: Path) -> None:
     server = ServeProcess(_config(tmp_path), tmp_path / "serve.log").start()
     assert server.proc is not None
-    workers = _children(server.proc.pid)
+    workers = child_pids(server.proc.pid)
     assert len(workers) == 2
     server.kill()
-    assert _wait_for(lambda: not any(_alive(pid) for pid in workers), 10), "worker processes outlived their parent"
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 10), "worker processes outlived their parent"
