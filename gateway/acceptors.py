@@ -130,9 +130,17 @@ class ChildProcesses:
             return [s.process.pid for s in self._slots if s.process is not None]
 
     def stop(self, grace_seconds: float = 40.0) -> None:
+        """SIGTERM every child and wait for it (a worker finishes its job, an acceptor its
+        associations), then end the supervisor. In that order: a worker child started by the
+        supervisor thread dies with that thread (``PR_SET_PDEATHSIG`` follows the creating thread),
+        so ending the thread first would SIGKILL it in the middle of a graceful stop."""
         self._stopping.set()
+        self._terminate(grace_seconds)
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(10)
+        self._terminate(grace_seconds)  # one the supervisor restarted while we stopped the others
+
+    def _terminate(self, grace_seconds: float) -> None:
         with self._lock:
             children = [s.process for s in self._slots if s.process is not None]
         for child in children:
