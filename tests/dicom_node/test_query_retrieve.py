@@ -160,6 +160,16 @@ def _findscu(gateway: Any, out: Path, level: str, *keys: str, model: str = "-S")
     return [pydicom.dcmread(path) for path in sorted(out.glob("rsp*.dcm"))]
 
 
+def _movescu(gateway: Any, level: str, *keys: str, model: str = "-S") -> subprocess.CompletedProcess[str]:
+    """DCMTK movescu of *level* with *keys* to the peer DEST; *model* ``-S`` Study Root, ``-P`` Patient Root."""
+    command = [_dcmtk("movescu"), model, "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
+               "-k", f"QueryRetrieveLevel={level}"]
+    for key in keys:
+        command += ["-k", key]
+    command += ["127.0.0.1", str(gateway.dicom.port)]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+
+
 def _client(calling: str) -> AE:
     ae = AE(ae_title=calling)
     for sop in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
@@ -276,12 +286,7 @@ def test_movescu_to_storescp(gateway_factory: Any, tmp_path: Path) -> None:
     with storescp(received) as port:
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _load(gateway, tmp_path)
-        result = subprocess.run(
-            [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['ct_study']}",
-             "127.0.0.1", str(gateway.dicom.port)],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
+        result = _movescu(gateway, "STUDY", f"StudyInstanceUID={data['ct_study']}")
         # A retrieve must name the unique key of its level: no "move everything of patient X".
         assoc = _client("MOVESCU").associate("127.0.0.1", gateway.dicom.port, ae_title="PNEUMO")
         assert assoc.is_established
@@ -444,12 +449,7 @@ def test_move_to_uncompressed_only_storescp_decompresses(gateway_factory: Any, t
     with storescp(received) as port:  # storescp's default: uncompressed transfer syntaxes only
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _compressed_study(gateway, tmp_path)
-        result = subprocess.run(
-            [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['study']}",
-             "127.0.0.1", str(gateway.dicom.port)],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
+        result = _movescu(gateway, "STUDY", f"StudyInstanceUID={data['study']}")
     assert result.returncode == 0, result.stderr
     files = [pydicom.dcmread(p) for p in received.iterdir()]
     assert {str(ds.SOPInstanceUID) for ds in files} == set(data["originals"])
@@ -465,12 +465,7 @@ def test_move_to_storescp_accepting_the_stored_syntax_sends_it_unchanged(gateway
     with storescp(received, "+xa") as port:  # accept every transfer syntax
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _compressed_study(gateway, tmp_path)
-        result = subprocess.run(
-            [_dcmtk("movescu"), "-S", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data['study']}",
-             "127.0.0.1", str(gateway.dicom.port)],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
+        result = _movescu(gateway, "STUDY", f"StudyInstanceUID={data['study']}")
     assert result.returncode == 0, result.stderr
     files = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in received.iterdir())}
     assert set(files) == set(data["originals"])
@@ -571,11 +566,7 @@ def test_patient_root_move_and_get_at_patient_level(
     with storescp(received) as port:
         gateway = gateway_factory(peers=[*QR_PEERS, {"ae_title": "DEST", "host": "127.0.0.1", "port": port}])
         data = _load(gateway, tmp_path)
-        moved = subprocess.run(
-            [_dcmtk("movescu"), "-P", "-aet", "MOVESCU", "-aec", "PNEUMO", "-aem", "DEST",
-             "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=1CT1", "127.0.0.1", str(gateway.dicom.port)],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
+        moved = _movescu(gateway, "PATIENT", "PatientID=1CT1", model="-P")
         # A PATIENT level retrieve needs one PatientID: no "everyone whose ID matches *"; and
         # the Study Root model has no PATIENT level at all.
         ae = AE(ae_title="MOVESCU")
