@@ -55,10 +55,11 @@ def publish_study(session: Session, study_pk: int) -> tuple[list[StoredResource]
     bodies = list(study_resources(view))
     current = store.current_digests(session, [(str(b["resourceType"]), str(b["id"])) for b in bodies])
     for body in bodies:
-        if current.get((str(body["resourceType"]), str(body["id"]))) == store.content_digest(body):
+        digest = store.content_digest(body)
+        if current.get((str(body["resourceType"]), str(body["id"]))) == digest:
             continue  # what is published already says this (put would find the same and store nothing)
         shared = body["resourceType"] in ("Patient", "Device", "ServiceRequest")
-        stored = store.put(session, body, study_uid=None if shared else study_uid, now=now)
+        stored = store.put(session, body, study_uid=None if shared else study_uid, now=now, digest=digest)
         if stored is not None:
             changed.append(stored)
     return changed, queue_notifications(session, changed)

@@ -66,16 +66,19 @@ def _stored(row: FhirResource) -> StoredResource:
     return StoredResource(row.id, row.resource_type, row.logical_id, row.version_id, row.last_updated, row.content)
 
 
-def put(session: Session, body: Mapping[str, Any], *, study_uid: str | None, now: dt.datetime) -> StoredResource | None:
+def put(
+    session: Session, body: Mapping[str, Any], *, study_uid: str | None, now: dt.datetime, digest: str | None = None
+) -> StoredResource | None:
     """Store *body* (a resource with ``resourceType`` and ``id``) as its next version.
 
     Returns the new version, or None when the content is what the current version already says
     (no new version, no notification). Concurrent writers of the same resource (two studies of
-    one patient) serialise on the row lock.
+    one patient) serialise on the row lock. *digest* is :func:`content_digest` of *body* when the
+    caller already computed it.
     """
     resource_type = str(body["resourceType"])
     logical_id = str(body["id"])
-    digest = content_digest(body)
+    digest = digest or content_digest(body)
     insert_ignore(
         session,
         FhirResource,
