@@ -277,6 +277,12 @@ class WorkerSettings(_Section):
     poll_interval: float = Field(default=0.5, gt=0)
     lease_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    publication_wait_seconds: float = Field(
+        default=30.0, ge=0,
+        description="While images wait for analysis, a study's FHIR publication waits for them, at most this long "
+        "past its due time (0: never waits). In a burst the SRs go out first and a study's preliminary and final "
+        "publications coalesce; measured in docs/benchmarks.md.",
+    )
 
 
 class DeliverySettings(_Section):

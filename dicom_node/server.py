@@ -56,7 +56,7 @@ from dicom_node.peers import PeerPolicy, service_of
 from dicom_node.qr_scp import handle_find, handle_get, handle_move
 from dicom_node.query_retrieve import QueryRetrieveService
 from dicom_node.storage_scp import handle_store, install_receive_file
-from dicom_node.tcp import set_tcp_nodelay
+from dicom_node.tcp import low_latency_tcp
 from dicom_node.verification import handle_echo
 
 log = structlog.get_logger(__name__)
@@ -227,7 +227,7 @@ class DicomNode:
         _config.STORE_RECV_CHUNKED_DATASET = True
         install_receive_file()  # a full disk answers 0xA700 instead of dropping the association
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, low_latency_tcp),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, _on_closed),
             (evt.EVT_ABORTED, _on_closed),

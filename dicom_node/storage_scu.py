@@ -58,7 +58,7 @@ from pynetdicom.presentation import PresentationContext
 
 from conf.settings import DicomDestination
 from dicom_node.errors import DicomNodeError
-from dicom_node.tcp import set_tcp_nodelay
+from dicom_node.tcp import low_latency_tcp
 from storage.outbox import DeliveryFailedError
 
 log = structlog.get_logger(__name__)
@@ -405,7 +405,7 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
 
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, low_latency_tcp)],
     )
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:

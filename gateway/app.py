@@ -57,7 +57,7 @@ from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_CHANGED_JOB, STUDY_R
 from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
 from storage.processes import process_alive
-from storage.runtime import JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
+from storage.runtime import GivesWay, JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
 from storage.study_results import StudyResultHandler
 from storage.wakeup import INFER, WakeSender
 
@@ -248,7 +248,11 @@ class Workers:
         registry = JobRegistry([
             JobKind(INFER_JOB, image_results, jobs_retry),
             JobKind(STUDY_RESULT_JOB, study_results, jobs_retry),
-            JobKind(STUDY_CHANGED_JOB, projection, jobs_retry),
+            JobKind(
+                STUDY_CHANGED_JOB, projection, jobs_retry,
+                GivesWay(to=(INFER_JOB,), at_most=dt.timedelta(seconds=settings.worker.publication_wait_seconds))
+                if settings.worker.publication_wait_seconds > 0 else None,
+            ),
             outbox_kind(runtime),
         ])
         options = WorkerOptions(poll_interval=settings.worker.poll_interval, lease_seconds=settings.worker.lease_seconds)

@@ -123,11 +123,13 @@ def requeue(session: Session, dedup_key: str) -> bool:
     return True
 
 
-#: A job that may run now: pending and due, or running under a lease that expired.
+#: A job that may run now: pending and due (``run_after`` not after ``due``, which is the current
+#: time unless a claim asks only for jobs overdue by some margin), or running under a lease that
+#: expired.
 _RUNNABLE = and_(
     Job.kind.in_(bindparam("kinds", expanding=True)),
     or_(
-        and_(Job.state == JobState.PENDING, Job.run_after <= bindparam("now")),
+        and_(Job.state == JobState.PENDING, Job.run_after <= bindparam("due")),
         and_(Job.state == JobState.RUNNING, Job.lease_expires_at < bindparam("now")),
     ),
 )
@@ -138,16 +140,20 @@ _MOST_URGENT = (
 
 
 def claim(
-    database: Database, kinds: Iterable[str], worker_id: str, lease: dt.timedelta
+    database: Database, kinds: Iterable[str], worker_id: str, lease: dt.timedelta, *, overdue_by: dt.timedelta | None = None
 ) -> ClaimedJob | None:
     """Take the most urgent runnable job of *kinds* (lowest priority, then oldest), or one whose
     previous holder's lease expired.
+
+    With *overdue_by*, only a pending job that has been due for at least that long is taken (a
+    kind that gives way to more urgent work still runs once it has waited that long, see
+    :class:`storage.runtime.GivesWay`).
 
     On SQLite a read-only look comes first: a write transaction takes the database's one write
     lock, and every idle poll and every wake-up that another worker answered first would
     otherwise queue behind (and hold up) the transactions doing real work."""
     now = utcnow()
-    parameters = {"kinds": list(kinds), "now": now}
+    parameters = {"kinds": list(kinds), "now": now, "due": now if overdue_by is None else now - overdue_by}
     if database.is_sqlite:
         with database.read_session() as session:
             if session.execute(_ANY_RUNNABLE, parameters).first() is None:
@@ -161,6 +167,13 @@ def claim(
         job.locked_by = worker_id
         job.lease_expires_at = now + lease
         return ClaimedJob(job.id, job.kind, job.instance_pk, dict(job.payload), job.attempts)
+
+
+def any_runnable(database: Database, kinds: Iterable[str]) -> bool:
+    """Whether a job of *kinds* could be claimed now (a read-only look, no lock taken)."""
+    now = utcnow()
+    with database.read_session() as session:
+        return session.execute(_ANY_RUNNABLE, {"kinds": list(kinds), "now": now, "due": now}).first() is not None
 
 
 def complete(session: Session, job_id: int, worker_id: str) -> bool:

@@ -49,12 +49,31 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class GivesWay:
+    """A job kind that waits while jobs of *to* are runnable, but never longer than *at_most*
+    past its due time.
+
+    Why: on a small machine a burst of images and the work derived from them share the CPU. The
+    derived work that is not urgent — the FHIR publication of a study, which the EHR reads as a
+    preliminary report — then gets out of the way of the images still waiting for analysis, and
+    a study's publications coalesce (its preliminary and final versions become one when the
+    study result is made before the burst ends). *at_most* bounds the wait, so a queue that never
+    empties delays the publication, never starves it.
+    """
+
+    to: tuple[str, ...]
+    at_most: dt.timedelta
+
+
+@dataclass(frozen=True)
 class JobKind:
-    """One kind of job: its name in the queue, its handler and how it is retried."""
+    """One kind of job: its name in the queue, its handler, how it is retried and, optionally,
+    which more urgent kinds it gives way to."""
 
     name: str
     handler: JobHandler
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    gives_way: GivesWay | None = None
 
 
 class JobRegistry:
@@ -72,6 +91,11 @@ class JobRegistry:
 
     def get(self, name: str) -> JobKind | None:
         return self._kinds.get(name)
+
+    def rule(self, name: str) -> GivesWay | None:
+        """The :class:`GivesWay` rule of kind *name*, if it has one."""
+        kind = self._kinds.get(name)
+        return None if kind is None else kind.gives_way
 
     @property
     def names(self) -> list[str]:
@@ -151,9 +175,25 @@ class JobWorker:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def claim(self, worker_id: str) -> ClaimedJob | None:
+        """The next job for this worker: the most urgent of its kinds, except that a kind which
+        gives way (:class:`GivesWay`) is taken, while the work it gives way to is runnable, only
+        once it has waited its longest."""
+        lease = dt.timedelta(seconds=self._options.lease_seconds)
+        rules = {name: rule for name in self._kinds if (rule := self._registry.rule(name)) is not None}
+        if not rules or not jobs.any_runnable(self._db, {k for rule in rules.values() for k in rule.to}):
+            return jobs.claim(self._db, self._kinds, worker_id, lease)
+        urgent = [name for name in self._kinds if name not in rules]
+        job = jobs.claim(self._db, urgent, worker_id, lease) if urgent else None
+        for name, rule in rules.items():
+            if job is not None:
+                break
+            job = jobs.claim(self._db, [name], worker_id, lease, overdue_by=rule.at_most)
+        return job
+
     def run_once(self, worker_id: str) -> bool:
         """Claim and run one job; False when there was nothing to do."""
-        job = jobs.claim(self._db, self._kinds, worker_id, dt.timedelta(seconds=self._options.lease_seconds))
+        job = self.claim(worker_id)
         if job is None:
             return False
         structlog.contextvars.bind_contextvars(job_id=job.id, job_kind=job.kind)

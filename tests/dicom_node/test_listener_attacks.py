@@ -358,6 +358,20 @@ def test_await_associate_rq_outcomes() -> None:
         assert await_associate_rq(a, 5) is FirstPdu.CLOSED
 
 
+def test_await_associate_rq_takes_a_request_already_there_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole request in the receive buffer is seen in one look. (The first look used to ask for
+    the 6-byte header only and then wait 50 ms for the rest: every association started late.)"""
+
+    def no_wait(sock: socket.socket, wait: float) -> bool:
+        raise AssertionError(f"waited {wait} s for a request that was all there")
+
+    monkeypatch.setattr("dicom_node.listener._peer_half_closed", no_wait)
+    a, b = _pair()
+    with a, b:
+        b.sendall(struct.pack(">BBL", 0x01, 0, 300) + b"\x00" * 300)
+        assert await_associate_rq(a, 5) is FirstPdu.ASSOCIATE_RQ
+
+
 def test_await_associate_rq_sees_the_peer_half_close_a_partial_pdu() -> None:
     a, b = _pair()
     with a, b:

@@ -44,7 +44,7 @@ from dicom_node.storage_scu import (
     send_instance,
 )
 from dicom_node.summary_image import build_summary_image
-from dicom_node.tcp import set_tcp_nodelay
+from dicom_node.tcp import QuickAckSocket, low_latency_tcp
 from tests.conftest import copy_with_new_uids, sample, sample_ai_result
 from tests.dicom_peers import StatusScp, StoreScp, free_port
 
@@ -365,17 +365,19 @@ def test_big_endian_round_trip_keeps_the_sop_instance_uid(tmp_path: Path) -> Non
     _check_arrived(arrived, sent, ExplicitVRBigEndian)
 
 
-def test_delivery_associations_send_without_nagle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our SCU socket has TCP_NODELAY from the moment it connects (before A-ASSOCIATE-RQ): with Nagle,
-    each C-STORE's data set PDU waited for the PACS's delayed ACK (~45 ms per report)."""
-    seen: list[int] = []
+def test_delivery_associations_send_without_nagle_and_ack_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our SCU socket has TCP_NODELAY from the moment it connects (before A-ASSOCIATE-RQ), and
+    reads through :class:`QuickAckSocket`: with Nagle on either side, each C-STORE waited for a
+    delayed ACK (~45 ms per report)."""
+    seen: list[tuple[int, bool]] = []
 
     def recording(event: Any) -> None:
-        set_tcp_nodelay(event)
-        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        low_latency_tcp(event)
+        sock = event.assoc.dul.socket.socket
+        seen.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), isinstance(sock, QuickAckSocket)))
 
-    monkeypatch.setattr("dicom_node.storage_scu.set_tcp_nodelay", recording)
+    monkeypatch.setattr("dicom_node.storage_scu.low_latency_tcp", recording)
     path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")
     with StoreScp(tmp_path / "out") as scp:
         assert send_instance(path, _dest(scp.port), "PNEUMO", 10).status == 0x0000
-    assert seen == [1]
+    assert seen == [(1, True)]

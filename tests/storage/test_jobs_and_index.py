@@ -133,3 +133,27 @@ def test_orphans_of_a_dead_local_process_are_released(database: Database) -> Non
     assert released == 1
     again = jobs.claim(database, ["infer"], "w", LEASE)
     assert again is not None and again.id == dead.id
+
+
+def test_overdue_by_takes_only_jobs_due_that_long(database: Database) -> None:
+    with database.session() as session:
+        jobs.enqueue(session, "study-changed", "study-changed:recent")
+        jobs.enqueue(session, "study-changed", "study-changed:old", run_after=utcnow() - dt.timedelta(seconds=45))
+    waited = dt.timedelta(seconds=30)
+    first = jobs.claim(database, ["study-changed"], "w1", LEASE, overdue_by=waited)
+    assert first is not None
+    with database.read_session() as session:
+        assert session.get(Job, first.id).dedup_key == "study-changed:old"  # type: ignore[union-attr]
+    assert jobs.claim(database, ["study-changed"], "w1", LEASE, overdue_by=waited) is None
+    assert jobs.claim(database, ["study-changed"], "w1", LEASE) is not None  # due now, without the margin
+
+
+def test_any_runnable_sees_due_and_expired_jobs_only(database: Database) -> None:
+    assert not jobs.any_runnable(database, ["infer"])
+    with database.session() as session:
+        jobs.enqueue(session, "infer", "infer:later", run_after=utcnow() + dt.timedelta(hours=1))
+    assert not jobs.any_runnable(database, ["infer"])
+    _add(database, generate_uid())
+    assert jobs.any_runnable(database, ["infer"]) and not jobs.any_runnable(database, ["deliver"])
+    assert jobs.claim(database, ["infer"], "w1", LEASE) is not None
+    assert not jobs.any_runnable(database, ["infer"])  # the due one is leased now
