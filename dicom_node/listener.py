@@ -63,6 +63,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from conf.network import normalise_address
+from dicom_node.tcp import quick_ack
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,6 @@ TRANSPORT_CLOSE_TIMEOUT = 2.0
 _POLL_SECONDS = 0.05
 #: The first wait for the rest of an incomplete A-ASSOCIATE-RQ (doubling up to _POLL_SECONDS).
 _FIRST_LOOK_SECONDS = 0.001
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 #: poll(2) events that mean no more data will come: peer FIN (Linux POLLRDHUP), hang-up, error.
 _HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 _LOG_INTERVAL_SECONDS = 10.0
@@ -215,7 +215,7 @@ def await_associate_rq(sock: socket.socket, timeout: float, cancelled: threading
             return FirstPdu.CLOSED
         if not data:
             return FirstPdu.CLOSED
-        _quick_ack(sock)
+        quick_ack(sock)
         if len(data) >= PDU_HEADER_LENGTH:
             pdu_type, _, length = struct.unpack(">BBL", data[:PDU_HEADER_LENGTH])
             if pdu_type != A_ASSOCIATE_RQ_TYPE:
@@ -232,14 +232,6 @@ def await_associate_rq(sock: socket.socket, timeout: float, cancelled: threading
         wait = _FIRST_LOOK_SECONDS if len(data) > seen else min(wait * 2, _POLL_SECONDS)
         seen = len(data)
         peer_closed = _peer_half_closed(sock, min(wait, max(0.0, deadline - time.monotonic())))
-
-
-def _quick_ack(sock: socket.socket) -> None:
-    if _TCP_QUICKACK is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        except OSError:
-            pass
 
 
 def _peer_half_closed(sock: socket.socket, wait: float) -> bool:

@@ -44,7 +44,7 @@ from dicom_node.storage_scu import (
     send_instance,
 )
 from dicom_node.summary_image import build_summary_image
-from dicom_node.tcp import QuickAckSocket, low_latency_tcp
+from dicom_node.tcp import PduReader, low_latency_tcp
 from tests.conftest import copy_with_new_uids, sample, sample_ai_result
 from tests.dicom_peers import StatusScp, StoreScp, free_port
 
@@ -367,14 +367,14 @@ def test_big_endian_round_trip_keeps_the_sop_instance_uid(tmp_path: Path) -> Non
 
 def test_delivery_associations_send_without_nagle_and_ack_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Our SCU socket has TCP_NODELAY from the moment it connects (before A-ASSOCIATE-RQ), and
-    reads through :class:`QuickAckSocket`: with Nagle on either side, each C-STORE waited for a
-    delayed ACK (~45 ms per report)."""
+    reads through a :class:`PduReader` (quick ACKs): with Nagle on either side, each C-STORE waited
+    for a delayed ACK (~45 ms per report)."""
     seen: list[tuple[int, bool]] = []
 
     def recording(event: Any) -> None:
         low_latency_tcp(event)
-        sock = event.assoc.dul.socket.socket
-        seen.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), isinstance(sock, QuickAckSocket)))
+        transport = event.assoc.dul.socket
+        seen.append((transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), isinstance(transport.recv, PduReader)))
 
     monkeypatch.setattr("dicom_node.storage_scu.low_latency_tcp", recording)
     path = copy_with_new_uids(sample("CT_small.dcm"), tmp_path / "in")

@@ -1,15 +1,21 @@
-"""Quick ACKs on a real loopback TCP connection (Linux: TCP_QUICKACK)."""
+"""The PDU reader of our DICOM connections, on a real loopback TCP connection."""
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
-from dicom_node.tcp import QuickAckSocket
+from dicom_node.tcp import READ_CHUNK, PduReader
 
-pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+
+@dataclass
+class _Transport:
+    socket: socket.socket | None
 
 
 @pytest.fixture
@@ -24,21 +30,41 @@ def connected() -> Iterator[tuple[socket.socket, socket.socket]]:
             accepted.close()
 
 
-def test_every_read_rearms_quick_ack_and_returns_the_data(connected: tuple[socket.socket, socket.socket]) -> None:
+def test_reads_exactly_what_is_asked_across_many_chunks(connected: tuple[socket.socket, socket.socket]) -> None:
     client, accepted = connected
-    wrapped = QuickAckSocket(accepted)
-    for chunk in (b"A-ASSOCIATE-RQ", b"P-DATA-TF", b"C-STORE-RSP", b"A-RELEASE-RQ", b"A-RELEASE-RP"):
+    pdu = os.urandom(3 * READ_CHUNK + 1234)
+    trailing = b"\x04\x00next PDU"
+    sender = threading.Thread(target=client.sendall, args=(pdu + trailing,))
+    sender.start()
+    read = PduReader(_Transport(accepted))
+    header = read(6)
+    body = read(len(pdu) - 6)
+    sender.join(10)
+    assert isinstance(body, bytearray) and bytes(header + body) == pdu
+    assert read(len(trailing)) == trailing  # nothing of the next PDU was taken early
+
+
+def test_a_peer_that_closes_mid_pdu_gives_what_arrived(connected: tuple[socket.socket, socket.socket]) -> None:
+    client, accepted = connected
+    client.sendall(b"\x04\x00\x00\x00\x10\x00partial")
+    client.close()
+    read = PduReader(_Transport(accepted))
+    assert read(6) == b"\x04\x00\x00\x00\x10\x00"
+    assert read(2**32) == b"partial"  # the claimed length is never allocated up front
+    assert read(6) == b""
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+def test_every_read_rearms_quick_ack(connected: tuple[socket.socket, socket.socket]) -> None:
+    client, accepted = connected
+    read = PduReader(_Transport(accepted))
+    for message in (b"A-ASSOCIATE-RQ", b"P-DATA-TF", b"C-STORE-RSP", b"A-RELEASE-RQ", b"A-RELEASE-RP"):
         accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
-        client.sendall(chunk)
-        assert wrapped.recv(4096) == chunk
+        client.sendall(message)
+        assert read(len(message)) == message
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
 
 
-def test_everything_else_is_the_wrapped_socket(connected: tuple[socket.socket, socket.socket]) -> None:
-    client, accepted = connected
-    wrapped = QuickAckSocket(accepted)
-    assert wrapped.fileno() == accepted.fileno() and wrapped.wrapped is accepted
-    wrapped.sendall(b"x")
-    assert client.recv(1) == b"x"
-    client.close()
-    assert wrapped.recv(1) == b""  # an orderly close reads as end of stream, no option set on it
+def test_a_closed_transport_raises_like_a_socket() -> None:
+    with pytest.raises(OSError):
+        PduReader(_Transport(None))(6)
