@@ -1,6 +1,7 @@
 """The ``dicom`` channel of the outbox: our generated instances C-STOREd to a PACS.
 
-Implements :class:`~storage.outbox.ChannelSender` over :func:`dicom_node.storage_scu.send_instance`.
+Implements :class:`~storage.outbox.ChannelSender` over :func:`dicom_node.storage_scu.send_instance`,
+reusing open associations for ``delivery.association_idle_seconds`` (:mod:`dicom_node.associations`).
 Each attempt is audited as PS3.15 A.5.3.5 "DICOM Instances Transferred" with us as Source and
 the PACS as Destination, Action R (an existing instance read and sent).
 """
@@ -17,6 +18,7 @@ from audit.builders import dicom_transfer
 from audit.events import Action, AuditEvent, AuditSource, Outcome
 from conf.errors import NotFoundError
 from conf.settings import DicomDestination
+from dicom_node.associations import AssociationPool
 from dicom_node.storage_scu import DeliveryRejectedError, send_instance
 from storage.filestore import FileStore, FileStoreError
 from storage.jobs import ClaimedJob
@@ -38,6 +40,7 @@ class DicomChannel:
         timeout: float,
         audit_source: AuditSource,
         local_host: str | None = None,
+        association_idle_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self._destinations = {d.name: d for d in destinations}
@@ -45,6 +48,11 @@ class DicomChannel:
         self._timeout = timeout
         self._audit_source = audit_source
         self._host = local_host or socket.gethostname()
+        self._associations = AssociationPool(association_idle_seconds)
+
+    def close(self) -> None:
+        """Release the associations kept open (A-RELEASE), on shutdown."""
+        self._associations.close()
 
     def has_destination(self, name: str) -> bool:
         return name in self._destinations
@@ -71,7 +79,7 @@ class DicomChannel:
             path: Path = self._store.absolute(str(item.content))
         except FileStoreError as exc:
             raise DeliveryRejectedError(f"stored file path is invalid: {exc.strerror}") from exc
-        result = send_instance(path, target, self._calling_ae, self._timeout)
+        result = send_instance(path, target, self._calling_ae, self._timeout, self._associations)
         note = None
         if result.warning:
             note = f"stored with warning status 0x{result.status:04X}"

@@ -57,6 +57,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from conf.settings import DicomDestination
+from dicom_node.associations import AssociationPool, Contexts
 from dicom_node.errors import DicomNodeError
 from dicom_node.tcp import low_latency_tcp
 from storage.outbox import DeliveryFailedError
@@ -377,11 +378,61 @@ def _association_failure(assoc: Association, destination: DicomDestination) -> D
     return DeliveryUnavailableError(f"destination {destination.name!r} {what}")
 
 
-def send_instance(path: Path, destination: DicomDestination, calling_ae: str, timeout: float) -> SendResult:
-    """C-STORE the Part 10 file at *path* to *destination* over one association.
+def _associate(
+    destination: DicomDestination, calling_ae: str, timeout: float, contexts: Contexts,
+    sop_class_uid: str, offered: Sequence[str],
+) -> Association:
+    """An established association proposing *contexts*, or the typed error saying why not."""
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = timeout
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, low_latency_tcp)],
+    )
+    if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # pynetdicom aborts after such a negotiation, but the answer is about the SOP Class
+            # and our encodings, not the peer's state: sending again gets the same answer.
+            raise _refused_everything(assoc, sop_class_uid, offered, destination.name)
+        raise _association_failure(assoc, destination)
+    return assoc
+
+
+def _store(
+    assoc: Association, dataset: Dataset, sop_class_uid: str, stored_syntax: str, offered: Sequence[str], destination: str
+) -> tuple[Dataset, str]:
+    """C-STORE *dataset* over *assoc*; the response and the transfer syntax it went in."""
+    dataset, sent_syntax = _prepare(dataset, assoc, sop_class_uid, stored_syntax, offered, destination)
+    try:
+        response = assoc.send_c_store(dataset)
+    except RuntimeError as exc:  # the association went away before the request was sent
+        raise DeliveryUnavailableError(f"association with {destination!r} lost before sending") from exc
+    except (ValueError, AttributeError) as exc:  # pynetdicom could not encode the dataset
+        raise DeliveryRejectedError(
+            f"dataset cannot be encoded for sending as {UID(sent_syntax).name}: {exc.__class__.__name__}"
+        ) from exc
+    if "Status" not in response:
+        raise DeliveryUnavailableError(f"no C-STORE response from {destination!r} (timeout or association aborted)")
+    return response, sent_syntax
+
+
+def send_instance(
+    path: Path, destination: DicomDestination, calling_ae: str, timeout: float, pool: AssociationPool | None = None
+) -> SendResult:
+    """C-STORE the Part 10 file at *path* to *destination*.
 
     *timeout* bounds the TCP connect, the association negotiation (ACSE), each DIMSE message
     and network inactivity, so a hung peer costs at most a few timeouts, never a stuck worker.
+
+    With *pool*, an open association to the same destination proposing the same contexts is
+    reused and left open afterwards (:mod:`dicom_node.associations`); if sending over a reused
+    one fails for a reason worth retrying (the peer may have dropped it while idle), the object
+    is sent once more over a new association at once. Without, one association per object.
 
     Raises:
         DeliveryUnavailableError: retry later (see the module docstring).
@@ -394,44 +445,25 @@ def send_instance(path: Path, destination: DicomDestination, calling_ae: str, ti
 
     contexts = requested_contexts(sop_class_uid, stored_syntax, has_pixel_data="PixelData" in dataset)
     offered = list(dict.fromkeys(ts for _, syntaxes in contexts for ts in syntaxes))
+    needed: Contexts = tuple((abstract, tuple(syntaxes)) for abstract, syntaxes in contexts)
+    key = (destination.host, destination.port, destination.ae_title, calling_ae)
+    pool = pool or AssociationPool(0)
 
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = timeout
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    for abstract, syntaxes in contexts:
-        ae.add_requested_context(abstract, syntaxes)
+    def connect(proposed: Contexts) -> Association:
+        return _associate(destination, calling_ae, timeout, proposed, sop_class_uid, offered)
 
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, low_latency_tcp)],
-    )
-    if not assoc.is_established:
-        if assoc.rejected_contexts and not assoc.accepted_contexts:
-            # pynetdicom aborts after such a negotiation, but the answer is about the SOP Class
-            # and our encodings, not the peer's state: sending again gets the same answer.
-            raise _refused_everything(assoc, sop_class_uid, offered, destination.name)
-        raise _association_failure(assoc, destination)
-    try:
-        dataset, sent_syntax = _prepare(dataset, assoc, sop_class_uid, stored_syntax, offered, destination.name)
-        transcoded = sent_syntax != stored_syntax
+    for last_try in (False, True):
+        reused = False
         try:
-            response = assoc.send_c_store(dataset)
-        except RuntimeError as exc:  # the association went away before the request was sent
-            raise DeliveryUnavailableError(f"association with {destination.name!r} lost before sending") from exc
-        except (ValueError, AttributeError) as exc:  # pynetdicom could not encode the dataset
-            raise DeliveryRejectedError(
-                f"dataset cannot be encoded for sending as {UID(sent_syntax).name}: {exc.__class__.__name__}"
-            ) from exc
-    finally:
-        if assoc.is_established:
-            assoc.release()
+            with pool.checkout(key, needed, connect) as (assoc, reused):
+                response, sent_syntax = _store(assoc, dataset, sop_class_uid, stored_syntax, offered, destination.name)
+            break
+        except DeliveryUnavailableError:
+            if last_try or not reused:
+                raise
+            log.debug("delivery.reused_association_failed", destination=destination.name)
+    transcoded = sent_syntax != stored_syntax
 
-    if "Status" not in response:
-        raise DeliveryUnavailableError(
-            f"no C-STORE response from {destination.name!r} (timeout or association aborted)"
-        )
     status = int(response.Status)
     comment = str(response.get("ErrorComment", "")) or None
     category = classify_store_status(status)

@@ -164,17 +164,23 @@ def result_fanout(settings: Settings) -> Fanout:
     )
 
 
-def outbox_kind(runtime: Runtime) -> JobKind:
-    """The ``deliver`` job kind: the outbox handler with every channel's sender."""
+def dicom_channel(runtime: Runtime) -> DicomChannel:
+    """The outbox's ``dicom`` sender (it keeps associations open: close it on shutdown)."""
     settings = runtime.settings
-    dicom_channel = DicomChannel(
+    return DicomChannel(
         runtime.store,
         list(settings.dicom.destinations),
         calling_ae=settings.delivery.calling_ae_title or settings.dicom.ae_title,
         timeout=settings.delivery.timeout_seconds,
         audit_source=runtime.audit_source,
         local_host=runtime.host_name,
+        association_idle_seconds=settings.delivery.association_idle_seconds,
     )
+
+
+def outbox_kind(runtime: Runtime, dicom_sender: DicomChannel) -> JobKind:
+    """The ``deliver`` job kind: the outbox handler with every channel's sender."""
+    settings = runtime.settings
     retry = RetryPolicy(
         max_attempts=settings.delivery.max_attempts,
         backoff_base=settings.delivery.backoff_base_seconds,
@@ -183,7 +189,7 @@ def outbox_kind(runtime: Runtime) -> JobKind:
     subscription_channel = SubscriptionChannel(
         runtime.database, runtime.audit_source, timeout=settings.delivery.timeout_seconds
     )
-    senders: list[ChannelSender] = [dicom_channel, subscription_channel, Hl7ResultChannel(settings.hl7, runtime.audit_source)]
+    senders: list[ChannelSender] = [dicom_sender, subscription_channel, Hl7ResultChannel(settings.hl7, runtime.audit_source)]
     return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts), retry)
 
 
@@ -245,6 +251,7 @@ class Workers:
             stable_seconds=settings.results.study_stable_seconds, on_deliveries_queued=self.wake_deliverers,
         )
         projection = StudyProjectionHandler(runtime.database, on_notifications_queued=self.wake_deliverers)
+        self._dicom_channel = dicom_channel(runtime)
         registry = JobRegistry([
             JobKind(INFER_JOB, image_results, jobs_retry),
             JobKind(STUDY_RESULT_JOB, study_results, jobs_retry),
@@ -253,7 +260,7 @@ class Workers:
                 GivesWay(to=(INFER_JOB,), at_most=dt.timedelta(seconds=settings.worker.publication_wait_seconds))
                 if settings.worker.publication_wait_seconds > 0 else None,
             ),
-            outbox_kind(runtime),
+            outbox_kind(runtime, self._dicom_channel),
         ])
         options = WorkerOptions(poll_interval=settings.worker.poll_interval, lease_seconds=settings.worker.lease_seconds)
         db = runtime.database
@@ -311,6 +318,7 @@ class Workers:
     def stop(self) -> None:
         for worker in self.all:
             worker.stop()
+        self._dicom_channel.close()
         self.engine.close()
 
 

@@ -195,6 +195,10 @@ class StatusScp:
         self._server: Any = None
         self.port = 0
 
+    def active_associations(self) -> list[Any]:
+        """The associations the SCP has open now (its side of them)."""
+        return [a for a in self._server.active_associations if a.is_established] if self._server is not None else []
+
     def _on_store(self, event: Any) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
         self.received[uid] = str(event.context.transfer_syntax)

@@ -28,7 +28,7 @@ from audit.store import verify_chain
 from conf.settings import DicomDestination, Settings
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import send_instance
-from gateway.app import Runtime, open_runtime, outbox_kind, result_fanout
+from gateway.app import Runtime, dicom_channel, open_runtime, outbox_kind, result_fanout
 from gateway.cli import build_parser
 from storage import jobs
 from storage.index import add_instance
@@ -91,7 +91,8 @@ def store_report(runtime: Runtime, header: Dataset) -> str:
 
 def worker(runtime: Runtime, **options: Any) -> JobWorker:
     opts = WorkerOptions(poll_interval=options.get("poll_interval", 0.05), lease_seconds=60)
-    return JobWorker(runtime.database, JobRegistry([outbox_kind(runtime)]), [DELIVER_JOB], opts, "deliver-test")
+    registry = JobRegistry([outbox_kind(runtime, dicom_channel(runtime))])
+    return JobWorker(runtime.database, registry, [DELIVER_JOB], opts, "deliver-test")
 
 
 def delivery_jobs(runtime: Runtime) -> list[Job]:
