@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
+import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
@@ -15,9 +17,11 @@ from fhir.resources.R4B.patient import Patient as FhirPatient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from sqlalchemy import select
 
-from fhir_api import store, subscriptions
+from fhir_api import projection, store, subscriptions
+from storage import jobs
 from storage.db import Database
 from storage.models import ImagingOrder, Job
+from storage.study_results import schedule_study_changed
 from tests.fhir_api.builders import STUDY_UID, T0, StudyBuilder
 
 
@@ -129,3 +133,35 @@ def test_an_hl7_order_becomes_a_service_request_the_report_is_based_on(database:
     with database.read_session() as session:
         imaging = store.get(session, "ImagingStudy", STUDY_UID)
     assert imaging is not None and imaging.json()["basedOn"] == [{"reference": f"ServiceRequest/{order.logical_id}"}]
+
+
+def test_a_change_committed_while_the_job_maps_the_study_is_published_by_its_rerun(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler reads and maps in a read transaction, then stores in a short write one. A study
+    result made in between re-arms the running job, and its rerun publishes it."""
+    study = StudyBuilder(database)
+    study.image(0.91, at=T0)
+    with database.session() as session:
+        schedule_study_changed(session, study.study_pk, STUDY_UID, 0.0)
+    real_plan = projection.plan_publication
+    arrived: list[bool] = []
+
+    def plan_then_the_study_result_arrives(session: Any, study_pk: int) -> projection.Publication:
+        planned = real_plan(session, study_pk)
+        if not arrived:
+            arrived.append(True)
+            study.study_result(1, "final", at=T0 + dt.timedelta(seconds=10), label="PNEUMONIA", probability=0.91,
+                               analysed=1)
+            with database.session() as write:
+                schedule_study_changed(write, study.study_pk, STUDY_UID, 0.0)
+        return planned
+
+    monkeypatch.setattr(projection, "plan_publication", plan_then_the_study_result_arrives)
+    handler = projection.StudyProjectionHandler(database)
+    for expected in ("preliminary", "final"):
+        job = jobs.claim(database, ["study-changed"], "w1", dt.timedelta(seconds=60))
+        assert job is not None
+        handler(job, "w1")
+        assert study.report()["status"] == expected
+    assert jobs.claim(database, ["study-changed"], "w1", dt.timedelta(seconds=60)) is None
