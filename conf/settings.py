@@ -300,8 +300,8 @@ class DeliverySettings(_Section):
     association_idle_seconds: float = Field(
         default=5.0, ge=0,
         description="An association to a destination stays open this long after its last C-STORE and carries the "
-        "next object of the same kind (0: one association per object). Saves ~21 ms and half the CPU of each "
-        "report against DCMTK storescp (docs/benchmarks.md).",
+        "next object this worker process sends there (0: one association per object). Saves ~21 ms and half the "
+        "CPU of each report against DCMTK storescp (docs/benchmarks.md).",
     )
     threads: int = Field(
         default=1, ge=1,
