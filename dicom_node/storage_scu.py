@@ -429,8 +429,8 @@ def send_instance(
     *timeout* bounds the TCP connect, the association negotiation (ACSE), each DIMSE message
     and network inactivity, so a hung peer costs at most a few timeouts, never a stuck worker.
 
-    With *pool*, an open association to the same destination proposing the same contexts is
-    reused and left open afterwards (:mod:`dicom_node.associations`); if sending over a reused
+    With *pool*, the open association to the same destination is reused if it proposed the
+    contexts this object needs, and left open afterwards (:mod:`dicom_node.associations`); if sending over a reused
     one fails for a reason worth retrying (the peer may have dropped it while idle), the object
     is sent once more over a new association at once. Without, one association per object.
 
