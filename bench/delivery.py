@@ -18,7 +18,6 @@ Not a test. Run: ``python bench/delivery.py --count 40``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import signal
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import free_port, wait_for_port  # noqa: E402
+from bench.report import emit  # noqa: E402
 from conf.settings import DicomDestination  # noqa: E402
 from dicom_node import storage_scu  # noqa: E402
 from dicom_node.associations import AssociationPool  # noqa: E402
@@ -134,9 +134,7 @@ def main() -> int:
         pacs = "storescp TCP_NODELAY=1" if r["pacs_tcp_nodelay"] else "storescp (Nagle on)"
         print(f"{pacs:<22} {r['way']:<17} {r['wall_ms']:>8.1f} {r['cpu_ms']:>7.1f}")
     document = {"benchmark": "delivery", "object": "TID 1500 SR of RG1", "count": args.count, "results": results}
-    print(json.dumps(document))
-    if args.json:
-        args.json.write_text(json.dumps(document, indent=2))
+    emit(document, args.json)
     return 0
 
 

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.hl7 import proc_cpu_seconds, speed_probe  # noqa: E402
 from bench.ingest import free_port, wait_for_port  # noqa: E402
+from bench.report import emit  # noqa: E402
 from conf.settings import ResultsSettings, WorkerSettings  # noqa: E402
 from tests.gateway.serve_process import ServeProcess, write_config  # noqa: E402
 
@@ -377,9 +378,7 @@ def main() -> int:
     document["speed_probe_ms_at_end"] = speed_probe()
     print(f"speed probe (lower is faster): {document['speed_probe_ms_at_start']} ms at start, "
           f"{document['speed_probe_ms_at_end']} ms at end")
-    print(json.dumps(document))
-    if args.json:
-        args.json.write_text(json.dumps(document, indent=2))
+    emit(document, args.json)
     return 0
 
 

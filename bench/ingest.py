@@ -15,7 +15,6 @@ Not a test: it prints a table and a JSON document. Run: ``python bench/ingest.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from pydicom.uid import generate_uid
 # Run as a script (`python bench/ingest.py`): the repository root goes on the path, for `tests`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import emit
 from tests.gateway.serve_process import ServeProcess, write_config
 
 MAX_PDU = 131072
@@ -249,9 +249,7 @@ def main() -> int:
         "max_pdu": MAX_PDU,
         "results": [{**asdict(m), "per_second": m.per_second, "mb_per_second": m.mb_per_second} for m in results],
     }
-    print(json.dumps(document))
-    if args.json:
-        args.json.write_text(json.dumps(document, indent=2))
+    emit(document, args.json)
     return 0
 
 
