@@ -150,6 +150,9 @@ class JobWorker:
         self._kinds = kinds
         self._options = options
         self._name = name
+        #: The kinds of this worker that give way, and the kinds they give way to (fixed per worker).
+        self._rules = {kind: rule for kind in kinds if (rule := registry.rule(kind)) is not None}
+        self._gives_way_to = {k for rule in self._rules.values() for k in rule.to}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -180,12 +183,11 @@ class JobWorker:
         gives way (:class:`GivesWay`) is taken, while the work it gives way to is runnable, only
         once it has waited its longest."""
         lease = dt.timedelta(seconds=self._options.lease_seconds)
-        rules = {name: rule for name in self._kinds if (rule := self._registry.rule(name)) is not None}
-        if not rules or not jobs.any_runnable(self._db, {k for rule in rules.values() for k in rule.to}):
+        if not self._rules or not jobs.any_runnable(self._db, self._gives_way_to):
             return jobs.claim(self._db, self._kinds, worker_id, lease)
-        urgent = [name for name in self._kinds if name not in rules]
+        urgent = [name for name in self._kinds if name not in self._rules]
         job = jobs.claim(self._db, urgent, worker_id, lease) if urgent else None
-        for name, rule in rules.items():
+        for name, rule in self._rules.items():
             if job is not None:
                 break
             job = jobs.claim(self._db, [name], worker_id, lease, overdue_by=rule.at_most)

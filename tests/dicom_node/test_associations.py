@@ -4,7 +4,6 @@ DCMTK ``storescp`` (its verbose log counts associations) and a pynetdicom SCP th
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from dicom_node.associations import AssociationPool, covers, merged
 from dicom_node.sr import build_ai_sr
 from dicom_node.storage_scu import DeliveryUnavailableError, send_instance
 from dicom_node.summary_image import build_summary_image
-from tests.conftest import copy_with_new_uids, sample, sample_ai_result
+from tests.conftest import copy_with_new_uids, sample, sample_ai_result, wait_until
 from tests.dicom_peers import StatusScp, StoreScp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -47,14 +46,6 @@ def _storescp_log(scp: StoreScp) -> str:
     return (scp.out_dir.parent / f"storescp-{scp.port}.log").read_text(errors="replace")
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 def test_objects_of_one_kind_share_one_association_released_when_idle(tmp_path: Path) -> None:
     clock = FakeClock()
     pool = AssociationPool(5.0, clock=clock)
@@ -68,7 +59,7 @@ def test_objects_of_one_kind_share_one_association_released_when_idle(tmp_path: 
         assert pool.release_idle() == 0  # still young
         clock.now += 0.2
         assert pool.release_idle() == 1 and pool.idle_count == 0
-        _wait_for(lambda: "Association Release" in _storescp_log(scp))  # a normal A-RELEASE, not an abort
+        wait_until(lambda: "Association Release" in _storescp_log(scp), 10, "A-RELEASE")  # a normal release, not an abort
         assert "Abort" not in _storescp_log(scp)
 
 
@@ -99,7 +90,7 @@ def test_zero_idle_seconds_opens_one_association_per_object(tmp_path: Path) -> N
     with StoreScp(tmp_path / "out", options=("-v",)) as scp:
         for path in _cts(tmp_path, 2):
             send_instance(path, _dest(scp.port), "PNEUMO", 10, pool)
-        _wait_for(lambda: _storescp_log(scp).count("Association Release") == 2)
+        wait_until(lambda: _storescp_log(scp).count("Association Release") == 2, 10, "two A-RELEASEs")
         assert _storescp_log(scp).count("Association Acknowledged") == 2
         assert pool.idle_count == 0
 
@@ -164,7 +155,7 @@ def test_close_releases_everything(tmp_path: Path) -> None:
         send_instance(_cts(tmp_path, 1)[0], _dest(scp.port), "PNEUMO", 10, pool)
         pool.close()
         assert pool.idle_count == 0
-        _wait_for(lambda: "Association Release" in _storescp_log(scp))
+        wait_until(lambda: "Association Release" in _storescp_log(scp), 10, "A-RELEASE")
 
 
 SR = ("1.2.840.10008.5.1.4.1.1.88.34", ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"))
