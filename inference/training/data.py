@@ -184,6 +184,53 @@ def patient_split(records: Sequence[Record], val_fraction: float, seed: int) -> 
     return Split(train=train, val=val, description=desc)
 
 
+def patient_folds(records: Sequence[Record], k: int, seed: int) -> list[list[Record]]:
+    """Partition *records* into *k* folds of whole patients, stratified by label.
+
+    Why: k-fold cross-validation gives every training image an out-of-fold prediction, so the
+    recipe is judged (and the operating point chosen) on patients the scoring model never saw,
+    with k times the validation data of one split. Within each class, patients are shuffled with
+    *seed* and each goes to the fold that holds the fewest images of that class so far, which
+    keeps the folds' sizes and prevalences close although patients have 1 to 10+ images.
+    """
+    if k < 2:
+        raise DataError(f"k must be >= 2, got {k}")
+    rng = random.Random(seed)
+    fold_of: dict[str, int] = {}
+    for label_id in range(len(LABELS)):
+        by_patient: dict[str, int] = {}
+        for r in records:
+            if r.label_id == label_id:
+                by_patient[r.patient] = by_patient.get(r.patient, 0) + 1
+        patients = sorted(by_patient)
+        rng.shuffle(patients)
+        sizes = [0] * k
+        for p in patients:
+            fold = min(range(k), key=lambda i: (sizes[i], i))
+            fold_of[p] = fold
+            sizes[fold] += by_patient[p]
+    folds: list[list[Record]] = [[] for _ in range(k)]
+    for r in records:
+        folds[fold_of[r.patient]].append(r)
+    return folds
+
+
+def fold_split(records: Sequence[Record], k: int, index: int, seed: int) -> Split:
+    """Fold *index* of :func:`patient_folds` as validation, the other folds as training."""
+    if not 0 <= index < k:
+        raise DataError(f"fold index must be in [0, {k}), got {index}")
+    folds = patient_folds(records, k, seed)
+    val = folds[index]
+    train = [r for i, fold in enumerate(folds) if i != index for r in fold]
+    train.sort(key=lambda r: r.path)
+    desc = (
+        f"patient-wise {k}-fold cross-validation (seed {seed}), fold {index}: train {len(train)} "
+        f"images / {len({r.patient for r in train})} patients, validation {len(val)} images / "
+        f"{len({r.patient for r in val})} patients; no patient in both"
+    )
+    return Split(train=train, val=val, description=desc)
+
+
 def load_images(root: Path, records: Sequence[Record], size: int = IMAGE_SIZE) -> Tensor:
     """Decode *records* into a uint8 tensor ``[N, 1, size, size]`` (single channel, as the runtime).
 
@@ -285,12 +332,15 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
     and export would apply them (the detector's noise is on the final pixels).
     """
     b = images.shape[0]
+    device = images.device
 
+    # The random numbers are drawn from the CPU *generator* whatever the images' device, so a
+    # GPU run follows the same per-image choices as a CPU run of the same seed.
     def uniform(lo: float, hi: float) -> Tensor:
-        return lo + (hi - lo) * torch.rand(b, generator=generator)
+        return (lo + (hi - lo) * torch.rand(b, generator=generator)).to(device)
 
     def chosen(p: float) -> Tensor:
-        return torch.rand(b, generator=generator) < p
+        return (torch.rand(b, generator=generator) < p).to(device)
 
     out = images
     apply_affine = chosen(cfg.p_affine)
@@ -307,7 +357,7 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
         theta = torch.stack(
             [torch.stack([a11, a12, tx], dim=1), torch.stack([a21, a22, ty], dim=1)], dim=1
         )
-        identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(b, 2, 3)
+        identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device).expand(b, 2, 3)
         theta = torch.where(apply_affine[:, None, None], theta, identity)
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -337,9 +387,23 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> T
     if cfg.p_noise > 0:
         noisy = chosen(cfg.p_noise)[:, None, None, None]
         sigma = uniform(*cfg.noise_sigma)[:, None, None, None]
-        noise = torch.randn(out.shape, generator=generator) * sigma
+        noise = _gaussian(out, generator) * sigma
         out = torch.where(noisy, out + noise, out)
     return out.clamp(0.0, 1.0)
+
+
+def _gaussian(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normal noise shaped like *like*, on its device, seeded from the CPU *generator*.
+
+    On a GPU a full-size CPU draw and copy would cost more than the network's step, so the CPU
+    generator only seeds a device generator there; on the CPU the draw is direct (the shipped
+    model's random stream).
+    """
+    if like.device.type == "cpu":
+        return torch.randn(like.shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device_generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=device_generator, device=like.device)
 
 
 def _frame(
@@ -352,9 +416,9 @@ def _frame(
     inv = 1.0 / scale
     # Room left for the shrunken image to move without leaving the frame, in normalised coords.
     room = (1.0 - scale) * inv
-    tx = (torch.rand(b, generator=generator) * 2.0 - 1.0) * room
-    ty = (torch.rand(b, generator=generator) * 2.0 - 1.0) * room
-    zeros = torch.zeros(b)
+    tx = (torch.rand(b, generator=generator).to(images.device) * 2.0 - 1.0) * room
+    ty = (torch.rand(b, generator=generator).to(images.device) * 2.0 - 1.0) * room
+    zeros = torch.zeros(b, device=images.device)
     theta = torch.stack(
         [torch.stack([inv, zeros, tx], dim=1), torch.stack([zeros, inv, ty], dim=1)], dim=1
     )
@@ -384,6 +448,12 @@ class InMemoryDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         """Decode *records* from *root* into memory."""
         return cls(load_images(root, records), records)
 
+    def to(self, device: torch.device | str) -> InMemoryDataset:
+        """The same images and labels on *device* (a GPU run keeps the whole set there: ~260 MB)."""
+        moved = InMemoryDataset(self.images.to(device), self.records)
+        moved.labels = self.labels.to(device)
+        return moved
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -405,6 +475,7 @@ class InMemoryDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         """Yield ``(float images [B,1,H,W] in [0,1], labels [B])``."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.images.device)
         stop = n - (n % batch_size) if drop_last else n
         for start in range(0, stop, batch_size):
             idx = order[start : start + batch_size]

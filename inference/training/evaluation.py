@@ -44,14 +44,18 @@ class ValidationSet:
 
 
 def validation_set(manifest: ModelManifest, data_root: Path, *, limit: int | None = None, seed: int = 0) -> ValidationSet:
-    """The patient-wise validation split of *manifest*'s training run (seed from ``training.seed``).
+    """The patient-wise validation split of *manifest*'s training run.
+
+    The split's seed is ``training.split_seed`` (a model trained with one seed on another seed's
+    split records both), else ``training.seed``: re-creating the split from the training seed
+    alone would validate such a model partly on its own training images.
 
     ``limit``: keep a random subset of whole patients (drawn with *seed*) of about that many
     images, for a quicker run; None keeps all.
     """
-    train_seed = int(manifest.training.get("seed", 20260317))
+    split_seed = int(manifest.training.get("split_seed", manifest.training.get("seed", 20260317)))
     records, _ = deduplicate(read_manifest(data_root))
-    split = patient_split(records, VAL_FRACTION, train_seed)
+    split = patient_split(records, VAL_FRACTION, split_seed)
     val = split.val
     description = split.description
     if limit is not None and limit < len(val):

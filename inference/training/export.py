@@ -40,6 +40,7 @@ from .train import (
     THRESHOLD_RULE,
     Metrics,
     TrainConfig,
+    bootstrap_metrics,
     load_checkpoint,
     metrics_from_scores,
     prepare_records,
@@ -141,7 +142,10 @@ class ExportConfig:
 
     ``data_root=None`` uses the checkpoint's own data root to re-create its validation split.
     ``evaluate=False`` skips the validation metrics (and then no threshold can be chosen; used only
-    for bundles whose ``threshold`` is supplied).
+    for bundles whose ``threshold`` is supplied). A ``threshold`` supplied *with* ``evaluate`` is
+    one chosen by a rule this step cannot run (the operating point under simulated acquisition
+    shift, ``evaluate_shift``): the validation metrics are then reported at it, and
+    ``threshold_rule`` must say how it was chosen.
     """
 
     checkpoint: Path
@@ -150,7 +154,8 @@ class ExportConfig:
     opset: int = 17
     version: str = "1.0.0"
     evaluate: bool = True
-    threshold: float | None = None  # only when evaluate is False
+    threshold: float | None = None
+    threshold_rule: str | None = None  # required with a supplied threshold when evaluate is True
     quantize_int8: bool = False
     write_model_card: bool = True
     num_threads: int = 2
@@ -360,11 +365,12 @@ def build_manifest(
     history = checkpoint.get("history", [])
     metrics_json: dict[str, Any]
     if metrics is not None:
+        chose = "the threshold" if config.select == "last" else "the best epoch and the threshold"
         metrics_json = {
             "split": (
-                "held-out patient-wise validation split of the Kermany train folder (also used to "
-                "pick the best epoch and the threshold, so these estimates are optimistic); "
-                "computed with onnxruntime on this model.onnx"
+                f"held-out patient-wise validation split of the Kermany train folder (also used to "
+                f"pick {chose}, so these estimates are optimistic); computed with onnxruntime on "
+                f"this model.onnx"
             ),
             **metrics.to_json(),
         }
@@ -424,6 +430,12 @@ def build_manifest(
             "time_budget_s": config.time_budget_s,
             "schedule": [{"epochs": s.epochs, "resolution": s.resolution} for s in config.stages],
             "seed": config.seed,
+            "split_seed": config.seed if config.split_seed is None else config.split_seed,
+            "epoch_kept": "last epoch (no selection on validation)" if config.select == "last" else "best validation AUC",
+            "device": config.device + (" (bf16 autocast)" if config.bf16 else ""),
+            "weight_averaging": f"EMA decay {config.ema_decay} (warmed up)" if config.ema_decay > 0 else "none",
+            "distilled_from": len(config.teachers),
+            "label_smoothing": config.label_smoothing,
             "resolution": IMAGE_SIZE,
             "torch_version": str(checkpoint.get("torch_version", torch.__version__)),
             "duration_s": round(float(checkpoint.get("elapsed_s", 0.0)), 1),
@@ -482,7 +494,15 @@ def export_model(config: ExportConfig) -> ExportOutcome:
 
     metrics: Metrics | None = None
     threshold_rule = THRESHOLD_RULE.format(target=train_config.target_sensitivity)
-    if val_ds is not None:
+    if val_ds is not None and config.threshold is not None:
+        if not config.threshold_rule:
+            raise ValueError("threshold_rule: required with a supplied threshold")
+        probs = onnx_probabilities(onnx_path, val_ds)
+        threshold, threshold_rule = float(config.threshold), config.threshold_rule
+        metrics = bootstrap_metrics(
+            val_ds.labels.numpy(), probs, val_ds.patients, threshold, train_config.bootstrap_resamples, seed=train_config.seed
+        )
+    elif val_ds is not None:
         probs = onnx_probabilities(onnx_path, val_ds)
         metrics = metrics_from_scores(val_ds.labels.numpy(), probs, val_ds.patients, train_config)
         threshold = metrics.threshold
@@ -592,6 +612,11 @@ def _schedule_text(t: dict[str, Any]) -> str:
     )
     if t.get("time_budget_s") is None:
         return stages
+    if len(t["schedule"]) == 1:
+        return (
+            f"{t['schedule'][0]['resolution']}px throughout, paced by a {t['time_budget_s'] / 60:.1f}-minute "
+            "time budget (the cosine learning rate follows the fraction of the budget used)"
+        )
     return (
         f"paced by a {t['time_budget_s'] / 60:.0f}-minute time budget — learning rate (cosine) and "
         f"resolution follow the fraction of the budget used, the resolution stages taking the "
@@ -602,7 +627,13 @@ def _schedule_text(t: dict[str, Any]) -> str:
 def _plan_text(t: dict[str, Any]) -> str:
     if t.get("time_budget_s") is None:
         return f"planned {t['planned_epochs']}"
-    return f"stopped by the {t['time_budget_s'] / 60:.0f}-minute budget; the last may be partial"
+    return f"stopped by the {t['time_budget_s'] / 60:.1f}-minute budget; the last may be partial"
+
+
+def _chosen_on_validation(t: dict[str, Any]) -> str:
+    if str(t.get("epoch_kept", "")).startswith("last"):
+        return "the threshold (not the epoch)"
+    return "the best epoch and the threshold"
 
 
 def _fmt(est: dict[str, Any]) -> str:
@@ -648,13 +679,13 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
         f"- Architecture: {t['architecture']}.",
         f"- Optimiser: {t['optimizer']}.",
         f"- Loss: {t['loss']}.",
-        "- Progressive resizing (cheaper early epochs on a 2-core CPU): "
-        + _schedule_text(t)
-        + "; validation always at 224px.",
+        "- Resolution schedule: " + _schedule_text(t) + "; validation always at 224px.",
         f"- Augmentation: {t['augmentation']}.",
-        f"- Epochs run: {t['epochs']} ({_plan_text(t)}); best epoch by validation AUC: "
-        f"{t['best_epoch']}. Seed {t['seed']}. PyTorch {t['torch_version']}, CPU only, "
-        f"training time {t['duration_s'] / 60:.1f} min.",
+        f"- Weight averaging: {t.get('weight_averaging', 'none')}; label smoothing "
+        f"{t.get('label_smoothing', 0.0)}; distilled from {t.get('distilled_from', 0)} teacher(s).",
+        f"- Epochs run: {t['epochs']} ({_plan_text(t)}); epoch kept: {t['best_epoch']} "
+        f"({t.get('epoch_kept', 'best validation AUC')}). Seed {t['seed']}. PyTorch "
+        f"{t['torch_version']} on {t.get('device', 'cpu')}, training time {t['duration_s'] / 60:.1f} min.",
         "",
         "Per-epoch validation (PyTorch, 224px):",
         "",
@@ -682,8 +713,8 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
             f"- Threshold: {manifest['threshold']:.6f} — {manifest['threshold_rule']}.",
             f"- Intervals: {m.get('bootstrap', 'bootstrap')}, {m.get('bootstrap_resamples')} resamples.",
             "",
-            "These numbers are optimistic: the same validation split chose the best epoch and the "
-            "threshold, and it comes from the same hospital, period and acquisition process as the "
+            f"These numbers are optimistic: the same validation split chose {_chosen_on_validation(t)}, "
+            "and it comes from the same hospital, period and acquisition process as the "
             "training images. Expect lower specificity (and possibly sensitivity) elsewhere, "
             "including on the dataset's own test split, which is known to differ in class balance "
             "and appearance from its train split.",
@@ -704,7 +735,7 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
         "known to carry acquisition and labelling shortcuts a network can exploit.",
         "- The class activation map is coarse (7x7, 32-pixel cells) and shows where the network's "
         "evidence lies, not where pathology is; it is not a segmentation.",
-        "- Trained from scratch (no pretrained weights) on about 4,400 images in a short CPU budget.",
+        "- Trained from scratch (no pretrained weights) on about 4,400 images in a short budget.",
         "",
         "## Files",
         "",
@@ -733,6 +764,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--int8", action="store_true", help="also try an int8 variant (kept only if AUC holds)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="operating threshold chosen elsewhere (e.g. evaluate_shift's rule); metrics reported at it",
+    )
+    p.add_argument("--threshold-rule", default=None, help="how --threshold was chosen (goes into model.json)")
     return p
 
 
@@ -748,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             version=args.version,
             quantize_int8=args.int8,
             num_threads=args.threads,
+            threshold=args.threshold,
+            threshold_rule=args.threshold_rule,
         )
     )
     print(json.dumps(outcome.manifest.get("metrics", {}), indent=2))

@@ -22,6 +22,7 @@ What it does and why:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -46,12 +47,14 @@ from .data import (
     Split,
     augment,
     deduplicate,
+    fold_split,
     patient_split,
     read_manifest,
     resize_batch,
     to_float,
 )
 from .efficientnet import EfficientNetB0, EfficientNetConfig
+from .pixel_shifts import PIXEL_SHIFTS
 
 DEFAULT_DATA_ROOT = Path("/work/shared/data/kermany-cxr-224")
 THRESHOLD_RULE = (
@@ -92,6 +95,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     val_fraction: float = 0.15
     seed: int = 20260317
+    # The patient split (and the cross-validation folds) use split_seed when set, else seed: models
+    # of several seeds then share one held-out validation split.
+    split_seed: int | None = None
     num_threads: int = 2
     channels_last: bool = True
     eval_resolution: int = IMAGE_SIZE
@@ -107,6 +113,29 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     time_budget_s: float | None = None
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    # Where and how to compute. "cuda" keeps the whole data set, augmentation and model on the GPU;
+    # bf16 autocast there. The CPU path is the shipped model's, unchanged.
+    device: str = "cpu"
+    bf16: bool = False
+    # Exponential moving average of the weights (per step; 0 = off). The average is what is
+    # validated, checkpointed and exported: it is usually smoother and more robust than the last
+    # iterate, at no training cost.
+    ema_decay: float = 0.0
+    # "best": keep the epoch with the best validation AUC (the shipped model's rule); "last": keep
+    # the final epoch, so that the validation set chooses nothing (cross-validation, final models
+    # whose validation split must stay untouched).
+    select: str = "best"
+    # folds > 0: cross-validation inside the training part of the split — fold `fold` validates,
+    # the other folds train; the held-out validation split is not read at all.
+    folds: int = 0
+    fold: int = 0
+    # Knowledge distillation: checkpoints whose mean probability (eval mode, on the same augmented
+    # batch) is a soft target with weight distill_weight next to the labels.
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    # Score the validation set under the pixel shifts of inference.training.pixel_shifts too and
+    # write them to val_scores.npz (cross-validation's out-of-fold predictions).
+    score_shifts: bool = False
 
     @property
     def epochs(self) -> int:
@@ -149,6 +178,7 @@ class TrainConfig:
         d["out_dir"] = Path(d["out_dir"])
         d["data_root"] = Path(d["data_root"])
         d["stages"] = tuple(Stage(**s) for s in d["stages"])
+        d["teachers"] = tuple(d.get("teachers", ()))
         aug = dict(d["augmentation"])
         for k in ("scale", "contrast", "gamma", "frame_scale", "noise_sigma", "lowres_factor"):
             if k in aug:
@@ -346,7 +376,10 @@ def prepare_records(config: TrainConfig) -> PreparedData:
         records = [r for r in records if r.label_id == 0][:per_class] + [
             r for r in records if r.label_id == 1
         ][:per_class]
-    split = patient_split(records, config.val_fraction, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    split = patient_split(records, config.val_fraction, split_seed)
+    if config.folds > 0:
+        split = fold_split(split.train, config.folds, config.fold, split_seed)
     overlap = {r.patient for r in split.train} & {r.patient for r in split.val}
     if overlap:  # cannot happen by construction; checked because leakage would be silent
         raise RuntimeError(f"patient leakage between train and validation: {sorted(overlap)[:5]}")
@@ -386,12 +419,13 @@ def predict(
 ) -> np.ndarray:
     """Sigmoid probabilities for *dataset* in eval mode (no augmentation)."""
     model.eval()
+    device = next(model.parameters()).device
     out: list[np.ndarray] = []
     for images, _ in dataset.batches(batch_size, shuffle=False):
-        images = resize_batch(images, resolution)
+        images = resize_batch(images.to(device), resolution)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        out.append(torch.sigmoid(model(images)).numpy())
+        out.append(torch.sigmoid(model(images).float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -424,8 +458,10 @@ def precise_bn(
         m.train()
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=gen)[: min(n_images, len(dataset))]
+    device = next(model.parameters()).device
     for start in range(0, idx.numel(), batch_size):
-        images = resize_batch(to_float(dataset.images[idx[start : start + batch_size]]), resolution)
+        batch = dataset.images[idx[start : start + batch_size].to(dataset.images.device)]
+        images = resize_batch(to_float(batch).to(device), resolution)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         model(images)
@@ -479,7 +515,12 @@ def train(config: TrainConfig) -> TrainOutcome:
     exact step at which the resolution changes then depends on the machine's speed.
     """
     torch.set_num_threads(config.num_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device(config.device)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        # On a GPU, speed over bit-exact reruns: cuDNN picks its fastest kernels per shape.
+        torch.backends.cudnn.benchmark = True
     config.out_dir.mkdir(parents=True, exist_ok=True)
     last_path = config.out_dir / "last.pt"
     best_path = config.out_dir / "best.pt"
@@ -499,7 +540,7 @@ def train(config: TrainConfig) -> TrainOutcome:
 
     n_pos = train_ds.n_positive
     n_neg = len(train_ds) - n_pos
-    pos_weight = torch.tensor(n_neg / max(1, n_pos), dtype=torch.float32)
+    pos_weight = torch.tensor(n_neg / max(1, n_pos), dtype=torch.float32, device=device)
 
     steps_per_epoch = len(train_ds) // config.batch_size
     if config.max_steps_per_epoch is not None:
@@ -517,6 +558,7 @@ def train(config: TrainConfig) -> TrainOutcome:
     best_epoch = 0
     elapsed_before = 0.0
     history: list[dict[str, Any]] = []
+    ema_state: dict[str, Any] | None = None
     if config.resume and last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
         stored = TrainConfig.from_json(ckpt["config"])
@@ -532,6 +574,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         best_epoch = int(ckpt["best_epoch"])
         elapsed_before = float(ckpt["elapsed_s"])
         history = list(ckpt["history"])
+        ema_state = ckpt.get("ema")
         _log(f"resumed from {last_path} after epoch {start_epoch} (best AUC {best_auc:.4f})")
     else:
         # Pixel statistics of the training images, for the in-graph normalisation.
@@ -543,6 +586,15 @@ def train(config: TrainConfig) -> TrainOutcome:
 
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits memory_format
+    model = model.to(device)
+    train_ds, val_ds = train_ds.to(device), val_ds.to(device)
+    # The optimizer was built (and possibly restored) on the CPU parameters; move its state too.
+    optimizer.load_state_dict(optimizer.state_dict())
+    ema = WeightEma(model, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
+    teachers = [load_checkpoint(Path(t))[0].to(device) for t in config.teachers]
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
     t0 = time.perf_counter()
     budget = config.time_budget_s
@@ -559,7 +611,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         model.train()
         t_epoch = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         seen = 0
         for step_in_epoch, (images, labels) in enumerate(
             train_ds.batches(config.batch_size, shuffle=True, generator=gen, drop_last=True)
@@ -584,12 +636,20 @@ def train(config: TrainConfig) -> TrainOutcome:
             targets = labels
             if config.label_smoothing > 0:
                 targets = labels * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-            logits = model(images)
+            with autocast:
+                logits = model(images).float()
+                soft = _teacher_probabilities(teachers, images)
             loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+            if soft is not None:
+                # The teachers' probabilities are on the pos_weight-balanced scale already.
+                soft_loss = F.binary_cross_entropy_with_logits(logits, soft)
+                loss = (1.0 - config.distill_weight) * loss + config.distill_weight * soft_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.item()) * labels.shape[0]
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.detach() * labels.shape[0]
             seen += labels.shape[0]
             if step_in_epoch % 20 == 0:
                 pct = f" budget {progress_now():.1%}" if budget is not None else ""
@@ -603,8 +663,9 @@ def train(config: TrainConfig) -> TrainOutcome:
             break
 
         t_eval = time.perf_counter()
+        evaluated = model if ema is None else ema.module
         precise_bn(
-            model,
+            evaluated,
             train_ds,
             config.eval_resolution,
             config.precise_bn_images,
@@ -612,8 +673,8 @@ def train(config: TrainConfig) -> TrainOutcome:
             config.channels_last,
             config.seed,
         )
-        probs = predict(model, val_ds, config.eval_resolution, config.eval_batch_size, config.channels_last)
-        labels_np = val_ds.labels.numpy()
+        probs = predict(evaluated, val_ds, config.eval_resolution, config.eval_batch_size, config.channels_last)
+        labels_np = val_ds.labels.cpu().numpy()
         auc = roc_auc(labels_np, probs)
         thr = choose_threshold(labels_np, probs, config.target_sensitivity)
         sens, spec = sensitivity_specificity(labels_np, probs, thr)
@@ -621,7 +682,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         entry = {
             "epoch": epoch + 1,
             "resolution": resolution,
-            "train_loss": loss_sum / max(1, seen),
+            "train_loss": float(loss_sum) / max(1, seen),
             "val_auc": auc,
             "val_threshold": thr,
             "val_sensitivity": sens,
@@ -646,7 +707,7 @@ def train(config: TrainConfig) -> TrainOutcome:
         elapsed = elapsed_before + (time.perf_counter() - t0)
         state = {
             "config": config.to_json(),
-            "model": model.state_dict(),
+            "model": _cpu_state(evaluated),
             "epoch": epoch + 1,
             "val_auc": auc,
             "history": history,
@@ -655,14 +716,15 @@ def train(config: TrainConfig) -> TrainOutcome:
         }
         # "Best" only among epochs evaluated at the export resolution (always, with the default
         # eval_resolution=224); ties go to the later (lower-LR) epoch.
-        if not math.isnan(auc) and auc >= best_auc:
+        if config.select == "last" or (not math.isnan(auc) and auc >= best_auc):
             best_auc, best_epoch = auc, epoch + 1
             _atomic_save(state, best_path)
             _log(f"new best checkpoint (epoch {best_epoch}, AUC {best_auc:.4f})")
-        _atomic_save(
-            {**state, "optimizer": optimizer.state_dict(), "best_auc": best_auc, "best_epoch": best_epoch},
-            last_path,
-        )
+        resume_state = {"optimizer": optimizer.state_dict(), "best_auc": best_auc, "best_epoch": best_epoch}
+        if ema is not None:
+            resume_state["ema"] = ema.state_dict()
+            resume_state["model"] = _cpu_state(model)  # training resumes from the raw weights
+        _atomic_save({**state, **resume_state}, last_path)
         if budget is not None and progress_now() >= 1.0:
             budget_spent = True
         epoch += 1
@@ -670,7 +732,9 @@ def train(config: TrainConfig) -> TrainOutcome:
     duration = elapsed_before + (time.perf_counter() - t0)
     if not best_path.is_file():
         raise RuntimeError(f"time_budget_s: no epoch completed, so there is no {best_path}")
-    metrics = evaluate_checkpoint(best_path, val_ds=val_ds)
+    metrics = evaluate_checkpoint(best_path, val_ds=val_ds, device=device)
+    if config.score_shifts:
+        write_val_scores(best_path, val_ds, config.out_dir / "val_scores.npz", device)
     outcome = TrainOutcome(
         best_checkpoint=best_path,
         last_checkpoint=last_path,
@@ -702,8 +766,60 @@ def train(config: TrainConfig) -> TrainOutcome:
     return outcome
 
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+class WeightEma(Generic[ModelT]):
+    """Exponential moving average of a model's parameters, with a warm-up of the decay.
+
+    The decay used at update *n* is ``min(decay, (1 + n) / (10 + n))``: early averages forget the
+    random initialisation quickly, so a short (clock-paced) run is not dragged back towards it —
+    with a fixed 0.998, a 700-step run would still hold a quarter of its initial weights. Buffers
+    are not averaged: :func:`precise_bn` re-estimates the BatchNorm statistics of the average
+    before every evaluation.
+    """
+
+    def __init__(self, model: ModelT, decay: float) -> None:
+        self.module: ModelT = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged: list[torch.Tensor] = list(self.module.parameters())
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+@torch.no_grad()
+def _teacher_probabilities(teachers: Sequence[EfficientNetB0], images: torch.Tensor) -> torch.Tensor | None:
+    """Mean probability of the *teachers* (eval mode) on *images*; ``None`` without teachers."""
+    if not teachers:
+        return None
+    return torch.stack([torch.sigmoid(t(images).float()) for t in teachers]).mean(dim=0)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU (a checkpoint must load on a machine without the training GPU)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def load_checkpoint(path: Path) -> tuple[EfficientNetB0, TrainConfig, dict[str, Any]]:
-    """Rebuild the model (eval mode, contiguous) and its config from a checkpoint."""
+    """Rebuild the model (eval mode, contiguous, float32) and its config from a checkpoint.
+
+    Half-precision weights (a checkpoint slimmed for transport) are widened on load.
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     config = TrainConfig.from_json(ckpt["config"])
     model = build_model(config)
@@ -718,13 +834,46 @@ def validation_dataset(config: TrainConfig) -> InMemoryDataset:
     return InMemoryDataset.load(config.data_root, prepared.split.val)
 
 
-def evaluate_checkpoint(path: Path, val_ds: InMemoryDataset | None = None) -> Metrics:
+def evaluate_checkpoint(
+    path: Path, val_ds: InMemoryDataset | None = None, device: torch.device | str = "cpu"
+) -> Metrics:
     """Validation metrics of a checkpoint with PyTorch: threshold by the rule, bootstrap CIs."""
     model, config, _ = load_checkpoint(path)
     torch.set_num_threads(config.num_threads)
     ds = val_ds if val_ds is not None else validation_dataset(config)
-    probs = predict(model, ds, config.eval_resolution, config.eval_batch_size, channels_last=False)
-    return metrics_from_scores(ds.labels.numpy(), probs, ds.patients, config)
+    probs = predict(model.to(device), ds, config.eval_resolution, config.eval_batch_size, channels_last=False)
+    return metrics_from_scores(ds.labels.cpu().numpy(), probs, ds.patients, config)
+
+
+def write_val_scores(path: Path, val_ds: InMemoryDataset, out: Path, device: torch.device | str = "cpu") -> None:
+    """Probabilities of checkpoint *path* on *val_ds* under every pixel shift, saved as ``.npz``.
+
+    For a cross-validation fold these are out-of-fold predictions: pooled over the folds they judge
+    the recipe on patients no scoring model saw, and choose its operating point under shift
+    (``evaluate_shift.shift_threshold``). Arrays: ``paths``, ``patients``, ``labels``, and one
+    ``score_<condition>`` per shift of :data:`~inference.training.pixel_shifts.PIXEL_SHIFTS`.
+    """
+    model, config, _ = load_checkpoint(path)
+    model = model.to(device)
+    clean_u8 = val_ds.images.cpu().numpy()[:, 0]
+    arrays: dict[str, np.ndarray] = {
+        "paths": np.array([r.path for r in val_ds.records]),
+        "patients": np.array(val_ds.patients),
+        "labels": val_ds.labels.cpu().numpy().astype(np.int64),
+    }
+    for shift in PIXEL_SHIFTS:
+        try:
+            shifted = np.stack([shift.apply(img, i) for i, img in enumerate(clean_u8)])[:, None]
+        except OSError as exc:  # e.g. a Pillow without FreeType cannot draw the burned-in text
+            _log(f"shift {shift.name} skipped on this machine: {exc}")
+            continue
+        ds = InMemoryDataset(torch.from_numpy(np.ascontiguousarray(shifted)), val_ds.records)
+        arrays[f"score_{shift.name}"] = predict(
+            model, ds, config.eval_resolution, config.eval_batch_size, channels_last=False
+        )
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub wants one array type
+    os.replace(tmp, out)
 
 
 def metrics_from_scores(
@@ -771,6 +920,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the patient split (default: --seed)")
     p.add_argument("--threads", type=int, default=d.num_threads)
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
     p.add_argument(
@@ -793,12 +943,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="MINUTES",
         help="pace the run by the clock: LR and resolution follow the used fraction of this budget",
     )
+    p.add_argument(
+        "--white-frame-p",
+        type=float,
+        default=None,
+        help="share of the framed images whose frame is white instead of black (shift recipe: 0.25)",
+    )
+    p.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA of the weights per step (0 = off)")
+    p.add_argument(
+        "--select",
+        choices=["best", "last"],
+        default=d.select,
+        help="keep the best-validation epoch, or the last one (validation then chooses nothing)",
+    )
+    p.add_argument("--folds", type=int, default=d.folds, help="cross-validation: number of patient folds")
+    p.add_argument("--fold", type=int, default=d.fold, help="cross-validation: the validation fold (0-based)")
+    p.add_argument(
+        "--teacher", type=Path, action="append", default=[], help="distil from this checkpoint (repeatable)"
+    )
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
+    p.add_argument(
+        "--score-shifts",
+        action="store_true",
+        help="also write the validation set's probabilities under the pixel shifts (val_scores.npz)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="smoke tests only")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="smoke tests only")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    augmentation = AugmentConfig.acquisition_shift() if args.augmentation == "shift" else AugmentConfig()
+    if args.white_frame_p is not None:
+        augmentation = dataclasses.replace(augmentation, p_white_frame=args.white_frame_p)
     return TrainConfig(
         out_dir=args.out_dir,
         data_root=args.data_root,
@@ -808,14 +987,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        split_seed=args.split_seed,
         num_threads=args.threads,
         target_sensitivity=args.target_sensitivity,
         label_smoothing=args.label_smoothing,
-        augmentation=AugmentConfig.acquisition_shift() if args.augmentation == "shift" else AugmentConfig(),
+        augmentation=augmentation,
         resume=not args.no_resume,
         max_images=args.max_images,
         max_steps_per_epoch=args.max_steps_per_epoch,
         time_budget_s=None if args.time_budget is None else args.time_budget * 60.0,
+        device=args.device,
+        bf16=args.bf16,
+        ema_decay=args.ema_decay,
+        select=args.select,
+        folds=args.folds,
+        fold=args.fold,
+        teachers=tuple(str(t) for t in args.teacher),
+        distill_weight=args.distill_weight,
+        score_shifts=args.score_shifts,
     )
 
 
