@@ -10,7 +10,9 @@ The pipeline follows the DICOM grayscale presentation chain, PS3.4 N.2 / PS3.3 C
    the wavelet levels, which is both faster and an anti-aliased reduction (ISO 15444-1 Annex F);
 3. **Modality LUT** (PS3.3 C.11.1: Rescale Slope/Intercept or the Modality LUT Sequence);
 4. **VOI LUT** (PS3.3 C.11.2: the VOI LUT Sequence, else the first Window Center/Width with its
-   VOI LUT Function), or — when the image carries neither — a robust percentile window;
+   VOI LUT Function); when the image carries neither, an image of at most 8 bits stored is taken
+   as display-ready (its whole stored range maps linearly onto the display range), a deeper one
+   gets a robust percentile window — see :func:`stored_range`;
 5. **MONOCHROME1 inversion** (PS3.3 C.7.6.3.1.2) so the output is always MONOCHROME2
    (white = dense), the orientation the model was trained in;
 6. **squash** to the manifest's height x width with an area (box) filter.
@@ -57,6 +59,8 @@ JPEG2000_SYNTAXES: frozenset[str] = frozenset(
 )
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: Images of at most this many bits stored and without any VOI are display-ready: see :func:`stored_range`.
+DISPLAY_READY_BITS = 8
 DEFAULT_DISPLAY_MAX_SIDE = 1024
 #: Reduce to at least this multiple of the model input before the final area resize.
 DEFAULT_OVERSAMPLE = 2
@@ -82,7 +86,7 @@ class PreprocessResult:
     maximum, aspect ratio kept. ``timings_ms`` has ``decode`` (pixel decoding) and ``preprocess``
     (everything after). ``decode_factor`` is the resolution reduction applied by the decoder
     (1 = full resolution; 4 = JPEG 2000 decoded at 1/4 size). ``window_source`` says which VOI
-    stage was used: ``"voi_lut"``, ``"window"`` or ``"percentile"``.
+    stage was used: ``"voi_lut"``, ``"window"``, ``"stored_range"`` or ``"percentile"``.
     """
 
     tensor: FloatArray
@@ -422,6 +426,28 @@ def percentile_window(
     return float(lo), float(hi)
 
 
+def stored_range(ds: Dataset) -> tuple[float, float]:
+    """Display limits for an image without any VOI: every value its stored bits can hold.
+
+    Used for images of at most :data:`DISPLAY_READY_BITS` bits stored. Why not the percentile
+    window there: an 8-bit radiograph that carries no VOI is in practice already a display
+    rendering (a secondary capture, a digitised or exported film, a modality's 8-bit output), and
+    the model was trained on exactly such 8-bit renderings. Stretching them to their own 0.5/99.5
+    percentiles changes the contrast of a typical training image by about a quarter (its 99.5th
+    percentile is near 208 of 255) and cost model 1.1.0 4.5 points of sensitivity on its
+    validation split (0.934 -> 0.890; docs/model.md). Deeper images use only part of their range,
+    so for them the percentile window stays. The limits pass through the Modality LUT stage like
+    the pixel values.
+    """
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        low, high = 0, (1 << bits) - 1
+    ends = np.asarray(modality_values(np.array([low, high], dtype=np.float32), ds), dtype=np.float64)
+    return float(ends.min()), float(ends.max())
+
+
 def apply_limits(values: npt.NDArray[Any], low: float, high: float) -> FloatArray:
     """Linearly map [low, high] onto [0, 1], clamped; a flat image maps to zeros."""
     x = np.asarray(values, dtype=np.float32)
@@ -469,6 +495,8 @@ def _choose_voi(ds: Dataset, values: npt.NDArray[Any], percentiles: tuple[float,
     window = first_window(ds)
     if window is not None:
         return _Voi("window", window=window)
+    if int(ds.BitsStored) <= DISPLAY_READY_BITS:
+        return _Voi("stored_range", limits=stored_range(ds))
     return _Voi("percentile", limits=percentile_window(values, percentiles))
 
 

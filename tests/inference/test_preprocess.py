@@ -139,11 +139,13 @@ def _band_means(tensor: np.ndarray, n: int) -> list[float]:
 @pytest.mark.parametrize(
     ("stored", "kwargs", "expected"),
     [
-        # 8-bit MONOCHROME2, no VOI -> percentile window spans the two values
-        (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8}, [0, 1]),
+        # 8-bit MONOCHROME2, no VOI -> display-ready: the stored range 0-255 is the display range
+        (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8}, [10 / 255, 200 / 255]),
         # the same as MONOCHROME1: inverted
         (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8, "photometric": "MONOCHROME1"},
-         [1, 0]),
+         [1 - 10 / 255, 1 - 200 / 255]),
+        # 12-bit, no VOI -> percentile window spans the values actually used
+        (_bands(100, 900), {"bits_stored": 12}, [0, 1]),
         # 12-bit, rescale 0.5/-100 -> 400, 900, 1400; LINEAR window c=900.5 w=1001
         (_bands(1000, 2000, 3000, 2000), {"bits_stored": 12, "RescaleSlope": 0.5,
          "RescaleIntercept": -100, "WindowCenter": 900.5, "WindowWidth": 1001}, [0, 0.5, 1, 0.5]),
@@ -167,6 +169,30 @@ def test_pipeline_table(stored: np.ndarray, kwargs: dict[str, object], expected:
     assert float(result.tensor.min()) >= 0.0 and float(result.tensor.max()) <= 1.0
     np.testing.assert_allclose(_band_means(result.tensor, len(expected)), expected, atol=1e-5)
     assert set(result.timings_ms) == {"decode", "preprocess"}
+
+
+@pytest.mark.parametrize(
+    ("stored", "kwargs", "expected", "source"),
+    [
+        # 8-bit, no VOI: display-ready, the values are kept as they are
+        (_bands(0, 64, 128, 255), {"bits_allocated": 8, "bits_stored": 8}, [0, 64 / 255, 128 / 255, 1],
+         "stored_range"),
+        # 8-bit with Rescale Slope/Intercept: the limits go through the Modality LUT stage too
+        (_bands(0, 255), {"bits_allocated": 8, "bits_stored": 8, "RescaleSlope": 2, "RescaleIntercept": -10},
+         [0, 1], "stored_range"),
+        # 8-bit with a window: the window wins
+        (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8, "WindowCenter": 105.5, "WindowWidth": 191},
+         [0, 1], "window"),
+        # 10-bit, no VOI: deeper than display-ready, percentile window
+        (_bands(100, 300), {"bits_stored": 10}, [0, 1], "percentile"),
+    ],
+)
+def test_window_fallback_depends_on_bits_stored(
+    stored: np.ndarray, kwargs: dict[str, object], expected: list[float], source: str
+) -> None:
+    result = preprocess(_image(stored, **kwargs), SPEC)
+    assert result.window_source == source
+    np.testing.assert_allclose(_band_means(result.tensor, len(expected)), expected, atol=1e-5)
 
 
 def test_voi_lut_sequence_preferred_over_window() -> None:
