@@ -17,6 +17,12 @@ What it does and why:
   specificity``: missing pneumonia costs more than an extra look at a normal film.
 * **Metrics with 95 % bootstrap confidence intervals** (1000 resamples), resampling *patients*
   (a cluster bootstrap), since images of one child are not independent.
+* **GPU runs** (``--device cuda --bf16``) keep data, augmentation and network on the device, with
+  the same per-image random choices as the CPU path; **weight averaging** (``--ema-decay``),
+  **keeping the last epoch** (``--select last``, so that validation chooses nothing),
+  **cross-validation folds** inside the training part of the split (``--folds/--fold``), and
+  **distillation** from teacher checkpoints (``--teacher``) serve the campaign driver
+  (:mod:`inference.training.campaign`) and the model 1.1.0 recipe (EXPERIMENTS.md, 5–6).
 """
 
 from __future__ import annotations
