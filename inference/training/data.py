@@ -148,6 +148,19 @@ class Split:
     description: str = field(default="")
 
 
+def _shuffled_patients(
+    records: Sequence[Record], label_id: int, rng: random.Random
+) -> tuple[list[str], dict[str, int]]:
+    """The patients of one class in *rng*'s order, and each one's image count."""
+    by_patient: dict[str, int] = {}
+    for r in records:
+        if r.label_id == label_id:
+            by_patient[r.patient] = by_patient.get(r.patient, 0) + 1
+    patients = sorted(by_patient)
+    rng.shuffle(patients)
+    return patients, by_patient
+
+
 def patient_split(records: Sequence[Record], val_fraction: float, seed: int) -> Split:
     """Split *records* so that every patient is entirely in train or entirely in validation.
 
@@ -160,12 +173,7 @@ def patient_split(records: Sequence[Record], val_fraction: float, seed: int) -> 
     rng = random.Random(seed)
     val_patients: set[str] = set()
     for label_id in range(len(LABELS)):
-        by_patient: dict[str, int] = {}
-        for r in records:
-            if r.label_id == label_id:
-                by_patient[r.patient] = by_patient.get(r.patient, 0) + 1
-        patients = sorted(by_patient)
-        rng.shuffle(patients)
+        patients, by_patient = _shuffled_patients(records, label_id, rng)
         target = val_fraction * sum(by_patient.values())
         taken = 0
         for p in patients:
@@ -198,12 +206,7 @@ def patient_folds(records: Sequence[Record], k: int, seed: int) -> list[list[Rec
     rng = random.Random(seed)
     fold_of: dict[str, int] = {}
     for label_id in range(len(LABELS)):
-        by_patient: dict[str, int] = {}
-        for r in records:
-            if r.label_id == label_id:
-                by_patient[r.patient] = by_patient.get(r.patient, 0) + 1
-        patients = sorted(by_patient)
-        rng.shuffle(patients)
+        patients, by_patient = _shuffled_patients(records, label_id, rng)
         sizes = [0] * k
         for p in patients:
             fold = min(range(k), key=lambda i: (sizes[i], i))
