@@ -12,7 +12,8 @@ The pipeline follows the DICOM grayscale presentation chain, PS3.4 N.2 / PS3.3 C
 4. **VOI LUT** (PS3.3 C.11.2: the VOI LUT Sequence, else the first Window Center/Width with its
    VOI LUT Function); when the image carries neither, an image of at most 8 bits stored is taken
    as display-ready (its whole stored range maps linearly onto the display range), a deeper one
-   gets a robust percentile window — see :func:`stored_range`;
+   gets a robust percentile window placed where the training images have their percentiles —
+   see :func:`stored_range` and :func:`limits_for_targets`;
 5. **MONOCHROME1 inversion** (PS3.3 C.7.6.3.1.2) so the output is always MONOCHROME2
    (white = dense), the orientation the model was trained in;
 6. **squash** to the manifest's height x width with an area (box) filter.
@@ -59,6 +60,9 @@ JPEG2000_SYNTAXES: frozenset[str] = frozenset(
 )
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: The display values the two percentiles of a percentile window map to: those of the training
+#: images (Kermany JPEGs: median 0.5th percentile 0, median 99.5th percentile 207 of 255).
+PERCENTILE_DISPLAY_TARGETS: tuple[float, float] = (0.0, 207 / 255)
 #: Images of at most this many bits stored and without any VOI are display-ready: see :func:`stored_range`.
 DISPLAY_READY_BITS = 8
 DEFAULT_DISPLAY_MAX_SIDE = 1024
@@ -426,6 +430,23 @@ def percentile_window(
     return float(lo), float(hi)
 
 
+def limits_for_targets(
+    percentile_limits: tuple[float, float], targets: tuple[float, float] = PERCENTILE_DISPLAY_TARGETS
+) -> tuple[float, float]:
+    """Display limits that put the two percentile values at *targets* instead of at 0 and 1.
+
+    Why: stretching an image so that its 99.5th percentile is white renders it brighter than
+    every training image (whose 99.5th percentile sits at 207 of 255 in the median); the model
+    then sees a contrast shift it was not trained on (model 1.1.0 on 12-bit images without a
+    window: EXPERIMENTS.md). Mapping the percentiles where the training images have theirs keeps
+    the presented intensities in the training distribution; the brightest 0.5 % still reach 1.
+    """
+    lo, hi = percentile_limits
+    (t0, t1) = targets
+    scale = (hi - lo) / (t1 - t0)
+    return lo - t0 * scale, lo + (1.0 - t0) * scale
+
+
 def stored_range(ds: Dataset) -> tuple[float, float]:
     """Display limits for an image without any VOI: every value its stored bits can hold.
 
@@ -497,7 +518,7 @@ def _choose_voi(ds: Dataset, values: npt.NDArray[Any], percentiles: tuple[float,
         return _Voi("window", window=window)
     if int(ds.BitsStored) <= DISPLAY_READY_BITS:
         return _Voi("stored_range", limits=stored_range(ds))
-    return _Voi("percentile", limits=percentile_window(values, percentiles))
+    return _Voi("percentile", limits=limits_for_targets(percentile_window(values, percentiles)))
 
 
 def _present(values: npt.NDArray[Any], ds: Dataset, voi: _Voi, photometric: str) -> FloatArray:

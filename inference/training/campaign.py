@@ -4,8 +4,9 @@ Why: on the 2-core CPU host one model takes 65–80 minutes, so a recipe could n
 cross-validated or averaged. A GPU lease is short (minutes) and one command long, so this driver
 runs everything clock-paced inside fixed budgets and leaves the results in a few files:
 
-1. **Phase 1, in parallel** (one ``train`` process each; a small network leaves a big GPU mostly
-   idle, so several processes share it): the *k* cross-validation folds of the training part of
+1. **Phase 1, in parallel** (one ``train`` process each, sharing the GPU; on an H200 the processes
+   time-slice it, so parallelism buys little throughput but lets every run end together inside
+   one budget — EXPERIMENTS.md, experiment 5): the *k* cross-validation folds of the training part of
    the patient split (``--folds k --fold i``, out-of-fold probabilities clean and under the pixel
    shifts in ``val_scores.npz``), and *n* final models of different seeds on the whole training
    part. Every run keeps its last epoch (``--select last``): no validation data chooses anything.
@@ -34,12 +35,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from .train import roc_auc
+from .train import bootstrap_metrics, roc_auc
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def student_run(teachers: Sequence[Path], split_seed: int, seed: int) -> Run:
 
 def launch(runs: Sequence[Run], out_dir: Path, device: str, minutes: float, recipe: Sequence[str]) -> dict[str, int]:
     """Start every run at once, wait for all, return each one's exit status."""
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
     for run in runs:
         run_dir = out_dir / run.name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,14 +79,15 @@ def launch(runs: Sequence[Run], out_dir: Path, device: str, minutes: float, reci
         ]  # fmt: skip
         (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
         log = (out_dir / f"{run.name}.log").open("wb")
-        procs[run.name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        procs[run.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
         print(f"started {run.name}", flush=True)
     status: dict[str, int] = {}
     while procs:
-        for name, proc in list(procs.items()):
+        for name, (proc, log_file) in list(procs.items()):
             code = proc.poll()
             if code is not None:
                 status[name] = code
+                log_file.close()
                 del procs[name]
                 print(f"{name} exited {code}", flush=True)
         time.sleep(1.0)
@@ -98,16 +100,19 @@ def pooled_oof(out_dir: Path, folds: int) -> dict[str, Any]:
     parts = [np.load(f) for f in files if f.is_file()]
     conditions = [k.removeprefix("score_") for k in parts[0].files if k.startswith("score_")]
     labels = np.concatenate([p["labels"] for p in parts])
+    patients = [str(x) for p in parts for x in p["patients"]]
+    clean = bootstrap_metrics(labels, np.concatenate([p["score_clean"] for p in parts]), patients, 0.5)
     return {
         "n_images": int(labels.size),
         "n_positive": int(labels.sum()),
+        "auc_clean_ci95": list(clean.auc.ci95),
         "auc_pooled": {c: roc_auc(labels, np.concatenate([p[f"score_{c}"] for p in parts])) for c in conditions},
         "auc_per_fold": [roc_auc(p["labels"], p["score_clean"]) for p in parts],
     }
 
 
 def slim_checkpoint(src: Path, dst: Path) -> None:
-    """The checkpoint without optimizer state, weights in float16 (transport: a quarter the size)."""
+    """The checkpoint without optimizer state, weights in float16 (half of ``best.pt``, for transport)."""
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     keep = {k: v for k, v in ckpt.items() if k not in ("optimizer", "ema")}
     keep["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}

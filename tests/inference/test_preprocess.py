@@ -21,6 +21,7 @@ from inference.preprocess import (
     decode_j2k_reduced,
     display_image,
     j2k_reduce_level,
+    limits_for_targets,
     modality_values,
     percentile_window,
     preprocess,
@@ -86,6 +87,21 @@ def test_reduction_planning() -> None:
     assert j2k_reduce_level((1955, 1841), (448, 448), levels=1) == 1
 
 
+@pytest.mark.parametrize(
+    ("limits", "targets", "expected"),
+    [
+        ((100.0, 900.0), (0.0, 0.8), (100.0, 1100.0)),  # 900 lands at 0.8, 1100 is white
+        ((100.0, 900.0), (0.1, 0.9), (0.0, 1000.0)),
+        ((100.0, 900.0), (0.0, 1.0), (100.0, 900.0)),  # the plain percentile window
+        ((5.0, 5.0), (0.0, 0.8), (5.0, 5.0)),  # flat: apply_limits maps it to zeros
+    ],
+)
+def test_limits_for_targets_put_the_percentiles_where_the_training_images_have_theirs(
+    limits: tuple[float, float], targets: tuple[float, float], expected: tuple[float, float]
+) -> None:
+    assert limits_for_targets(limits, targets) == pytest.approx(expected)
+
+
 def test_percentile_window() -> None:
     lo, hi = percentile_window(np.arange(1001, dtype=np.float32))
     assert (lo, hi) == pytest.approx((5.0, 995.0))
@@ -144,8 +160,9 @@ def _band_means(tensor: np.ndarray, n: int) -> list[float]:
         # the same as MONOCHROME1: inverted
         (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8, "photometric": "MONOCHROME1"},
          [1 - 10 / 255, 1 - 200 / 255]),
-        # 12-bit, no VOI -> percentile window spans the values actually used
-        (_bands(100, 900), {"bits_stored": 12}, [0, 1]),
+        # 12-bit, no VOI -> percentile window: the values used span 0 to the training images' 99.5th
+        # percentile (207/255)
+        (_bands(100, 900), {"bits_stored": 12}, [0, 207 / 255]),
         # 12-bit, rescale 0.5/-100 -> 400, 900, 1400; LINEAR window c=900.5 w=1001
         (_bands(1000, 2000, 3000, 2000), {"bits_stored": 12, "RescaleSlope": 0.5,
          "RescaleIntercept": -100, "WindowCenter": 900.5, "WindowWidth": 1001}, [0, 0.5, 1, 0.5]),
@@ -154,7 +171,7 @@ def _band_means(tensor: np.ndarray, n: int) -> list[float]:
          "WindowWidth": [32768, 50], "VOILUTFunction": "LINEAR_EXACT"},
          [0, 0.25, 0.5, 32767 / 32768]),
         # 16-bit unsigned, no VOI
-        (_bands(0, 65535), {}, [0, 1]),
+        (_bands(0, 65535), {}, [0, 207 / 255]),
         # signed 16-bit (two's complement) -1000, 0, 1000; LINEAR c=0.5 w=2001 -> (x+1000)/2000
         (_bands(-1000 & 0xFFFF, 0, 1000, 0), {"signed": True, "WindowCenter": 0.5,
          "WindowWidth": 2001}, [0, 0.5, 1, 0.5]),
@@ -184,7 +201,7 @@ def test_pipeline_table(stored: np.ndarray, kwargs: dict[str, object], expected:
         (_bands(10, 200), {"bits_allocated": 8, "bits_stored": 8, "WindowCenter": 105.5, "WindowWidth": 191},
          [0, 1], "window"),
         # 10-bit, no VOI: deeper than display-ready, percentile window
-        (_bands(100, 300), {"bits_stored": 10}, [0, 1], "percentile"),
+        (_bands(100, 300), {"bits_stored": 10}, [0, 207 / 255], "percentile"),
     ],
 )
 def test_window_fallback_depends_on_bits_stored(

@@ -178,6 +178,7 @@ def test_tiny_campaign_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     oof = summary["out_of_fold"]
     assert set(oof["auc_pooled"]) == {s.name for s in PIXEL_SHIFTS}
     assert len(oof["auc_per_fold"]) == 2
+    assert oof["auc_clean_ci95"][0] <= oof["auc_pooled"]["clean"] <= oof["auc_clean_ci95"][1]
     fold_scores = [np.load(out / f"fold{i}" / "val_scores.npz") for i in range(2)]
     assert oof["n_images"] == sum(f["labels"].size for f in fold_scores)
     assert not set(fold_scores[0]["patients"]) & set(fold_scores[1]["patients"])
