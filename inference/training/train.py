@@ -950,6 +950,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="pace the run by the clock: LR and resolution follow the used fraction of this budget",
     )
     p.add_argument(
+        "--frame-p", type=float, default=None, help="share of images framed (shift recipe: 0.25)"
+    )
+    p.add_argument(
+        "--noise-p", type=float, default=None, help="share of images with Gaussian noise (shift recipe: 0.3)"
+    )
+    p.add_argument(
         "--white-frame-p",
         type=float,
         default=None,
@@ -982,8 +988,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     augmentation = AugmentConfig.acquisition_shift() if args.augmentation == "shift" else AugmentConfig()
-    if args.white_frame_p is not None:
-        augmentation = dataclasses.replace(augmentation, p_white_frame=args.white_frame_p)
+    overrides = {"p_frame": args.frame_p, "p_noise": args.noise_p, "p_white_frame": args.white_frame_p}
+    augmentation = dataclasses.replace(augmentation, **{k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(
         out_dir=args.out_dir,
         data_root=args.data_root,

@@ -149,6 +149,11 @@ def test_cli_builds_the_campaign_recipe() -> None:
     assert config.augmentation.p_white_frame == 0.0 and config.augmentation.p_frame > 0
     assert (config.folds, config.fold, config.split_seed, config.select) == (5, 2, 7, "last")
     assert config.teachers == ("/t/a.pt", "/t/b.pt") and config.bf16 and config.score_shifts
+    tuned = config_from_args(
+        build_arg_parser().parse_args(["--out-dir", "/tmp/r", "--augmentation", "shift", "--frame-p", "0.5", "--noise-p", "0.4"])
+    )
+    assert (tuned.augmentation.p_frame, tuned.augmentation.p_noise) == (0.5, 0.4)
+    assert tuned.augmentation.p_white_frame == 0.25  # the recipe's own value where not overridden
 
 
 def test_campaign_plans_folds_finals_and_student() -> None:
