@@ -725,7 +725,8 @@ def train(config: TrainConfig) -> TrainOutcome:
         if config.select == "last" or (not math.isnan(auc) and auc >= best_auc):
             best_auc, best_epoch = auc, epoch + 1
             _atomic_save(state, best_path)
-            _log(f"new best checkpoint (epoch {best_epoch}, AUC {best_auc:.4f})")
+            kept = "last epoch" if config.select == "last" else "new best"
+            _log(f"{kept} checkpoint (epoch {best_epoch}, AUC {best_auc:.4f})")
         resume_state = {"optimizer": optimizer.state_dict(), "best_auc": best_auc, "best_epoch": best_epoch}
         if ema is not None:
             resume_state["ema"] = ema.state_dict()

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from inference.training import campaign  # noqa: E402
 from inference.training.data import DataError, Record, fold_split, patient_folds  # noqa: E402
 from inference.training.efficientnet import EfficientNetB0, EfficientNetConfig  # noqa: E402
+from inference.training.export import ExportConfig, export_model  # noqa: E402
 from inference.training.pixel_shifts import PIXEL_SHIFTS  # noqa: E402
 from inference.training.shifts import SHIFTS  # noqa: E402
 from inference.training.train import (  # noqa: E402
@@ -196,6 +197,19 @@ def test_tiny_campaign_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         assert a.dtype == b.dtype, name
         if a.is_floating_point():
             assert torch.allclose(a, b.half().float()), name
+
+    # Export takes a threshold chosen elsewhere (evaluate_shift's rule) and reports metrics at it.
+    exported = export_model(
+        ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "model", tolerance=1e-2,
+                     threshold=0.25, threshold_rule="chosen under shift (test)")
+    )  # fmt: skip
+    manifest = exported.manifest
+    assert (manifest["threshold"], manifest["threshold_rule"]) == (0.25, "chosen under shift (test)")
+    assert manifest["metrics"]["threshold"] == 0.25
+    assert manifest["training"]["split_seed"] == 20260317 and manifest["training"]["distilled_from"] == 1
+    assert "pick the threshold," in manifest["metrics"]["split"]  # --select last: no epoch was chosen
+    with pytest.raises(ValueError, match="threshold_rule"):
+        export_model(ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "m2", tolerance=1e-2, threshold=0.25))
 
 
 @needs_data
