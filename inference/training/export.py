@@ -365,7 +365,7 @@ def build_manifest(
     history = checkpoint.get("history", [])
     metrics_json: dict[str, Any]
     if metrics is not None:
-        chose = "the threshold" if config.select == "last" else "the best epoch and the threshold"
+        chose = _validation_chose(config.select)
         metrics_json = {
             "split": (
                 f"held-out patient-wise validation split of the Kermany train folder (also used to "
@@ -630,10 +630,9 @@ def _plan_text(t: dict[str, Any]) -> str:
     return f"stopped by the {t['time_budget_s'] / 60:.1f}-minute budget; the last may be partial"
 
 
-def _chosen_on_validation(t: dict[str, Any]) -> str:
-    if str(t.get("epoch_kept", "")).startswith("last"):
-        return "the threshold (not the epoch)"
-    return "the best epoch and the threshold"
+def _validation_chose(select: str) -> str:
+    """What the validation split chose for a run that kept its *select* epoch ("best" or "last")."""
+    return "the threshold" if select == "last" else "the best epoch and the threshold"
 
 
 def _fmt(est: dict[str, Any]) -> str:
@@ -713,7 +712,8 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
             f"- Threshold: {manifest['threshold']:.6f} — {manifest['threshold_rule']}.",
             f"- Intervals: {m.get('bootstrap', 'bootstrap')}, {m.get('bootstrap_resamples')} resamples.",
             "",
-            f"These numbers are optimistic: the same validation split chose {_chosen_on_validation(t)}, "
+            f"These numbers are optimistic: the same validation split chose "
+            f"{_validation_chose('last' if str(t.get('epoch_kept', '')).startswith('last') else 'best')}, "
             "and it comes from the same hospital, period and acquisition process as the "
             "training images. Expect lower specificity (and possibly sensitivity) elsewhere, "
             "including on the dataset's own test split, which is known to differ in class balance "

@@ -43,11 +43,7 @@ from inference.training.train import (  # noqa: E402
     train,
 )
 from storage.filestore import sha256_file  # noqa: E402
-
-DATA_ROOT = Path("/work/shared/data/kermany-cxr-224")
-needs_data = pytest.mark.skipif(
-    not (DATA_ROOT / "manifest.csv").is_file(), reason="shared Kermany data folder not present"
-)
+from tests.inference.kermany_data import DATA_ROOT, needs_data  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -32,11 +32,7 @@ from inference.training.train import (  # noqa: E402
     load_checkpoint,
     prepare_records,
 )
-
-DATA_ROOT = Path("/work/shared/data/kermany-cxr-224")
-needs_data = pytest.mark.skipif(
-    not (DATA_ROOT / "manifest.csv").is_file(), reason="shared Kermany data folder not present"
-)
+from tests.inference.kermany_data import DATA_ROOT, needs_data  # noqa: E402
 
 
 def _records(n_patients: int, images_per_patient: list[int], label: int, prefix: str) -> list[Record]:
