@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from conf.tls import TlsSettings, normalise_fingerprint
+
 DEFAULT_CONFIG_FILE = Path("pneumo.toml")
 
 
@@ -34,6 +36,10 @@ def _ae_title(value: str) -> str:
     if not 1 <= len(stripped) <= 16 or "\\" in stripped or not stripped.isascii():
         raise ValueError(f"not a valid AE title: {value!r}")
     return stripped
+
+
+def _fingerprint(value: str | None) -> str | None:
+    return None if value is None else normalise_fingerprint(value)
 
 
 #: The DIMSE services a peer may be granted (``dicom.peers[].permissions``).
@@ -55,7 +61,14 @@ class DicomPeer(_Section):
         "needs; query (find) and retrieve (move, get) must be granted explicitly.",
     )
 
+    certificate_sha256: str | None = Field(
+        default=None,
+        description="With [dicom.tls]: SHA-256 fingerprint of the client certificate this peer must present "
+        "(certificate mapped to the peer); None: any certificate the CA signed.",
+    )
+
     _check_ae = field_validator("ae_title")(_ae_title)
+    _check_fingerprint = field_validator("certificate_sha256")(_fingerprint)
 
 
 class DicomDestination(_Section):
@@ -65,6 +78,7 @@ class DicomDestination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(default=False, description="Connect with TLS ([dicom.tls]: CA to verify it, our client certificate).")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -120,6 +134,7 @@ class DicomSettings(_Section):
         description="IANA time zone (e.g. 'Europe/Berlin') of the date/times in the SR and summary image "
         "when the source has no Timezone Offset From UTC; None: the system's local zone.",
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="DICOM TLS (PS3.15 B.9, BCP 195); docs/security.md.")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -196,6 +211,7 @@ class FhirSettings(HttpSettings):
         "empty = any http(s) URL. Set it in production: a client allowed to write Subscriptions could otherwise make "
         "the gateway call any address it can reach.",
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="HTTPS for /fhir, /health, /ready; docs/security.md.")
 
 
 class Hl7Peer(_Section):
@@ -204,6 +220,12 @@ class Hl7Peer(_Section):
     sending_application: str
     sending_facility: str
     host: str | None = Field(default=None, description="Host name or IP it connects from; None = any host.")
+    certificate_sha256: str | None = Field(
+        default=None,
+        description="With [hl7.tls]: SHA-256 fingerprint of the client certificate this sender must present.",
+    )
+
+    _check_fingerprint = field_validator("certificate_sha256")(_fingerprint)
 
 
 class Hl7Destination(_Section):
@@ -214,6 +236,7 @@ class Hl7Destination(_Section):
     port: int = Field(ge=1, le=65535)
     receiving_application: str
     receiving_facility: str
+    tls: bool = Field(default=False, description="Connect with TLS ([hl7.tls]: CA to verify it, our client certificate).")
 
 
 class Hl7Settings(_Section):
@@ -237,6 +260,7 @@ class Hl7Settings(_Section):
         description="MSH-11 values accepted (P production, T training, D debugging); others are rejected (AR). "
         "A test system lists \"T\"; ORU^R01 results carry the first value.",
     )
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="MLLP over TLS (IHE ATNA secure node); docs/security.md.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Hl7Settings:

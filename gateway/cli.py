@@ -26,6 +26,7 @@ from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
 from gateway.acceptors import die_with_parent, parent_alive
 from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
+from gateway.cli_certs import register as register_certs
 from gateway.cli_db import announce_store, existing_store
 from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
@@ -403,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_deliveries(commands)
     register_fhir(commands)
     register_db(commands)
+    register_certs(commands)
 
     audit = add_command(
         commands, "audit", summary="audit log tools",
