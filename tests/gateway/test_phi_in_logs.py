@@ -13,6 +13,11 @@ from DCMTK ``storescu``:
   quotes the swallowed bytes in warnings and exceptions;
 * a 1×1-pixel DX chest image — not applicable, with the rule named, and no SR.
 
+Over HL7 (MLLP, issue "A HIPAA audit trail you can prove", the PHI test), the same patient's
+order arrives first (ORM^O01 with the name, MRN, birth date and accession), one malformed order
+quotes PHI in a field that fails validation (answered AE/AR), and the ORU^R01 with the result goes
+out to an EHR's MLLP receiver, which answers AA.
+
 Everything the server writes (stdout and stderr), and what the ``pneumo`` commands used to
 inspect it write to stderr, must be free of every PHI string.
 """
@@ -35,8 +40,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import copy_with_new_uids, dcmtk, sample
+from hl7.messages import parse_ack
+from tests.conftest import copy_with_new_uids, dcmtk, free_port, sample, wait_until
 from tests.gateway.serve_process import pneumo, write_config
+from tests.gateway.test_hl7_loop import Ehr, _exchange, _order
+from tests.hl7.test_messages import ORM_231
 from tests.inference.tiny_model import write_model_dir
 
 pytestmark = pytest.mark.slow
@@ -49,7 +57,9 @@ BAD_BIRTH_DATE = "05/04/1923"
 ACCESSION = "ACC5551212"
 REFERRER = "Wqoplkmn"  # one PN component: highdicom warns, quoting it (a Python warning)
 SWALLOWED_ACCESSION = "ACC7774242"
-PHI = (NAME, "Zyxwvut", "Qpalzm", PATIENT_ID, BAD_BIRTH_DATE, "05/04", ACCESSION, SWALLOWED_ACCESSION, REFERRER)
+BIRTH_DATE = "19230405"  # the order's (HL7 DT): the image's own is the malformed one above
+PHI = (NAME, "Zyxwvut", "Qpalzm", PATIENT_ID, BAD_BIRTH_DATE, "05/04", BIRTH_DATE, ACCESSION, SWALLOWED_ACCESSION,
+       REFERRER)
 
 
 @dataclass
@@ -61,6 +71,8 @@ class Served:
     swallowed_study: str
     fhir: dict[str, int]
     tiny_study: str
+    hl7_acks: list[str]  # MSA-1 of each order sent
+    oru: list[str]  # the ORU^R01 messages the EHR received
 
 
 def _with_phi(accession: str, birth_date: str | None) -> Callable[[Dataset], None]:
@@ -114,7 +126,7 @@ def _one_pixel_dx(directory: Path) -> Path:
     return path
 
 
-def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """``pneumo serve`` with stdout and stderr both captured to files (nothing discarded)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "--config", str(config), "serve"],
@@ -128,7 +140,7 @@ def _start(config: Path, out: Path, err: Path) -> tuple[subprocess.Popen[bytes],
             except ValueError:
                 continue
             if message.get("event") == "ready":
-                return proc, int(message["dicom_port"]), int(message["http_port"])
+                return proc, int(message["dicom_port"]), int(message["http_port"]), int(message["hl7_port"])
         if proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -143,12 +155,16 @@ def _uid(path: Path, keyword: str) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("phi")
+    ehr_port = free_port()
     extra = "\n".join([
         "threads = 1", "poll_interval = 0.1",
         "[inference]", f'model_dir = "{write_model_dir(tmp / "model")}"',
         "[results]", "study_stable_seconds = 0.5",
         "[log]", 'level = "DEBUG"', 'format = "json"',
         "[fhir.auth]", 'mode = "anonymous"',
+        "[[hl7.peers]]", 'sending_application = "RIS"', 'sending_facility = "HOSP"', 'host = "127.0.0.1"',
+        "[[hl7.destinations]]", 'name = "ehr"', 'host = "127.0.0.1"', f"port = {ehr_port}",
+        'receiving_application = "EHR"', 'receiving_facility = "HOSP"',
     ])
     config = write_config(tmp / "pneumo.toml", tmp / "var", workers=True, extra=extra)
     bad_birth_date = copy_with_new_uids(sample("RG1_UNCR.dcm"), tmp / "in", mutate=_with_phi(ACCESSION, BAD_BIRTH_DATE))
@@ -158,7 +174,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert "AccessionNumber" not in pydicom.dcmread(swallowed, stop_before_pixels=True)
 
     out, err = tmp / "serve.out", tmp / "serve.err"
-    proc, port, http_port = _start(config, out, err)
+    proc, port, http_port, hl7_port = _start(config, out, err)
+    ehr = Ehr(ehr_port)
     inspect_errors: list[str] = []
 
     def studies() -> dict[str, dict[str, object]]:
@@ -174,6 +191,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         return [json.loads(line) for line in listed.stdout.splitlines()]
 
     try:
+        acks = [parse_ack(_exchange(hl7_port, message))[0] for message in _orders_with_phi()]
         sent = subprocess.run(
             [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(port),
              str(bad_birth_date), str(swallowed), str(tiny)],
@@ -197,7 +215,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             rows = studies()
         instances = listed_instances()
         fhir = _fhir_queries_with_phi(http_port)
+        wait_until(lambda: any(ACCESSION in m for m in ehr.messages), what="the ORU^R01 at the EHR", timeout=60)
     finally:
+        ehr.close()
         proc.terminate()
         try:
             proc.wait(30)
@@ -209,8 +229,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         output=output, studies=rows, instances=instances,
         bad_birth_date_study=_uid(bad_birth_date, "StudyInstanceUID"),
         swallowed_study=_uid(swallowed, "StudyInstanceUID"),
-        tiny_study=_uid(tiny, "StudyInstanceUID"), fhir=fhir,
+        tiny_study=_uid(tiny, "StudyInstanceUID"), fhir=fhir, hl7_acks=acks, oru=list(ehr.messages),
     )
+
+
+def _orders_with_phi() -> list[str]:
+    """The RIS: the patient's order (name, MRN, birth date, accession of the radiograph), and one
+    for the same patient with no accession number (refused with an error ACK) and a malformed
+    birth date quoting the name."""
+    order = _order(ORM_231, ACCESSION, "PO-PHI-1", "CTLPHI1")
+    order = order.replace("PHI4711", PATIENT_ID).replace("EVERYMAN^ADAM^A^^DR", NAME).replace("|19800704|", f"|{BIRTH_DATE}|")
+    malformed = _order(ORM_231, "", "PO-PHI-2", "CTLPHI2").replace("|19800704|", f"|{BAD_BIRTH_DATE} {NAME}|")
+    return [order, malformed]
 
 
 def _fhir_queries_with_phi(http_port: int) -> dict[str, int]:
@@ -279,3 +309,11 @@ def test_fhir_searches_by_phi_work_and_leave_no_trace(served: Served) -> None:
     malformed one is a 400; none of the values reaches the output (checked above, same output)."""
     # Two reports carry ACCESSION: the radiograph's and the 1x1 DX's (cancelled: "not looked at" is a report too).
     assert served.fhir == {"name": 1, "mrn": 1, "accession": 2, "malformed": -400}
+
+
+def test_hl7_order_and_result_carry_phi_to_the_ehr_and_none_to_the_output(served: Served) -> None:
+    """The order is accepted, the malformed one refused with an error ACK; the ORU to the EHR holds
+    the patient's identity (it is for the EHR), and the output none of it (test above)."""
+    assert served.hl7_acks[0] == "AA" and served.hl7_acks[1] in ("AE", "AR")
+    oru = next(m for m in served.oru if ACCESSION in m)
+    assert PATIENT_ID in oru and "Zyxwvut" in oru
