@@ -65,9 +65,11 @@ def study_object(
 
 
 def application_activity(
-    source: AuditSource, *, started: bool, process_name: str, host: str | None, when: dt.datetime, user: str | None = None
+    source: AuditSource, *, started: bool, process_name: str, host: str | None, when: dt.datetime, user: str | None = None,
+    description: str | None = None,
 ) -> AuditEvent:
-    """A.5.3.1 Application Activity: the gateway started or stopped."""
+    """A.5.3.1 Application Activity: the gateway started or stopped (*description*: e.g. the
+    fingerprint of the configuration it started with, conf/fingerprint.py)."""
     participants = [ActiveParticipant(user_id=process_name, user_is_requestor=False, role_id=RoleId.APPLICATION,
                                       network_access_point_id=host, network_access_point_type=_nap_type(host))]
     if user:
@@ -77,6 +79,7 @@ def application_activity(
         event_types=(EventType.APPLICATION_START if started else EventType.APPLICATION_STOP,),
         action=Action.EXECUTE,
         outcome=Outcome.SUCCESS,
+        outcome_description=description,
         occurred_at=when,
         source=source,
         participants=tuple(participants),

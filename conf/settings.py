@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -90,6 +90,18 @@ class DicomSettings(_Section):
     peers: list[DicomPeer] = Field(default_factory=list)
     destinations: list[DicomDestination] = Field(default_factory=list)
     max_associations: int = Field(default=32, ge=1, description="Per acceptor process.")
+    max_associations_per_host: int = Field(
+        default=16,
+        ge=0,
+        description="Per acceptor process: concurrent associations from one address (0 = no limit). One more is "
+        "rejected A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded (PS3.8 Table 9-21) and alerted.",
+    )
+    max_dataset_bytes: int = Field(
+        default=1024 * 2**20,
+        ge=0,
+        description="Largest C-STORE data set accepted (bytes, 0 = no limit). A larger one is discarded as it "
+        "arrives and answered 0xA700 Refused: Out of Resources (PS3.4 B.2.3), and alerted.",
+    )
     acceptor_processes: int = Field(
         default=1,
         ge=1,
@@ -204,6 +216,18 @@ class FhirSettings(HttpSettings):
     )
     default_count: int = Field(default=20, ge=1, le=1000, description="Page size when a search names no _count.")
     max_count: int = Field(default=200, ge=1, le=1000, description="Largest _count honoured (larger is capped).")
+    max_request_bytes: int = Field(
+        default=2**20, ge=1024, description="Largest request body under /fhir (bytes); a larger one is answered 413."
+    )
+    requests_per_second: float = Field(
+        default=50.0,
+        ge=0,
+        description="Sustained /fhir requests per second per client: the token's client id, or the address when "
+        "anonymous or when the token is refused (0 = no limit). Beyond it: 429 with Retry-After.",
+    )
+    request_burst: int = Field(
+        default=100, ge=1, description="Requests a client may make at once above the sustained rate (token bucket size)."
+    )
     auth: FhirAuthSettings = Field(default_factory=FhirAuthSettings)
     subscription_endpoints: list[str] = Field(
         default_factory=list,
@@ -270,7 +294,51 @@ class Hl7Settings(_Section):
         return self
 
 
+class StorageEncryptionSettings(_Section):
+    """Encryption at rest of the DICOM file store (storage/encryption.py; docs/architecture.md).
+
+    Off unless a key is configured. The key comes from a file or, for container secrets passed
+    as variables, from ``PNEUMO_STORAGE__ENCRYPTION__KEY``; never from the TOML file itself."""
+
+    key_id: str | None = Field(
+        default=None,
+        description="Id of the current key, written into every new file's header (1-64 of A-Z a-z 0-9 . _ -).",
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="File holding the current AES-256 key: 64 hex digits (`openssl rand -hex 32`, "
+        "`pneumo keys generate`) or base64 of 32 bytes (`openssl rand -base64 32`).",
+    )
+    key: SecretStr | None = Field(
+        default=None,
+        description="The current key itself (hex or base64), for PNEUMO_STORAGE__ENCRYPTION__KEY; "
+        "use key_file or this, not both.",
+    )
+    retired_key_files: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Older keys, key id -> key file: read only, so files written under them stay readable "
+        "until `pneumo keys rotate` re-encrypts them under the current key.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StorageEncryptionSettings:
+        if self.key_file is not None and self.key is not None:
+            raise ValueError("storage.encryption: give key_file or key, not both")
+        if (self.key_file is not None or self.key is not None) and not self.key_id:
+            raise ValueError("storage.encryption: key_id is required with a key")
+        if self.key_id is not None and self.key_file is None and self.key is None:
+            raise ValueError("storage.encryption: key_id is set but neither key_file nor key is")
+        if self.key_id is not None and self.key_id in self.retired_key_files:
+            raise ValueError("storage.encryption: the current key_id is also listed in retired_key_files")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.key_id is not None
+
+
 class StorageSettings(_Section):
+    encryption: StorageEncryptionSettings = Field(default_factory=StorageEncryptionSettings)
     fsync: bool = Field(
         default=True,
         description="fsync files and directories before acknowledging; turn off only for throwaway test data.",
@@ -402,6 +470,62 @@ class ResultsSettings(_Section):
     )
 
 
+class AuditSyslogSettings(_Section):
+    """Forwarding of the audit log to an IHE ATNA Audit Record Repository (ITI-20): RFC 5424
+    syslog messages over TLS (RFC 5425), DICOM PS3.15 A.6 (docs/audit.md, ``[audit.syslog]``)."""
+
+    enabled: bool = Field(default=False, description="Forward every audit record from `pneumo serve`.")
+    host: str | None = Field(
+        default=None, description="The Audit Record Repository's host name (checked against its certificate)."
+    )
+    port: int = Field(default=6514, ge=1, le=65535, description="syslog over TLS port (RFC 5425 §4.1: 6514).")
+    tls: TlsSettings = Field(
+        default_factory=TlsSettings,
+        description="ca_file: the CA that signs the repository's certificate (None: the system trust store); "
+        "cert_file/key_file: our client certificate (ATNA node authentication is mutual).",
+    )
+    check_hostname: bool = Field(default=True, description="Check that the repository's certificate names `host`.")
+    hostname: str | None = Field(
+        default=None, description="HOSTNAME of the syslog header (RFC 5424 §6.2.4); default this machine's FQDN."
+    )
+    app_name: str = Field(default="pneumo-gateway", description="APP-NAME of the syslog header (1-48 printable ASCII).")
+    utf8_bom: bool = Field(
+        default=False,
+        description="Start MSG with the UTF-8 BOM (RFC 5424 §6.4 MSG-UTF8). Off by default: IHE ITI TF-2 §3.20 sends the "
+        "XML without it; turn on for a repository that wants strict RFC 5424.",
+    )
+    batch_size: int = Field(default=100, ge=1, le=10_000, description="Records read and written per round.")
+    poll_interval_seconds: float = Field(default=1.0, gt=0, description="How often new records are looked for.")
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, description="TCP connect + TLS handshake + write timeout.")
+    retry_initial_seconds: float = Field(default=1.0, gt=0, description="First wait after a failure ...")
+    retry_max_seconds: float = Field(default=60.0, gt=0, description="... doubling up to this cap while the repository is down.")
+    cursor_file: Path | None = Field(
+        default=None,
+        description="Where the last forwarded sequence number is kept; default <data_dir>/audit-forward.cursor.",
+    )
+    start_at: Literal["oldest", "newest"] = Field(
+        default="oldest",
+        description="With no cursor file yet: forward the whole existing log (oldest) or only records from now on (newest).",
+    )
+
+    @field_validator("app_name", "hostname")
+    @classmethod
+    def _printable_ascii(cls, value: str | None, info: Any) -> str | None:
+        """RFC 5424 §6: header fields are 1*PRINTUSASCII (%d33-126): APP-NAME up to 48, HOSTNAME up to 255."""
+        limit = 48 if info.field_name == "app_name" else 255
+        if value is not None and not (1 <= len(value) <= limit and all(33 <= ord(c) <= 126 for c in value)):
+            raise ValueError(f"audit.syslog.{info.field_name}: 1-{limit} printable US-ASCII characters, no spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _usable(self) -> AuditSyslogSettings:
+        if self.enabled and not self.host:
+            raise ValueError("audit.syslog: enabled needs host (the Audit Record Repository)")
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("audit.syslog: retry_max_seconds must be at least retry_initial_seconds")
+        return self
+
+
 class AuditSettings(_Section):
     """Tamper evidence of the audit log beyond its hash chain (docs/configuration.md, ``[audit]``)."""
 
@@ -419,6 +543,7 @@ class AuditSettings(_Section):
     anchor_interval_seconds: float = Field(
         default=5.0, gt=0, description="... or this many seconds after the last checkpoint, if the chain grew."
     )
+    syslog: AuditSyslogSettings = Field(default_factory=AuditSyslogSettings)
 
 
 class LogSettings(_Section):
@@ -475,6 +600,10 @@ class Settings(BaseSettings):
     @property
     def audit_anchor_file(self) -> Path:
         return self.audit.anchor_file or self.data_dir / "audit-anchor.log"
+
+    @property
+    def audit_forward_cursor_file(self) -> Path:
+        return self.audit.syslog.cursor_file or self.data_dir / "audit-forward.cursor"
 
 
 def load_settings(

@@ -20,12 +20,16 @@ effect at the next start; :func:`describe` is what the ready line and ``/ready``
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from conf.errors import InvalidInputError
 
 #: RFC 9325 §4.2 recommended TLS 1.2 cipher suites (ECDHE with AEAD), in OpenSSL's names; TLS 1.3
 #: suites are all AEAD and are configured separately by OpenSSL (its defaults are kept).
@@ -41,7 +45,7 @@ BCP195_TLS12_CIPHERS = ":".join(
 )
 
 
-class TlsError(ValueError):
+class TlsError(InvalidInputError):
     """The TLS settings name files that cannot be used (missing, unreadable, not matching)."""
 
 
@@ -157,3 +161,64 @@ def describe(tls: TlsSettings) -> str:
     if not tls.enabled:
         return "off"
     return "mutual" if tls.require_client_cert else ("on, client certificates verified" if tls.ca_file else "on")
+
+
+class HandshakeFailure(enum.Enum):
+    """Why a TLS handshake on a listener failed, in an operator's words (the log's ``reason``);
+    the same words on every port (DICOM, MLLP)."""
+
+    TIMED_OUT = "tls-timed-out"
+    CLOSED = "tls-closed"
+    NOT_TLS = "tls-not-tls"
+    NO_CLIENT_CERTIFICATE = "tls-no-client-certificate"
+    CERTIFICATE_REJECTED = "tls-certificate-rejected"
+    PROTOCOL = "tls-protocol"
+
+    @property
+    def node_authentication(self) -> bool:
+        """Whether this is the peer failing node authentication (PS3.15 A.5.3.11, DCM 110126:
+        a Security Alert); everything else (a plain client, an old TLS version, a port scanner)
+        is transport noise, logged only."""
+        return self in (HandshakeFailure.NO_CLIENT_CERTIFICATE, HandshakeFailure.CERTIFICATE_REJECTED)
+
+
+@dataclass(frozen=True)
+class HandshakeError:
+    failure: HandshakeFailure
+    #: OpenSSL's reason (or the verification message): protocol words only, never PHI.
+    detail: str
+
+
+#: OpenSSL reasons (``SSLError.reason``) of a first record that is not TLS at all: a plain DICOM
+#: or MLLP client (PDU type 0x01 or 0x0B where a TLS record type belongs), HTTP, random bytes.
+_NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+        "UNKNOWN_PROTOCOL",
+        "PACKET_LENGTH_TOO_LONG",
+        "RECORD_LAYER_FAILURE",
+        "UNEXPECTED_RECORD",
+    }
+)
+#: The peer presented no certificate although ``require_client_cert`` asks for one (TLS 1.2, 1.3).
+_NO_CERTIFICATE_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"})
+
+
+def classify_handshake_failure(exc: BaseException) -> HandshakeError:
+    """What an exception from the server side of :meth:`ssl.SSLSocket.do_handshake` means."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return HandshakeError(HandshakeFailure.CERTIFICATE_REJECTED, str(exc.verify_message or exc.reason))
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError (3.10+)
+        return HandshakeError(HandshakeFailure.TIMED_OUT, "handshake not complete in time")
+    if isinstance(exc, ssl.SSLError):
+        reason = str(getattr(exc, "reason", None) or exc.__class__.__name__)
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return HandshakeError(HandshakeFailure.CLOSED, reason)
+        if reason in _NO_CERTIFICATE_REASONS:
+            return HandshakeError(HandshakeFailure.NO_CLIENT_CERTIFICATE, reason)
+        if reason in _NOT_TLS_REASONS:
+            return HandshakeError(HandshakeFailure.NOT_TLS, reason)
+        return HandshakeError(HandshakeFailure.PROTOCOL, reason)
+    return HandshakeError(HandshakeFailure.CLOSED, exc.__class__.__name__)

@@ -4,13 +4,17 @@ Implements :class:`~storage.outbox.ChannelSender` over :func:`dicom_node.storage
 reusing open associations for ``delivery.association_idle_seconds`` (:mod:`dicom_node.associations`).
 Each attempt is audited as PS3.15 A.5.3.5 "DICOM Instances Transferred" with us as Source and
 the PACS as Destination, Action R (an existing instance read and sent).
+
+Destinations with ``tls = true`` are reached over TLS (PS3.15 B.9) with one client context built
+at start from ``[dicom.tls]`` (:func:`dicom_node.tls.outgoing_context`): its CA verifies the PACS,
+its certificate is ours. Without ``[dicom.tls]`` the system's trust store verifies the PACS and
+no client certificate is presented.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import socket
-from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -18,8 +22,11 @@ from audit.builders import dicom_transfer
 from audit.events import Action, AuditEvent, AuditSource, Outcome
 from conf.errors import NotFoundError
 from conf.settings import DicomDestination
+from conf.tls import TlsSettings
 from dicom_node.associations import AssociationPool
 from dicom_node.storage_scu import DeliveryRejectedError, send_instance
+from dicom_node.tls import outgoing_context
+from storage.encryption import StoredFileIntegrityError
 from storage.filestore import FileStore, FileStoreError
 from storage.jobs import ClaimedJob
 from storage.outbox import Channel, DeliveryItem, DeliveryReceipt
@@ -41,8 +48,11 @@ class DicomChannel:
         audit_source: AuditSource,
         local_host: str | None = None,
         association_idle_seconds: float = 0.0,
+        tls: TlsSettings | None = None,
     ) -> None:
         self._store = store
+        needs_tls = any(d.tls for d in destinations)
+        self._tls_context = outgoing_context(tls or TlsSettings()) if needs_tls else None
         self._destinations = {d.name: d for d in destinations}
         self._calling_ae = calling_ae
         self._timeout = timeout
@@ -75,11 +85,20 @@ class DicomChannel:
 
     def send(self, item: DeliveryItem, destination: str) -> DeliveryReceipt:
         target = self._destinations[destination]
+        # The store authenticates and decrypts (storage.filestore.FileStore.open): a file that
+        # fails is rejected for good (the same bytes fail again), never sent.
         try:
-            path: Path = self._store.absolute(str(item.content))
+            source = self._store.open(str(item.content))
         except FileStoreError as exc:
             raise DeliveryRejectedError(f"stored file path is invalid: {exc.strerror}") from exc
-        result = send_instance(path, target, self._calling_ae, self._timeout, self._associations)
+        except OSError as exc:
+            raise DeliveryRejectedError(f"stored file cannot be read: {exc.__class__.__name__}") from exc
+        except StoredFileIntegrityError as exc:
+            raise DeliveryRejectedError(str(exc)) from exc
+        with source:
+            result = send_instance(
+                source, target, self._calling_ae, self._timeout, self._associations, tls_context=self._tls_context
+            )
         note = None
         if result.warning:
             note = f"stored with warning status 0x{result.status:04X}"

@@ -26,6 +26,16 @@ out with "Local Limit Exceeded". So before pynetdicom sees a connection, :class:
 Only connections with a complete A-ASSOCIATE-RQ become pynetdicom associations, so pending ones
 never count against ``maximum_associations``.
 
+With ``[dicom.tls]`` the same defences hold on the TLS-only port (:mod:`dicom_node.tls`): the
+connection is accepted without a handshake, and in its own thread, still a pending connection
+(bounded and evictable like any other), it must complete the TLS handshake *and* deliver its
+A-ASSOCIATE-RQ within the one ARTIM deadline. ``MSG_PEEK`` sees only ciphertext, so the first PDU
+is read (:func:`read_first_pdu_tls`), checked with :func:`check_associate_rq` as on a plain
+connection, and replayed to pynetdicom (:class:`dicom_node.tls.ReplaySSLSocket`). A failed
+handshake is closed without a PDU and logged (throttled, with address and reason); a failed node
+authentication (client certificate missing or not ours) is also reported to *on_tls_auth_failure*,
+which audits it as a Security Alert.
+
 When an association ends (released, aborted, or the connection dropped mid-dataset), the
 temporary files pynetdicom wrote for its C-STORE data sets (``STORE_RECV_CHUNKED_DATASET``) and did
 not hand to the Storage SCP are removed, and the DUL reactor and the connection are closed even
@@ -45,10 +55,12 @@ from __future__ import annotations
 import enum
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +76,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from conf.network import normalise_address
 from dicom_node.tcp import quick_ack
+from dicom_node.tls import HandshakeError, HandshakeFailure, ReplaySSLSocket, server_handshake
 
 log = structlog.get_logger(__name__)
 
@@ -245,6 +258,52 @@ def _peer_half_closed(sock: socket.socket, wait: float) -> bool:
         return True
 
 
+def read_first_pdu_tls(
+    sock: ssl.SSLSocket, deadline: float, cancelled: threading.Event
+) -> tuple[FirstPdu, bytes]:
+    """Read a TLS connection's first PDU by *deadline* (``time.monotonic``): the outcome, as
+    :func:`await_associate_rq` reports it, and the bytes read (to be replayed to pynetdicom).
+
+    Reads up to the PDU's end, or :data:`PEEK_LIMIT` bytes of a longer one (the rest is left for
+    pynetdicom, as on a plain connection), so a pending TLS connection holds at most that much
+    memory. Unlike ``MSG_PEEK`` a read sees the peer's half-close at once (it returns nothing)."""
+    data = bytearray()
+    wanted = PEEK_LIMIT
+    while len(data) < wanted:
+        remaining = deadline - time.monotonic()
+        if cancelled.is_set():
+            return FirstPdu.CLOSED, bytes(data)
+        if remaining <= 0:
+            return FirstPdu.TIMED_OUT, bytes(data)
+        try:
+            sock.settimeout(remaining)
+            chunk = sock.recv(wanted - len(data))
+        except TimeoutError:
+            return FirstPdu.TIMED_OUT, bytes(data)
+        except (OSError, ValueError, AttributeError):  # TLS alert, reset, closed (evicted) under us
+            return FirstPdu.CLOSED, bytes(data)
+        if not chunk:
+            return FirstPdu.CLOSED, bytes(data)
+        quick_ack(sock)
+        data += chunk
+        if len(data) >= PDU_HEADER_LENGTH:
+            pdu_type, _, length = struct.unpack(">BBL", data[:PDU_HEADER_LENGTH])
+            if pdu_type != A_ASSOCIATE_RQ_TYPE:
+                return FirstPdu.NOT_ASSOCIATE_RQ, bytes(data)
+            if length > MAX_ASSOCIATE_RQ_LENGTH:
+                return FirstPdu.TOO_LONG, bytes(data)
+            wanted = min(PDU_HEADER_LENGTH + length, PEEK_LIMIT)
+    return FirstPdu.ASSOCIATE_RQ, bytes(data)
+
+
+def complete_pdu(data: bytes) -> bytes | None:
+    """The first PDU of *data* when all of it is there (and no longer than :data:`PEEK_LIMIT`)."""
+    if len(data) < PDU_HEADER_LENGTH:
+        return None
+    wanted = PDU_HEADER_LENGTH + int(struct.unpack(">L", data[2:6])[0])
+    return data[:wanted] if wanted <= PEEK_LIMIT and len(data) >= wanted else None
+
+
 @dataclass(frozen=True)
 class AdmissionLimits:
     """``dicom.association_request_timeout``, ``max_pending_per_host``, ``max_pending_connections``."""
@@ -347,7 +406,11 @@ def peek_first_pdu(sock: socket.socket) -> bytes | None:
 
 
 def has_complete_pdu(sock: socket.socket) -> bool:
-    """Whether *sock*'s receive buffer already holds a complete first PDU (never blocks)."""
+    """Whether *sock*'s receive buffer already holds a complete first PDU (never blocks). Never
+    for a TLS connection: its buffer holds ciphertext; it stays evictable until its own thread
+    has read the PDU (:func:`read_first_pdu_tls`)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return False
     poller = select.poll()
     try:
         poller.register(sock, select.POLLIN)
@@ -371,7 +434,7 @@ class _Throttled:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warn(self, reason: str, host: str, detail: str | None = None) -> None:
+    def warn(self, reason: str, host: str, detail: str | None = None, *, event: str = "dicom.connection.dropped") -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(reason, -self._interval) < self._interval:
@@ -380,7 +443,7 @@ class _Throttled:
             self._last[reason] = now
             suppressed = self._suppressed.pop(reason, 0)
         extra = {} if detail is None else {"detail": detail}
-        log.warning("dicom.connection.dropped", reason=reason, address=host, similar_since_last=suppressed, **extra)
+        log.warning(event, reason=reason, address=host, similar_since_last=suppressed, **extra)
 
 
 class TempFiles:
@@ -583,8 +646,17 @@ class CleaningRequestHandler(RequestHandler):
         _close_quietly(self.request)
 
 
+#: Called with the peer's address and what failed when a TLS peer fails node authentication.
+TlsAuthFailureHandler = Callable[[str, str], None]
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
-    """A pynetdicom server that admits only connections with a complete A-ASSOCIATE-RQ."""
+    """A pynetdicom server that admits only connections with a complete A-ASSOCIATE-RQ.
+
+    With *ssl_context* (:func:`dicom_node.tls.listener_context`) it speaks TLS only. pynetdicom's
+    own ``get_request`` would run the TLS handshake inside the accept loop, where one silent peer
+    stops every other connection from being accepted; here the handshake runs in the connection's
+    thread under the ARTIM deadline (see the module docstring)."""
 
     daemon_threads = True
 
@@ -598,11 +670,28 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         limits: AdmissionLimits,
+        on_tls_auth_failure: TlsAuthFailureHandler | None = None,
     ) -> None:
         self.limits = limits
         self.pending = PendingConnections(limits)
         self._throttled = _Throttled()
+        self._on_tls_auth_failure = on_tls_auth_failure
+        if ssl_context is not None and not issubclass(ssl_context.sslsocket_class, ReplaySSLSocket):
+            raise ValueError("the DICOM listener needs an SSL context from dicom_node.tls.listener_context()")
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=CleaningRequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; on a TLS listener wrap it without a handshake (done later, in the
+        connection's thread, under the ARTIM deadline)."""
+        assert self.socket is not None  # bound by socketserver before serving
+        sock, address = self.socket.accept()
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):  # reset before it could be wrapped: nothing to serve
+                _close_quietly(sock)
+                raise OSError("connection lost before TLS") from None
+        return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Called by the accept loop: book the connection (so eviction is exact), then wait for
@@ -618,6 +707,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.pending.evict_all()
 
     def _serve_connection(self, request: socket.socket, client_address: Any, entry: PendingConnection) -> None:
+        if isinstance(request, ReplaySSLSocket):
+            self._serve_tls_connection(request, client_address, entry)
+            return
         try:
             outcome = await_associate_rq(request, self.limits.request_timeout, entry.evicted)
         finally:
@@ -631,6 +723,48 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             return
         request.settimeout(self.limits.network_timeout)
         self.process_request_thread(request, client_address)
+
+    def _serve_tls_connection(self, request: ReplaySSLSocket, client_address: Any, entry: PendingConnection) -> None:
+        """The TLS path of :meth:`_serve_connection`: handshake, then read and check the first
+        PDU, all within one ARTIM deadline and while still a pending connection."""
+        deadline = time.monotonic() + self.limits.request_timeout
+        outcome, first = FirstPdu.CLOSED, b""
+        try:
+            failure = server_handshake(request, deadline)
+            if failure is None:
+                outcome, first = read_first_pdu_tls(request, deadline, entry.evicted)
+        finally:
+            self.pending.release(entry)
+        if failure is not None and not entry.evicted.is_set():
+            self._tls_failed(request, entry, failure)
+            return
+        if outcome is not FirstPdu.ASSOCIATE_RQ or entry.evicted.is_set():
+            self._drop(request, entry, outcome)
+            return
+        refusal = check_associate_rq(pdu) if (pdu := complete_pdu(first)) is not None else None
+        if refusal is not None:
+            self._refuse(request, entry, refusal)
+            return
+        request.replay(first)
+        request.settimeout(self.limits.network_timeout)
+        self.process_request_thread(request, client_address)
+
+    def _tls_failed(self, request: socket.socket, entry: PendingConnection, error: HandshakeError) -> None:
+        """Close a connection whose TLS handshake failed, without a PDU (the peer cannot read one);
+        a failed node authentication is reported for the audit trail, every one of them, before
+        the connection is closed (OpenSSL has already sent its alert)."""
+        failure = error.failure
+        if failure is HandshakeFailure.CLOSED:
+            log.debug("dicom.connection.closed_before_request", address=entry.host, tls=True)
+        else:
+            self._throttled.warn(failure.value, entry.host, error.detail, event="dicom.tls.handshake_failed")
+        try:
+            if failure.node_authentication and self._on_tls_auth_failure is not None:
+                no_certificate = failure is HandshakeFailure.NO_CLIENT_CERTIFICATE
+                what = "no client certificate" if no_certificate else "client certificate rejected"
+                self._on_tls_auth_failure(entry.host, f"TLS node authentication failed: {what} ({error.detail})")
+        finally:
+            _close_quietly(request)
 
     def _refuse(self, request: socket.socket, entry: PendingConnection, refusal: Refusal) -> None:
         """Answer an invalid A-ASSOCIATE-RQ (A-ASSOCIATE-RJ or A-ABORT) and close at once: the
@@ -670,8 +804,11 @@ class ReusePortAssociationServer(GuardedAssociationServer):
 
 
 def _close_quietly(sock: socket.socket, *, shutdown_only: bool = False) -> None:
+    """Shut the connection down (waking a thread blocked on it) and close it. The plain socket's
+    ``shutdown`` also for a TLS socket: ``SSLSocket.shutdown`` would first drop its TLS state
+    under a thread still in the handshake or a read."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
     if not shutdown_only:

@@ -2,7 +2,9 @@
 default).
 
 A calling AE title must be configured, and when the configuration names a host, the TCP peer
-address must be one of that host's addresses. Host names are resolved once at start, so a
+address must be one of that host's addresses; when it names a ``certificate_sha256``, the
+association must come over TLS with that client certificate (checked by the DICOM node, which
+sees the connection: :attr:`PeerDecision.certificate_sha256`). Host names are resolved once at start, so a
 DNS outage later cannot turn into "accept everyone".
 
 Each peer is granted DIMSE services (``permissions``); the default, echo and store, is what a
@@ -51,18 +53,24 @@ class PeerDecision:
     allowed: bool
     reason: str | None = None
     permissions: frozenset[DicomService] = field(default_factory=frozenset)
+    #: The SHA-256 fingerprint (lower-case hex) of the client certificate the peer must present
+    #: over TLS; None: no certificate mapped to it.
+    certificate_sha256: str | None = None
 
 
 @dataclass(frozen=True)
 class _Grant:
     addresses: frozenset[str] | None  # None: any address
     permissions: frozenset[DicomService]
+    certificate_sha256: str | None = None
 
 
 class PeerPolicy:
     def __init__(self, peers: Iterable[DicomPeer]) -> None:
         self._grants: dict[str, _Grant] = {
-            peer.ae_title: _Grant(host_addresses(peer.host) if peer.host else None, frozenset(peer.permissions))
+            peer.ae_title: _Grant(
+                host_addresses(peer.host) if peer.host else None, frozenset(peer.permissions), peer.certificate_sha256
+            )
             for peer in peers
         }
 
@@ -81,4 +89,4 @@ class PeerPolicy:
             return PeerDecision(False, f"calling AE title {title!r} is not a configured peer")
         if grant.addresses is not None and normalise_address(address) not in grant.addresses:
             return PeerDecision(False, f"calling AE title {title!r} is not allowed from {address}")
-        return PeerDecision(True, permissions=grant.permissions)
+        return PeerDecision(True, permissions=grant.permissions, certificate_sha256=grant.certificate_sha256)

@@ -93,7 +93,7 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
         if transfer is not None:
             transfer.finish(SubOperationResults())  # begun, but nothing will be sent
         # pynetdicom wants a destination and a count before it accepts a final status.
-        yield known.host, known.port, {"contexts": [build_context(Verification)]}
+        yield known.host, known.port, {"contexts": [build_context(Verification)], **known.association_options()}
         yield 1
         yield failure.status, None
         return
@@ -107,6 +107,7 @@ def handle_move(event: Event, service: QueryRetrieveService) -> Iterator[Any]:
                 (evt.EVT_ACCEPTED, tracker.on_accepted),
                 (evt.EVT_DIMSE_RECV, tracker.on_dimse_recv),
             ],
+            **destination.association_options(),
         }
         yield len(transfer.matches)
         yield from _sub_operations(event, transfer, tracker, lambda: tracker.carrier)

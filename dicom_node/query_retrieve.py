@@ -17,15 +17,19 @@ same index), where a C-MOVE may send them, and the audit trail the IHE ATNA prof
 C-MOVE destinations are the configured peers that have a port (PS3.4 C.4.2.1.4: the SCP must
 know the destination AE's address; a title alone is not enough). Anything else is "Move
 Destination unknown" — and is never resolved from the network, so a requestor cannot make us
-push images to an address of its choosing.
+push images to an address of its choosing. With ``[dicom.tls]`` on, the sub-association goes over
+TLS (PS3.15 B.9; our listener speaks only TLS, so every peer of a TLS node is one): the peer's
+certificate chain verified against ``ca_file``, ours presented as client certificate.
 """
 
 from __future__ import annotations
 
 import base64
+import ssl
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from pydicom import dcmread
@@ -48,9 +52,11 @@ from dicom_node.errors import (
     RetrieveOutOfResourcesError,
 )
 from dicom_node.ingest import Peer
+from dicom_node.tls import outgoing_context
 from storage import patient_query
 from storage import query as index_query
 from storage.db import Database
+from storage.encryption import StoredFileIntegrityError
 from storage.filestore import FileStore, FileStoreError
 from storage.models import utcnow
 from storage.query import QueryError, RetrieveMatch
@@ -79,6 +85,12 @@ class MoveDestination:
     ae_title: str
     host: str
     port: int
+    #: The client context of a TLS sub-association; None: plain TCP.
+    tls_context: ssl.SSLContext | None = None
+
+    def association_options(self) -> dict[str, Any]:
+        """Keyword arguments of pynetdicom's ``AE.associate`` for the sub-association."""
+        return {} if self.tls_context is None else {"tls_args": (self.tls_context, self.host)}
 
 
 @dataclass
@@ -154,8 +166,9 @@ class QueryRetrieveService:
         self._audit_source = audit_source
         self._settings = settings
         self._local_host = local_host
+        tls_context = outgoing_context(settings.tls) if settings.tls.enabled else None
         self._destinations = {
-            peer.ae_title: MoveDestination(peer.ae_title, peer.host, peer.port)
+            peer.ae_title: MoveDestination(peer.ae_title, peer.host, peer.port, tls_context)
             for peer in settings.peers
             if peer.port is not None and peer.host
         }
@@ -266,9 +279,12 @@ class QueryRetrieveService:
         return transfer
 
     def read_instance(self, match: RetrieveMatch) -> Dataset | None:
+        """The stored instance, authenticated and decrypted by the store; None (the sub-operation
+        fails, PS3.4 C.4.2.3/C.4.3.3) when it cannot be read or fails authentication."""
         try:
-            return dcmread(self._store.absolute(match.path))
-        except (OSError, FileStoreError, InvalidDicomError, ValueError) as exc:
+            with self._store.open(match.path) as handle:
+                return dcmread(handle)
+        except (OSError, FileStoreError, InvalidDicomError, ValueError, StoredFileIntegrityError) as exc:
             log.error("dicom.retrieve.unreadable", error=exc.__class__.__name__, sop_class_uid=match.sop_class_uid)
             return None
 

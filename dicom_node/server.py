@@ -7,8 +7,10 @@ Transfer syntaxes are those of docs/architecture.md §4. Received data is kept i
 Association negotiation (PS3.8 7.1.1, 9.3.2) is where a peer is checked, in this order, each
 rejection audited as a PS3.15 A.5.3.11 Security Alert before the peer learns of it:
 
-1. the calling AE title must be a configured peer, from its host (A-ASSOCIATE-RJ rejected-permanent,
-   service-user, reason 3 "calling-AE-title-not-recognized");
+1. the calling AE title must be a configured peer, from its host, and, when the peer has a
+   ``certificate_sha256``, over TLS with that client certificate (certificate mapped to the node,
+   PS3.15 B.9; A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
+   "calling-AE-title-not-recognized");
 2. the called AE title must be ours when ``require_called_ae_title`` (reason 7
    "called-AE-title-not-recognized");
 3. the presentation contexts offered to the peer are those its ``permissions`` grant: a context
@@ -43,10 +45,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from audit.alert_throttle import AlertThrottle
 from audit.builders import security_alert
 from audit.events import AuditEvent, AuditSource, Code, EventType
 from conf.settings import DicomService, DicomSettings
+from conf.tls import describe
 from dicom_node.ingest import Ingestor
+from dicom_node.limits import (
+    ASSOCIATIONS,
+    DATASET_SIZE,
+    LOCAL_LIMIT_EXCEEDED,
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
+    LimitAlerts,
+    associations_over_limit,
+)
 from dicom_node.listener import (
     AdmissionLimits,
     GuardedAssociationServer,
@@ -55,8 +68,9 @@ from dicom_node.listener import (
 from dicom_node.peers import PeerPolicy, service_of
 from dicom_node.qr_scp import handle_find, handle_get, handle_move
 from dicom_node.query_retrieve import QueryRetrieveService
-from dicom_node.storage_scp import handle_store, install_receive_file
+from dicom_node.storage_scp import handle_store, install_receive_file, too_large
 from dicom_node.tcp import low_latency_tcp
+from dicom_node.tls import listener_context, presented_fingerprint
 from dicom_node.verification import handle_echo
 
 log = structlog.get_logger(__name__)
@@ -210,6 +224,10 @@ class DicomNode:
         self._contexts: dict[frozenset[DicomService], list[PresentationContext]] = {}
         self._permissions: weakref.WeakKeyDictionary[Any, frozenset[DicomService]] = weakref.WeakKeyDictionary()
         self._server: GuardedAssociationServer | None = None
+        self._limit_alerts = LimitAlerts(audit, audit_source, settings.ae_title)
+        #: Rejections and refused services are answered every time; their Security Alerts are
+        #: throttled per (address, event type), so a flood cannot flood the hash-chained log.
+        self._alert_throttle = AlertThrottle()
 
     @property
     def port(self) -> int:
@@ -225,7 +243,8 @@ class DicomNode:
         # Receive datasets straight to files (no decode, bounded memory); process-wide setting,
         # owned by the composition root's only DICOM node.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        install_receive_file()  # a full disk answers 0xA700 instead of dropping the association
+        # A full disk, or a data set over max_dataset_bytes, answers 0xA700 instead of dropping the association.
+        install_receive_file(self._settings.max_dataset_bytes)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, low_latency_tcp),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -246,18 +265,29 @@ class DicomNode:
         server_class = (
             ReusePortAssociationServer if self._settings.acceptor_processes > 1 else GuardedAssociationServer
         )
+        # TLS only on this port with [dicom.tls] (PS3.15 B.9): certificates are read here, at start.
+        tls = self._settings.tls
+        ssl_context = listener_context(tls) if tls.enabled else None
         # AE.start_server takes no server class; this is its non-blocking path with ours.
         server = self._ae.make_server(
             (self._settings.bind, self._settings.port),
+            ssl_context=ssl_context,
             evt_handlers=handlers,
             server_class=server_class,
             limits=self._admission_limits(),
+            on_tls_auth_failure=self._alert_tls_auth_failure if ssl_context is not None else None,
         )
         assert isinstance(server, GuardedAssociationServer)  # make_server builds server_class
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self._ae._servers.append(server)  # ThreadedAssociationServer.shutdown() removes it
         self._server = server
-        log.info("dicom.listening", ae_title=self._settings.ae_title, bind=self._settings.bind, port=self.port)
+        log.info("dicom.listening", ae_title=self._settings.ae_title, bind=self._settings.bind, port=self.port,
+                 tls=describe(tls))
+        mapped = sorted(peer.ae_title for peer in self._settings.peers if peer.certificate_sha256)
+        if mapped and tls.ca_file is None:
+            # No ca_file: no client certificate is ever asked for, so these peers are always rejected.
+            log.warning("dicom.tls.certificates_never_requested", peers=mapped,
+                        detail="peers with certificate_sha256 need [dicom.tls] cert_file, key_file and ca_file")
 
     def _admission_limits(self) -> AdmissionLimits:
         settings = self._settings
@@ -292,10 +322,21 @@ class DicomNode:
         called = str(primitive.called_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
         structlog.contextvars.bind_contextvars(assoc_id=id(assoc) & 0xFFFFFF, calling_ae=calling)
+        crowded = associations_over_limit(
+            self._ae.active_associations, assoc, address, self._settings.max_associations_per_host)
+        if crowded is not None:  # dicom_node/limits.py: rejected-transient, local-limit-exceeded
+            self._limit_alerts.breached(calling, address, ASSOCIATIONS, crowded)
+            _send_reject(assoc, LOCAL_LIMIT_EXCEEDED, result=REJECTED_TRANSIENT, source=SOURCE_PROVIDER_PRESENTATION)
+            return
         decision = self._policy.check(calling, address)
         if not decision.allowed:
             self._reject(assoc, calling, address, decision.reason or "association rejected", _CALLING_AE_NOT_RECOGNISED)
             return
+        if decision.certificate_sha256 is not None:
+            mismatch = certificate_mismatch(calling, decision.certificate_sha256, assoc)
+            if mismatch is not None:
+                self._reject(assoc, calling, address, mismatch, _CALLING_AE_NOT_RECOGNISED)
+                return
         if self._settings.require_called_ae_title and called != self._settings.ae_title:
             reason = f"called AE title {called!r} is not ours ({self._settings.ae_title!r})"
             self._reject(assoc, calling, address, reason, _CALLED_AE_NOT_RECOGNISED)
@@ -321,7 +362,12 @@ class DicomNode:
             calling = str(requestor.ae_title).strip()
             self._alert_restricted(calling, requestor.address, f"{calling} is not granted store")
             return NOT_AUTHORIZED
-        return handle_store(event, self._ingestor)
+        status = handle_store(event, self._ingestor)
+        if too_large(event.request):
+            requestor = event.assoc.requestor
+            self._limit_alerts.breached(str(requestor.ae_title).strip(), requestor.address, DATASET_SIZE,
+                                        f"a data set over {self._settings.max_dataset_bytes} bytes")
+        return status
 
     def _reject(self, assoc: Any, calling: str, address: str, reason: str, diagnostic: int) -> None:
         log.warning("dicom.association.rejected", address=address, reason=reason)
@@ -329,11 +375,22 @@ class DicomNode:
         # Audited first, so the record exists by the time the peer learns of the rejection.
         _send_reject(assoc, diagnostic)
 
+    def _alert_tls_auth_failure(self, address: str, reason: str) -> None:
+        """A TLS peer failed node authentication before any AE title was sent: the Security Alert
+        names the node by its address (the listener has logged it, throttled)."""
+        self._write_alert(EventType.NODE_AUTHENTICATION, address, address, reason)
+
     def _alert_restricted(self, calling: str, address: str, reason: str) -> None:
         log.warning("dicom.service.refused", address=address, reason=reason)
         self._write_alert(EventType.USE_OF_RESTRICTED_FUNCTION, calling, address, reason)
 
     def _write_alert(self, event_type: Code, calling: str, address: str, description: str) -> None:
+        # Keyed by what was refused too: distinct refusals (find, then move) each get their alert;
+        # the same refusal repeated from one address is what a flood looks like.
+        breach = self._alert_throttle.breach(address, f"{event_type.code}:{description}")
+        if breach is None:
+            return
+        description = breach.describe(description)
         try:
             self._audit(
                 security_alert(
@@ -350,14 +407,30 @@ class DicomNode:
             log.exception("audit.write_failed", event="security-alert")
 
 
-def _send_reject(assoc: Any, diagnostic: int, wait_seconds: float = 2.0) -> None:
+def certificate_mismatch(calling: str, expected: str, assoc: Any) -> str | None:
+    """Why the association of *calling*, whose peer entry maps the client certificate *expected*
+    (SHA-256, lower-case hex) to it, must be rejected; None when it came over TLS with exactly
+    that certificate."""
+    transport = getattr(assoc.dul, "socket", None)
+    presented = presented_fingerprint(getattr(transport, "socket", None))
+    if presented is None:
+        return f"calling AE title {calling!r} requires TLS with its client certificate; none presented"
+    if presented != expected:
+        return f"calling AE title {calling!r} presented client certificate sha256 {presented[:16]}..., not its own"
+    return None
+
+
+def _send_reject(
+    assoc: Any, diagnostic: int, wait_seconds: float = 2.0, *, result: int = _REJECT_PERMANENT,
+    source: int = _SOURCE_SERVICE_USER,
+) -> None:
     """Send A-ASSOCIATE-RJ and wait until the DUL has actually written it.
 
     pynetdicom closes the socket as soon as the EVT_REQUESTED handler returns; the reject is
     only queued for the DUL thread by then, so without this wait the peer often sees a bare
     connection close (A-P-ABORT) instead of the reason.
     """
-    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+    assoc.acse.send_reject(result, source, diagnostic)
     deadline = time.monotonic() + wait_seconds
     # Sta13: "awaiting transport close" — entered right after the RJ PDU was sent (PS3.8 9.2).
     while assoc.dul.state_machine.current_state not in ("Sta13", "Sta1") and time.monotonic() < deadline:

@@ -56,7 +56,13 @@ class ReceiveFile:
 
     After a failure (:attr:`error` set) the partial file is already gone and further writes are
     counted and dropped, so the transfer completes and the handler can answer 0xA700.
+
+    A data set longer than :attr:`max_bytes` (``[dicom] max_dataset_bytes``, process-wide, 0 = no
+    limit) fails the same way, with ``EFBIG``: no more than the limit ever reaches the disk
+    (dicom_node/limits.py).
     """
+
+    max_bytes: int = 0
 
     def __init__(
         self,
@@ -76,6 +82,7 @@ class ReceiveFile:
         self.error: OSError | None = None
         self.file = self  # pynetdicom calls ``file.file.flush()``
         self._fd = -1
+        self._length = 0
         try:
             self._fd, self.name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=dir)
         except OSError as exc:  # no inode, no file descriptor: refuse the data set, not the association
@@ -85,6 +92,10 @@ class ReceiveFile:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         size = len(data)
         if self.error is not None:
+            return size
+        self._length += size
+        if 0 < self.max_bytes < self._length:
+            self._fail(OSError(errno.EFBIG, f"the data set is longer than {self.max_bytes} bytes"))
             return size
         view = memoryview(data)
         try:
@@ -116,8 +127,9 @@ class ReceiveFile:
         self.close()
 
 
-def install_receive_file() -> None:
-    """Make pynetdicom receive C-STORE data sets into :class:`ReceiveFile` (process-wide, idempotent).
+def install_receive_file(max_bytes: int = 0) -> None:
+    """Make pynetdicom receive C-STORE data sets into :class:`ReceiveFile` (process-wide, idempotent),
+    none longer than *max_bytes* (0 = no limit).
 
     pynetdicom has no hook for the receive file; ``dimse_messages`` creates it through its
     module-level name ``NamedTemporaryFile``, which is what we rebind. Checked, not assumed: if a
@@ -125,6 +137,7 @@ def install_receive_file() -> None:
     disappearing (``tests/dicom_node/test_ingest_faults.py`` fills a real disk to prove it holds).
     """
     with _install_lock:
+        ReceiveFile.max_bytes = max_bytes
         current = getattr(dimse_messages, "NamedTemporaryFile", None)
         if current is ReceiveFile:
             return
@@ -136,10 +149,16 @@ def install_receive_file() -> None:
         dimse_messages.NamedTemporaryFile = ReceiveFile  # type: ignore[attr-defined,assignment]
 
 
-def receive_error(request: C_STORE) -> OSError | None:
+def receive_error(request: object) -> OSError | None:
     """The error that stopped the network layer writing *request*'s data set, if any."""
     dataset_file: Any = getattr(request, "_dataset_file", None)
     return dataset_file.error if isinstance(dataset_file, ReceiveFile) else None
+
+
+def too_large(request: object) -> bool:
+    """Whether *request*'s data set was discarded for passing ``[dicom] max_dataset_bytes``."""
+    error = receive_error(request)
+    return error is not None and error.errno == errno.EFBIG
 
 
 def handle_store(event: Event, ingestor: Ingestor) -> int:
@@ -156,7 +175,10 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
     )
     failed_write = receive_error(request)
     if failed_write is not None:
-        refusal = OutOfResourcesError(f"cannot write the received data set: {os.strerror(failed_write.errno or errno.EIO)}")
+        if failed_write.errno == errno.EFBIG:
+            refusal = OutOfResourcesError(f"the data set is longer than dicom.max_dataset_bytes ({ReceiveFile.max_bytes})")
+        else:
+            refusal = OutOfResourcesError(f"cannot write the received data set: {os.strerror(failed_write.errno or errno.EIO)}")
         ingestor.refuse(received, refusal)
         ingestor.resources_log.error(status=f"0x{refusal.status:04X}", detail=str(refusal), sop_class_uid=received.sop_class_uid)
         return refusal.status

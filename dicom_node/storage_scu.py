@@ -25,15 +25,22 @@ accepts the stored syntax; otherwise the object is decoded if compressed and enc
 never lossily, and always with the same SOP Instance UID (it is the same instance in another
 encoding, PS3.5 §10). A peer that accepts only syntaxes we cannot produce losslessly gets a
 permanent :class:`DeliveryRejectedError` naming what was offered and what it answered.
+
+TLS (PS3.15 B.9): a destination with ``tls = true`` is reached over TLS with the context the
+caller passes (:func:`dicom_node.tls.outgoing_context`: the PACS's certificate chain verified,
+our client certificate presented). A failed handshake is a failed connection: a
+:class:`DeliveryUnavailableError`, retried like any other.
 """
 
 from __future__ import annotations
 
 import enum
 import io
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import structlog
@@ -194,7 +201,7 @@ def requested_contexts(sop_class_uid: str, stored_syntax: str, *, has_pixel_data
     return contexts
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path | BinaryIO) -> Dataset:
     try:
         dataset = dcmread(path)
     except (OSError, InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
@@ -370,9 +377,14 @@ def _refused_everything(
     )
 
 
-def _association_failure(assoc: Association, destination: DicomDestination) -> DeliveryUnavailableError:
+def _association_failure(
+    assoc: Association, destination: DicomDestination, *, connected: bool = True
+) -> DeliveryUnavailableError:
     if assoc.is_rejected:
         what = "rejected the association (A-ASSOCIATE-RJ)"
+    elif destination.tls and not connected:
+        # pynetdicom logs the OpenSSL reason ("TCP Initialisation Error") and keeps the exception.
+        what = "could not be reached over TLS (connection refused, timeout, or TLS handshake failed)"
     else:  # pynetdicom reports a refused or timed-out connection as an abort, too
         what = "was unreachable or aborted the association (connection refused, timeout or A-ABORT)"
     return DeliveryUnavailableError(f"destination {destination.name!r} {what}")
@@ -380,9 +392,20 @@ def _association_failure(assoc: Association, destination: DicomDestination) -> D
 
 def _associate(
     destination: DicomDestination, calling_ae: str, timeout: float, contexts: Contexts,
-    sop_class_uid: str, offered: Sequence[str],
+    sop_class_uid: str, offered: Sequence[str], tls_context: ssl.SSLContext | None = None,
 ) -> Association:
-    """An established association proposing *contexts*, or the typed error saying why not."""
+    """An established association proposing *contexts*, or the typed error saying why not.
+    Over TLS when the destination asks for it (the handshake is part of the connect, bounded
+    by *timeout* like the TCP connect)."""
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if destination.tls:
+        if tls_context is None:
+            raise DeliveryRejectedError(f"destination {destination.name!r} needs TLS, but no TLS context was given")
+        tls_args = (tls_context, destination.host)
+    connected: list[bool] = []
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, low_latency_tcp)]
+    if tls_args is not None:  # to tell a failed handshake from a failed association
+        handlers.append((evt.EVT_CONN_OPEN, lambda _event: connected.append(True)))
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout
     ae.acse_timeout = timeout
@@ -392,14 +415,15 @@ def _associate(
         ae.add_requested_context(abstract, list(syntaxes))
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, low_latency_tcp)],
+        evt_handlers=handlers,
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts after such a negotiation, but the answer is about the SOP Class
             # and our encodings, not the peer's state: sending again gets the same answer.
             raise _refused_everything(assoc, sop_class_uid, offered, destination.name)
-        raise _association_failure(assoc, destination)
+        raise _association_failure(assoc, destination, connected=bool(connected))
     return assoc
 
 
@@ -422,9 +446,11 @@ def _store(
 
 
 def send_instance(
-    path: Path, destination: DicomDestination, calling_ae: str, timeout: float, pool: AssociationPool | None = None
+    path: Path | BinaryIO, destination: DicomDestination, calling_ae: str, timeout: float, pool: AssociationPool | None = None,
+    *, tls_context: ssl.SSLContext | None = None,
 ) -> SendResult:
-    """C-STORE the Part 10 file at *path* to *destination*.
+    """C-STORE the Part 10 file at *path* (a path, or an open binary file such as
+    :meth:`storage.filestore.FileStore.open` returns) to *destination*.
 
     *timeout* bounds the TCP connect, the association negotiation (ACSE), each DIMSE message
     and network inactivity, so a hung peer costs at most a few timeouts, never a stuck worker.
@@ -433,6 +459,8 @@ def send_instance(
     contexts this object needs, and left open afterwards (:mod:`dicom_node.associations`); if sending over a reused
     one fails for a reason worth retrying (the peer may have dropped it while idle), the object
     is sent once more over a new association at once. Without, one association per object.
+
+    *tls_context* is needed for a destination with ``tls = true``.
 
     Raises:
         DeliveryUnavailableError: retry later (see the module docstring).
@@ -446,11 +474,11 @@ def send_instance(
     contexts = requested_contexts(sop_class_uid, stored_syntax, has_pixel_data="PixelData" in dataset)
     offered = list(dict.fromkeys(ts for _, syntaxes in contexts for ts in syntaxes))
     needed: Contexts = tuple((abstract, tuple(syntaxes)) for abstract, syntaxes in contexts)
-    key = (destination.host, destination.port, destination.ae_title, calling_ae)
+    key = (destination.host, destination.port, destination.ae_title, calling_ae, destination.tls)
     pool = pool or AssociationPool(0)
 
     def connect(proposed: Contexts) -> Association:
-        return _associate(destination, calling_ae, timeout, proposed, sop_class_uid, offered)
+        return _associate(destination, calling_ae, timeout, proposed, sop_class_uid, offered, tls_context)
 
     for last_try in (False, True):
         reused = False

@@ -32,7 +32,9 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audit.events import AuditSource, Outcome
+from audit.alert_throttle import AlertThrottle
+from audit.builders import security_alert
+from audit.events import AuditSource, EventType, Outcome
 from conf.errors import (
     AuthenticationError,
     ConflictError,
@@ -48,6 +50,15 @@ from fhir_api import search, store, subscriptions
 from fhir_api.audit_trail import AuditTrail, fhir_access_event, refused_access_event
 from fhir_api.auth import Interaction, Principal, TokenVerifier, smart_configuration
 from fhir_api.capability import capability_statement
+from fhir_api.limits import (
+    BODY_TOO_LARGE,
+    RATE_LIMITED,
+    BodyLimit,
+    PayloadTooLargeError,
+    RateLimiter,
+    TooManyRequestsError,
+    retry_after_seconds,
+)
 from fhir_api.resources import operation_outcome
 from fhir_api.search_params import SEARCH_PARAMS, parse_search
 from fhir_api.store import StoredResource, instant
@@ -119,6 +130,8 @@ class FhirApi:
         self.settings = settings
         self.software_version = software_version
         self.subscription_endpoints = tuple(subscription_endpoints)
+        self.rate = RateLimiter(settings.requests_per_second, settings.request_burst)
+        self.alerts = AlertThrottle()
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -128,9 +141,38 @@ class FhirApi:
         return str(request.base_url).rstrip("/") + "/fhir"
 
     def principal(self, request: Request, resource_type: str, interaction: Interaction) -> Principal:
-        principal = self.verifier.verify(request.headers.get("authorization"))
+        """The verified caller, charged one request of its rate (fhir_api.limits): by client id, by
+        address when anonymous or when its token is refused (a bad-token flood is throttled too)."""
+        address = request.client.host if request.client else None
+        try:
+            principal = self.verifier.verify(request.headers.get("authorization"))
+        except AuthenticationError:
+            self._charge(f"address {address or 'unknown'}", address)
+            raise
+        self._charge(f"address {address or 'unknown'}" if principal.anonymous else principal.client_id, address)
         principal.require(resource_type, interaction)
         return principal
+
+    def _charge(self, client: str, address: str | None) -> None:
+        wait = self.rate.take(client)
+        if wait > 0:
+            self.limit_breached(client, address, RATE_LIMITED,
+                                f"more than {self.rate.rate:g} requests/s (burst {self.rate.burst:g})")
+            raise TooManyRequestsError(
+                f"request rate exceeded ({self.rate.rate:g}/s); retry later", retry_after=retry_after_seconds(wait))
+
+    def limit_breached(self, client: str, address: str | None, kind: str, what: str) -> None:
+        """A request refused by a limit: a throttled Security Alert (PS3.15 A.5.3.11, Use of
+        Restricted Function) and WARN line; the refusal itself is always answered."""
+        breach = self.alerts.breach(client, kind)
+        if breach is None:
+            return
+        description = breach.describe(f"FHIR {kind} limit: {what}")
+        log.warning("fhir.limit_exceeded", client=client, address=address, limit=kind, refused=breach.count)
+        self.trail.record(security_alert(
+            self.audit_source, event_type=EventType.USE_OF_RESTRICTED_FUNCTION, reporter_ae=self.audit_source.source_id,
+            offender_id=client, offender_host=address, description=description, when=utcnow(),
+        ))
 
     def audit(self, request: Request, principal: Principal, access: _Access, outcome: Outcome = Outcome.SUCCESS) -> None:
         patients: set[str] = set()
@@ -280,10 +322,14 @@ def build_router(api: FhirApi) -> APIRouter:
             instance = session.execute(
                 select(Instance).where(Instance.sop_instance_uid == logical_id, Instance.origin == InstanceOrigin.GENERATED)
             ).scalar_one_or_none()
-            path = None if instance is None else api.files.absolute(instance.path)
-        if path is None or not path.is_file():
+            relative = None if instance is None else instance.path
+        try:
+            # authenticated and decrypted by the store (StoredFileIntegrityError -> 500, never bytes)
+            data = None if relative is None else api.files.read_bytes(relative)
+        except FileNotFoundError:
+            data = None
+        if data is None:
             raise NotFoundError(f"Binary/{logical_id} is not known")
-        data = path.read_bytes()
         api.audit(request, principal, _Access("read", "Binary", [
             StoredResource(0, "Binary", logical_id, 1, utcnow(), "{}")]))
         accept = request.headers.get("accept", "")
@@ -465,7 +511,21 @@ def _writable(resource_type: str) -> None:
 
 def install(app: FastAPI, api: FhirApi) -> None:
     """Mount the FHIR routes on *app* and translate every error under /fhir into an OperationOutcome."""
+    from fhir_api.audit_event_routes import build_audit_router  # imports this module: loaded once it is
+
+    app.include_router(build_audit_router(api))  # before the generic /{resource_type} routes
     app.include_router(build_router(api))
+    max_bytes = api.settings.max_request_bytes
+
+    def _too_large(scope: Any) -> None:
+        client = scope.get("client")
+        address = str(client[0]) if client else None
+        api.limit_breached(f"address {address or 'unknown'}", address, BODY_TOO_LARGE, f"a body over {max_bytes} bytes")
+
+    def _refuse_too_large(_scope: Any) -> Response:
+        return outcome_response(413, "too-long", f"the request body is larger than {max_bytes} bytes")
+
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, refuse=_refuse_too_large, on_breach=_too_large)
 
     def _is_fhir(request: Request) -> bool:
         return request.url.path.startswith("/fhir")
@@ -483,6 +543,14 @@ def install(app: FastAPI, api: FhirApi) -> None:
                 return outcome_response(status, code, str(exc), headers=headers)
         log.error("fhir.unexpected_error", error=exc.__class__.__name__)
         return outcome_response(500, "exception", "internal error")
+
+    @app.exception_handler(TooManyRequestsError)
+    async def too_many_requests(request: Request, exc: TooManyRequestsError) -> Response:
+        return outcome_response(429, "throttled", str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(PayloadTooLargeError)
+    async def payload_too_large(request: Request, exc: PayloadTooLargeError) -> Response:
+        return outcome_response(413, "too-long", str(exc))
 
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> Response:

@@ -92,6 +92,12 @@ SERVED_RESOURCE_TYPES: Final[tuple[str, ...]] = (
     "DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "ServiceRequest", "Binary", "Subscription",
 )
 
+#: Types a wildcard scope (``system/*.rs``) does not cover: only a scope naming the type grants them.
+#: The audit log says who read which patient's records; a client allowed to read every clinical
+#: resource has no need to know that (HIPAA minimum necessary, 45 CFR 164.502(b)), and SMART 2.x lets a
+#: server grant less than the token's scopes. So ``system/AuditEvent.rs`` is needed (fhir_api.audit_event_routes).
+EXPLICIT_SCOPE_TYPES: Final[frozenset[str]] = frozenset({"AuditEvent"})
+
 _CACHE_SECONDS: Final = 60.0
 _MAX_TOKEN_CHARS: Final = 16384  # an access token lives in an HTTP header (SMART 2.x, "Scope size over the wire")
 _JWKS_LIFESPAN_SECONDS: Final = 300.0
@@ -174,8 +180,11 @@ class Principal:
         object.__setattr__(self, "_grants", grants)
 
     def allows(self, resource_type: str, interaction: Interaction) -> bool:
-        """True when a scope grants *interaction* on *resource_type* (by name or by ``*``)."""
-        return interaction in self._grants.get(resource_type, ()) or interaction in self._grants.get("*", ())
+        """True when a scope grants *interaction* on *resource_type* (by name, or by ``*`` unless the type
+        is one of :data:`EXPLICIT_SCOPE_TYPES`)."""
+        if interaction in self._grants.get(resource_type, ()):
+            return True
+        return resource_type not in EXPLICIT_SCOPE_TYPES and interaction in self._grants.get("*", ())
 
     def require(self, resource_type: str, interaction: Interaction) -> None:
         """Raise :class:`PermissionDeniedError` (403) naming the scope needed unless :meth:`allows`."""
@@ -588,7 +597,7 @@ def smart_configuration(settings: FhirAuthSettings, *, scopes_supported: Iterabl
     """
     scopes = list(scopes_supported) if scopes_supported is not None else [
         "system/*.rs", "system/*.read", *(f"system/{name}.rs" for name in SERVED_RESOURCE_TYPES),
-        "system/Subscription.cruds",
+        "system/Subscription.cruds", "system/AuditEvent.rs",
     ]
     document: dict[str, Any] = {}
     if settings.token_endpoint:

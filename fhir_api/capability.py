@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fhir_api.audit_event_search import AUDIT_EVENT_PARAMS
 from fhir_api.search_params import SEARCH_PARAMS
 
 _COMMON_PARAMS = ("_id", "_lastUpdated")
@@ -37,6 +38,29 @@ _BINARY: dict[str, Any] = {
     "documentation": "GET Binary/<SOP Instance UID> returns one of our DICOM SRs (application/dicom, or a Binary "
     "resource with Accept: application/fhir+json)",
 }
+
+
+def _audit_event() -> dict[str, Any]:
+    """AuditEvent: the audit log itself (fhir_api.audit_event_routes), read and search only."""
+    return {
+        "type": "AuditEvent",
+        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        "documentation": "The hash-chained audit log (DICOM PS3.15 A.5 events in the IHE BALP shape), newest first; "
+        "needs scope system/AuditEvent.rs (system/*.rs does not grant it). Every read and search is itself audited "
+        "(Audit Log Used).",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": [
+            {"name": name, "definition": f"{_SPEC}AuditEvent-{name}", "type": kind, "documentation": text}
+            for name, (kind, text) in sorted(AUDIT_EVENT_PARAMS.items())
+        ],
+    }
 
 
 def _definition(resource_type: str, name: str) -> str:
@@ -110,7 +134,7 @@ def capability_statement(base_url: str, *, software_version: str, writable: Sequ
                     "see /fhir/.well-known/smart-configuration",
                 },
                 "resource": sorted(
-                    [_resource(t, t in writable) for t in SEARCH_PARAMS] + [_BINARY], key=lambda r: str(r["type"])
+                    [_resource(t, t in writable) for t in SEARCH_PARAMS] + [_BINARY, _audit_event()], key=lambda r: str(r["type"])
                 ),
             }
         ],

@@ -10,11 +10,18 @@ Retries: connection errors, timeouts, 408, 429 and 5xx are retryable; any other 
 means the endpoint refused this notification (dead-lettered at once, visible in ``pneumo
 deliveries``). The same version is always sent with the same ``ETag``/``meta.versionId``, so a
 re-send after a crash is recognisable as the same notification.
+
+TLS (:func:`rest_hook_verify`): an ``https`` endpoint's certificate is always verified (httpx
+``verify``, never off) and its host name checked. Without ``[fhir.tls] ca_file`` against httpx's
+bundled Mozilla roots (certifi); with it, against that CA only (the hospital's CA, which signs
+the EHR's endpoints as it signs our API clients), presenting our ``[fhir.tls]`` certificate as
+client certificate when one is configured (an endpoint that requires mutual TLS).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from dataclasses import dataclass
 
 import httpx
@@ -32,6 +39,7 @@ from audit.events import (
     RoleId,
 )
 from conf.errors import NotFoundError
+from conf.tls import TlsSettings, client_context
 from fhir_api import store
 from fhir_api.subscriptions import SubscriptionSpec, spec_of
 from storage.db import Database
@@ -53,17 +61,27 @@ class Notification:
     content: str
 
 
+def rest_hook_verify(tls: TlsSettings) -> ssl.SSLContext | bool:
+    """How rest-hook endpoints' certificates are verified (module docstring): True (httpx's
+    default trust store) unless ``[fhir.tls] ca_file`` is set; then :func:`conf.tls.client_context`
+    (BCP 195, that CA, host name checked, our certificate as client certificate)."""
+    return client_context(tls, check_hostname=True) if tls.ca_file is not None else True
+
+
 class SubscriptionChannel:
     """:class:`~storage.outbox.ChannelSender` for FHIR rest-hook notifications."""
 
     channel = Channel.FHIR_SUBSCRIPTION.value
 
     def __init__(
-        self, database: Database, audit_source: AuditSource, *, timeout: float, client: httpx.Client | None = None
+        self, database: Database, audit_source: AuditSource, *, timeout: float, client: httpx.Client | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        if verify is False:
+            raise ValueError("rest-hook endpoints' certificates are always verified")
         self._db = database
         self._audit_source = audit_source
-        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False)
+        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False, verify=verify)
 
     def has_destination(self, name: str) -> bool:
         with self._db.read_session() as session:

@@ -25,9 +25,12 @@ import structlog
 from audit.anchor import AnchorFile, AnchorOptions, ChainAnchor, load_signer
 from audit.builders import application_activity
 from audit.events import AuditEvent, AuditSource
+from audit.forwarder import AuditForwarder, build_forwarder
 from audit.store import append as append_audit
 from audit.store import signer_session_info
+from conf.fingerprint import config_fingerprint
 from conf.settings import Settings
+from conf.tls import server_context
 from dicom_node.delivery_channel import DicomChannel
 from dicom_node.ingest import Ingestor
 from dicom_node.query_retrieve import QueryRetrieveService
@@ -36,7 +39,7 @@ from dicom_node.server import DicomNode
 from fhir_api.api import FhirApi, install
 from fhir_api.audit_trail import AuditTrail
 from fhir_api.auth import TokenVerifier
-from fhir_api.notifications import SubscriptionChannel
+from fhir_api.notifications import SubscriptionChannel, rest_hook_verify
 from fhir_api.projection import StudyProjectionHandler
 from gateway.acceptors import AcceptorProcesses, WorkerProcesses
 from gateway.http import HttpServer, build_app
@@ -54,6 +57,7 @@ from storage.filestore import FileStore
 from storage.image_results import ImageResultHandler, ImageResultOptions
 from storage.integrity import run_checks
 from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB
+from storage.keyring import load_keyring
 from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
 from storage.processes import process_alive
@@ -121,6 +125,7 @@ def open_runtime(settings: Settings, *, migrate: bool = True, startup_checks: bo
     store = FileStore(
         settings.dicom_dir, settings.tmp_dir, fsync=settings.storage.fsync,
         min_free_bytes=settings.storage.min_free_mb * 2**20,
+        keyring=load_keyring(settings.storage.encryption),  # None: encryption at rest off
     )
     host = socket.gethostname()
     return Runtime(
@@ -175,6 +180,7 @@ def dicom_channel(runtime: Runtime) -> DicomChannel:
         audit_source=runtime.audit_source,
         local_host=runtime.host_name,
         association_idle_seconds=settings.delivery.association_idle_seconds,
+        tls=settings.dicom.tls,
     )
 
 
@@ -187,7 +193,8 @@ def outbox_kind(runtime: Runtime, dicom_sender: DicomChannel) -> JobKind:
         backoff_cap=settings.delivery.backoff_cap_seconds,
     )
     subscription_channel = SubscriptionChannel(
-        runtime.database, runtime.audit_source, timeout=settings.delivery.timeout_seconds
+        runtime.database, runtime.audit_source, timeout=settings.delivery.timeout_seconds,
+        verify=rest_hook_verify(settings.fhir.tls),
     )
     senders: list[ChannelSender] = [dicom_sender, subscription_channel, Hl7ResultChannel(settings.hl7, runtime.audit_source)]
     return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts), retry)
@@ -383,7 +390,7 @@ class Gateway:
         self.audit_trail = AuditTrail(runtime.database)
         http_app = build_app(self.readiness)
         install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
-        self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port)
+        self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port, tls=settings.fhir.tls)
         self.hl7: MllpServer | None = None
         if settings.hl7.enabled:
             inbound = InboundService(runtime.database, runtime.audit_source, settings.hl7)
@@ -391,6 +398,8 @@ class Gateway:
                 settings.hl7.bind, settings.hl7.port, inbound.handle, on_frame_error=inbound.on_frame_error,
                 max_message_bytes=settings.hl7.max_message_bytes, idle_timeout=settings.hl7.idle_timeout_seconds,
                 max_connections=settings.hl7.max_connections,
+                ssl_context=server_context(settings.hl7.tls) if settings.hl7.tls.enabled else None,
+                on_tls_auth_failure=inbound.on_tls_auth_failure,
             )
         self._stopped = threading.Event()
         self._started = False
@@ -400,6 +409,12 @@ class Gateway:
             load_signer(settings.audit.hmac_key_file),
             AnchorOptions(settings.audit.anchor_every, settings.audit.anchor_interval_seconds),
         )
+        # ATNA forwarding (ITI-20, syslog over TLS): built here so a bad certificate fails the start.
+        self.audit_forwarder: AuditForwarder | None = None
+        if settings.audit.syslog.enabled:
+            self.audit_forwarder = build_forwarder(
+                settings.audit.syslog, runtime.database, settings.audit_forward_cursor_file, fsync=settings.storage.fsync
+            )
 
     def _images_queued(self) -> None:
         """New ``infer`` jobs committed: wake this process's inference threads, if it has any, and
@@ -438,10 +453,13 @@ class Gateway:
             application_activity(
                 self.runtime.audit_source, started=True, process_name="pneumo serve",
                 host=self.runtime.host_name, when=dt.datetime.now(dt.UTC), user=_user(),
+                description=config_fingerprint(self._config_path),
             )
         )
         self._started = True
         self.anchor.start()
+        if self.audit_forwarder is not None:
+            self.audit_forwarder.start()
         if self.workers:
             self.workers.start()
         settings = self.runtime.settings
@@ -485,7 +503,18 @@ class Gateway:
             )
         )
         self.anchor.stop()
+        if self.audit_forwarder is not None:
+            self.audit_forwarder.stop()  # after the Application Stop record, which it still sends
         log.info("gateway.stopped")
+
+
+def process_event(runtime: Runtime, *, started: bool, process_name: str, config_path: Path | None = None) -> AuditEvent:
+    """The Application Start/Stop record (PS3.15 A.5.3.1) of a long-running process; a start names
+    the fingerprint of its configuration (conf/fingerprint.py), so a changed configuration shows."""
+    return application_activity(
+        runtime.audit_source, started=started, process_name=process_name, host=runtime.host_name,
+        when=dt.datetime.now(dt.UTC), user=_user(), description=config_fingerprint(config_path) if started else None,
+    )
 
 
 def _user() -> str | None:

@@ -24,14 +24,17 @@ from audit.anchor import AnchorFile, AuditKeyError, load_signer, verify_anchored
 from conf.errors import ConflictError, InvalidInputError
 from conf.logging import configure_logging
 from conf.settings import Settings, load_settings
+from conf.tls import describe as describe_tls
 from gateway.acceptors import die_with_parent, parent_alive
-from gateway.app import DicomOnly, Gateway, Workers, build_engine, runtime_for
+from gateway.app import DicomOnly, Gateway, Workers, build_engine, process_event, runtime_for
+from gateway.cli_audit import register as register_audit_export
 from gateway.cli_certs import register as register_certs
 from gateway.cli_db import announce_store, existing_store
 from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
 from gateway.cli_fhir import register as register_fhir
 from gateway.cli_help import CONFIG_HELP, accept_config_everywhere, add_command, default_config
+from gateway.cli_keys import register as register_keys
 from inference.applicability import rules_from_settings
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
@@ -57,7 +60,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         try:
             gateway.start()
             _announce({"event": "ready", "dicom_port": gateway.dicom.port, "http_port": gateway.http.port,
-                       "hl7_port": gateway.hl7.port if gateway.hl7 else None})
+                       "hl7_port": gateway.hl7.port if gateway.hl7 else None,
+                       "dicom_tls": describe_tls(settings.dicom.tls), "hl7_tls": describe_tls(settings.hl7.tls),
+                       "http_tls": describe_tls(settings.fhir.tls)})
             while not stop.wait(1.0):
                 pass
         finally:
@@ -72,7 +77,7 @@ def cmd_acceptor(args: argparse.Namespace, settings: Settings) -> int:
         stop = _stop_on_signals()
         try:
             node.start()
-            _announce({"event": "ready", "dicom_port": node.dicom.port})
+            _announce({"event": "ready", "dicom_port": node.dicom.port, "dicom_tls": describe_tls(settings.dicom.tls)})
             while not stop.wait(1.0):
                 if not parent_alive(args.parent):
                     log.warning("dicom.acceptor_orphaned")
@@ -97,10 +102,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         listeners = [WakeListener(settings.wake_dir, INFER, workers.wake_inferers),
                      WakeListener(settings.wake_dir, DELIVER, workers.wake_deliverers)]
         stop = _stop_on_signals()
+        audited = False
         try:
             workers.start()
             for listener in listeners:
                 listener.start()
+            if parent is None:  # a worker process of `pneumo serve` is covered by serve's own records
+                runtime.audit(process_event(runtime, started=True, process_name="pneumo worker", config_path=args.config))
+                audited = True
             _announce({"event": "ready", "workers": len(workers.all)})
             while not stop.wait(1.0):
                 if parent is not None and not parent_alive(parent):
@@ -110,6 +119,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             for listener in listeners:
                 listener.stop()
             workers.stop()
+            if audited:
+                runtime.audit(process_event(runtime, started=False, process_name="pneumo worker"))
     return 0
 
 
@@ -405,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_fhir(commands)
     register_db(commands)
     register_certs(commands)
+    register_keys(commands)
 
     audit = add_command(
         commands, "audit", summary="audit log tools",
@@ -423,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         examples=["pneumo audit verify", "pneumo audit verify --config /etc/pneumo/pneumo.toml"],
     )
     verify.set_defaults(handler=cmd_audit_verify)
+    register_audit_export(audit_commands)
     accept_config_everywhere(parser)
     return parser
 

@@ -16,7 +16,7 @@ import getpass
 import json
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import structlog
@@ -75,12 +75,15 @@ def announce_store(config: Path | None, database_url: str) -> None:
 
 
 @contextlib.contextmanager
-def existing_store(settings: Settings, config: Path | None, *, require_current: bool = True) -> Iterator[Database]:
+def existing_store(
+    settings: Settings, config: Path | None, *, require_current: bool = True, session_info: Mapping[str, object] | None = None
+) -> Iterator[Database]:
     """The store's database, only if it exists (never created, never migrated): for the commands
     that read it. Raises :class:`StoreNotFoundError` naming the configuration, or
     :class:`ConflictError` when its schema is older than this version (``pneumo serve`` migrates)."""
     try:
-        database = open_existing(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+        database = open_existing(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous,
+                                 session_info=session_info)
     except StoreNotFoundError as exc:
         raise StoreNotFoundError(
             f"no store: {exc} (configuration: {describe_config(config)}). Run from the gateway's folder, or give its "

@@ -13,10 +13,16 @@ for changed resources are queued as usual.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
+import getpass
 import json
+import socket
 
 from sqlalchemy import select
 
+from audit.builders import operator_action
+from audit.events import Code
 from conf.errors import InvalidInputError
 from conf.settings import Settings
 from fhir_api.auth import TokenVerifier, mint_development_token
@@ -25,6 +31,9 @@ from gateway.app import runtime_for
 from gateway.cli_db import require_store
 from gateway.cli_help import add_command
 from storage.models import Study
+
+#: The event type of the operator's ``fhir publish`` (an Application Activity, PS3.15 A.5.3.1).
+FHIR_REPUBLISHED = Code("FHIR-PUBLISH", "99PNEUMO", "Operator republished the FHIR resources")
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -41,8 +50,22 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
                 stored, queued = publish_study(session, study_pk)
             changed += len(stored)
             notifications += queued
+        scope = f"{len(study_pks)} given" if args.study_uids else f"all {len(study_pks)}"
+        event = operator_action(
+            runtime.audit_source, operator=_operator(), host=socket.gethostname(), when=dt.datetime.now(dt.UTC),
+            description=f"FHIR resources republished for {scope} studies: {changed} changed, "
+                        f"{notifications} notifications queued",
+        )
+        runtime.audit(dataclasses.replace(event, event_types=(FHIR_REPUBLISHED,)))
     print(json.dumps({"studies": len(study_pks), "resources_changed": changed, "notifications_queued": notifications}))
     return 0
+
+
+def _operator() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return None
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

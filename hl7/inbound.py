@@ -5,7 +5,8 @@ For each frame (:class:`InboundService.handle`):
 1. parse it (:func:`hl7.messages.parse_inbound`); a message we cannot use gets AE or AR with an
    ERR segment (HL7 v2.5.1 2.9.2 original-mode acknowledgement) and changes nothing;
 2. check the sender: MSH-3/MSH-4 must be a configured ``[[hl7.peers]]`` entry, connecting from its
-   ``host`` when one is set — otherwise AR and a Security Alert in the audit log;
+   ``host`` when one is set and, when it has a ``certificate_sha256``, over TLS with the client
+   certificate of that fingerprint — otherwise AR and a Security Alert in the audit log;
 3. a message already acknowledged (same MSH-3, MSH-4, MSH-10) gets the *same* ACK again and
    changes nothing (a sender that lost our ACK resends; HL7 v2.5.1 2.10.1);
 4. apply it in one transaction with its ACK and audit record: an order is stored or updated
@@ -31,6 +32,7 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from audit.alert_throttle import AlertThrottle
 from audit.builders import security_alert
 from audit.events import (
     Action,
@@ -64,6 +66,7 @@ from hl7.messages import (
     parse_inbound,
 )
 from hl7.mllp import ConnectionInfo, FrameError
+from hl7.tls import HandshakeError
 from storage.db import Database
 from storage.models import Hl7InboundMessage, ImagingOrder, Patient, Study, utcnow
 from storage.study_results import schedule_study_changed
@@ -78,23 +81,43 @@ class SenderNotAllowedError(Hl7MessageError):
     """MSH-3/MSH-4 (or the connecting host) is not a configured peer."""
 
 
+#: Why a sender was refused (the ERR text of the AR, and the Security Alert's description).
+NOT_A_PEER = "the sending application/facility is not allowed to send to this gateway (from this host)"
+WRONG_CERTIFICATE = "the sending application/facility did not present the TLS client certificate configured for it"
+
+
 class SenderPolicy:
     """Deny by default: the sending application and facility (MSH-3, MSH-4) must be a configured
-    peer, connecting from its ``host`` when one is set (an IP or a name, resolved once at start)."""
+    peer, connecting from its ``host`` when one is set (an IP or a name, resolved once at start)
+    and, when its ``certificate_sha256`` is set, over TLS with a client certificate of that
+    SHA-256 fingerprint (IHE ATNA node authentication bound to the HL7 identity: another holder
+    of a certificate from the same CA cannot send in this peer's name)."""
 
     def __init__(self, peers: Sequence[Hl7Peer]) -> None:
         self._peers = [
-            (p.sending_application, p.sending_facility, host_addresses(p.host) if p.host is not None else None)
+            (p.sending_application, p.sending_facility, host_addresses(p.host) if p.host is not None else None,
+             p.certificate_sha256)
             for p in peers
         ]
 
-    def allows(self, header: MessageHeader, address: str) -> bool:
+    def refusal(self, header: MessageHeader, address: str, certificate_sha256: str | None = None) -> str | None:
+        """None when some peer entry allows this message; otherwise why not (:data:`NOT_A_PEER`,
+        or :data:`WRONG_CERTIFICATE` when the entries that name the sender and its host all ask
+        for a client certificate it did not present)."""
         address = normalise_address(address)
-        return any(
-            application == header.sending_application and facility == header.sending_facility
-            and (addresses is None or address in addresses)
-            for application, facility, addresses in self._peers
-        )
+        wrong_certificate = False
+        for application, facility, addresses, fingerprint in self._peers:
+            if application != header.sending_application or facility != header.sending_facility:
+                continue
+            if addresses is not None and address not in addresses:
+                continue
+            if fingerprint is None or fingerprint == certificate_sha256:
+                return None
+            wrong_certificate = True
+        return WRONG_CERTIFICATE if wrong_certificate else NOT_A_PEER
+
+    def allows(self, header: MessageHeader, address: str, certificate_sha256: str | None = None) -> bool:
+        return self.refusal(header, address, certificate_sha256) is None
 
 
 class InboundService:
@@ -105,6 +128,9 @@ class InboundService:
         self._audit_source = audit_source
         self._settings = settings
         self._senders = SenderPolicy(settings.peers)
+        #: Refusals are answered every time; their Security Alerts are throttled per (address,
+        #: kind), so a flood of refused messages or handshakes cannot flood the hash-chained log.
+        self._alert_throttle = AlertThrottle()
         self._commits: GroupCommit[_Accepted, str] = GroupCommit(self._apply_batch, self._apply_one)
 
     # -- the MLLP callbacks ---------------------------------------------------------------------
@@ -116,10 +142,10 @@ class InboundService:
         except Hl7MessageError as error:
             return self._refuse(error, info, now)
         header = message.header
-        if not self._senders.allows(header, info.peer_host):
+        why = self._senders.refusal(header, info.peer_host, info.certificate_sha256)
+        if why is not None:
             refusal = SenderNotAllowedError(
-                "the sending application/facility is not allowed to send to this gateway (from this host)",
-                ack_code="AR", hl7_error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, header=header,
+                why, ack_code="AR", hl7_error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, header=header,
             )
             return self._refuse(refusal, info, now)
         return self._commits.submit(_Accepted(message, info, now)).encode("utf-8")
@@ -134,6 +160,25 @@ class InboundService:
         except Exception:  # noqa: BLE001 - the refusal stands even if its audit record could not be written
             log.error("hl7.audit_failed", peer=info.peer_host)
         return self._ack(None, "AR", utcnow(), refusal).encode("utf-8")
+
+    def on_tls_auth_failure(self, address: str, error: HandshakeError) -> None:
+        """A TLS peer failed node authentication on the listener (no client certificate when
+        ``require_client_cert``, or one our CA did not sign): PS3.15 A.5.3.11 Security Alert,
+        event type Node Authentication (DCM 110126). No HL7 was read: the offender is its address."""
+        breach = self._alert_throttle.breach(address, "tls")
+        if breach is None:
+            return
+        try:
+            with self._db.session() as session:
+                append_audit(session, security_alert(
+                    self._audit_source, event_type=EventType.NODE_AUTHENTICATION,
+                    reporter_ae=self._settings.sending_application, offender_id=address, offender_host=address,
+                    description=breach.describe(
+                        f"HL7 MLLP TLS node authentication failed: {error.failure.value} ({error.detail})")[:1000],
+                    when=utcnow(),
+                ))
+        except Exception:  # noqa: BLE001 - the connection is refused either way
+            log.error("hl7.audit_failed", peer=address)
 
     # -- refusals ----------------------------------------------------------------------------
 
@@ -156,12 +201,16 @@ class InboundService:
         try:
             with self._db.session() as session:
                 self._audit_received(session, info, error.ack_code, now, error, header)
-                if isinstance(error, SenderNotAllowedError):
+                breach = (self._alert_throttle.breach(info.peer_host, "sender")
+                          if isinstance(error, SenderNotAllowedError) else None)
+                if breach is not None:
                     append_audit(session, security_alert(
                         self._audit_source, event_type=EventType.NODE_AUTHENTICATION,
                         reporter_ae=self._settings.sending_application,
                         offender_id=f"{header.sending_application}@{header.sending_facility}" if header else "unknown",
-                        offender_host=info.peer_host, description="HL7 sender not allowed", when=now,
+                        offender_host=info.peer_host, when=now,
+                        description=breach.describe("HL7 sender without its TLS client certificate"
+                                                    if str(error) == WRONG_CERTIFICATE else "HL7 sender not allowed"),
                     ))
         except Exception:  # noqa: BLE001 - the refusal stands even if its audit record could not be written
             log.error("hl7.audit_failed", peer=info.peer_host)

@@ -37,6 +37,15 @@ timeout on every read (a peer that connects and sends nothing, or stalls mid-blo
 and a handler failure that ends only its own connection. No payload byte is ever logged: HL7 v2
 messages are PHI from the MSH segment on; log lines carry the peer address, a connection number
 and fixed reason strings.
+
+**TLS** (:mod:`hl7.tls`, ``[hl7.tls]``): given an SSL context the server speaks TLS only. The
+handshake runs in the connection's thread (a slow or half-open client holds its own slot, never
+the accept loop) within the handshake timeout; a connection that fails it is closed before any
+byte is read as MLLP, so a plain-TCP sender on the TLS port gets no HL7 processing. The frame
+decoder, the size limit and the idle timeout then work on the decrypted stream exactly as on a
+plain one, and the fingerprint of the client certificate rides in :class:`ConnectionInfo` for
+the application to match against its peers. Without a context nothing of this runs: the plain
+path is the code it always was.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from __future__ import annotations
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +63,8 @@ from typing import ClassVar, Final
 import structlog
 
 from conf.errors import InvalidInputError, UnavailableError
+from conf.tls import peer_certificate_fingerprint
+from hl7.tls import HandshakeError, client_handshake, describe_client_failure, server_handshake, wrap_server
 
 log = structlog.get_logger(__name__)
 
@@ -221,15 +233,21 @@ def encode(message: str | bytes) -> bytes:
 @dataclass(frozen=True)
 class ConnectionInfo:
     """Who sent a frame: the peer's address and the server's number for the connection (unique
-    per :class:`MllpServer`, for correlating log lines without logging message content)."""
+    per :class:`MllpServer`, for correlating log lines without logging message content); on a
+    TLS connection, the SHA-256 fingerprint (lower-case hex) of the client certificate the peer
+    presented and our CA verified (None: plain TCP, or no client certificate)."""
 
     peer_host: str
     peer_port: int
     connection_id: int
+    certificate_sha256: str | None = None
 
 
 Handler = Callable[[bytes, ConnectionInfo], bytes | None]
 FrameErrorHandler = Callable[[FrameError, ConnectionInfo], bytes | None]
+#: Called with the peer's address and the failed handshake when a TLS peer fails node
+#: authentication (no client certificate when required, or one our CA did not sign).
+TlsAuthFailureHandler = Callable[[str, HandshakeError], None]
 
 
 @dataclass(eq=False)
@@ -255,6 +273,11 @@ class MllpServer:
     not; a reply that the peer does not read within *idle_timeout* closes the connection too. A
     peer trickling a block just fast enough keeps its slot; *max_connections* bounds what that
     costs, and *max_message_bytes* bounds how long it can go on.
+
+    With *ssl_context* (:func:`conf.tls.server_context`) the port speaks TLS only: each
+    connection completes its handshake in its own thread within *handshake_timeout* seconds
+    (default: *idle_timeout*) or is closed unanswered; failures are logged (throttled, address and
+    reason) and node-authentication failures reported to *on_tls_auth_failure* (a Security Alert).
     """
 
     def __init__(
@@ -267,6 +290,9 @@ class MllpServer:
         idle_timeout: float,
         max_connections: int,
         on_frame_error: FrameErrorHandler | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+        on_tls_auth_failure: TlsAuthFailureHandler | None = None,
     ) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be >= 1")
@@ -274,6 +300,8 @@ class MllpServer:
             raise ValueError("idle_timeout must be > 0")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if handshake_timeout is not None and handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be > 0")
         self.bind = bind
         self._requested_port = port
         self._port = port
@@ -292,6 +320,11 @@ class MllpServer:
         self._stopping = threading.Event()
         self._refused_since_log = 0
         self._last_refusal_log = float("-inf")
+        self.ssl_context = ssl_context
+        self.handshake_timeout = handshake_timeout if handshake_timeout is not None else idle_timeout
+        self.on_tls_auth_failure = on_tls_auth_failure
+        self._tls_failures_since_log: dict[str, int] = {}
+        self._last_tls_failure_log: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -322,7 +355,8 @@ class MllpServer:
         self._port = int(listener.getsockname()[1])
         self._accept_thread = threading.Thread(target=self._accept_loop, name="MllpAccept", daemon=True)
         self._accept_thread.start()
-        log.info("hl7.listener.started", bind=self.bind, port=self._port, max_connections=self.max_connections)
+        log.info("hl7.listener.started", bind=self.bind, port=self._port, max_connections=self.max_connections,
+                 tls=self.ssl_context is not None)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection and join the threads (each up to *timeout*
@@ -427,6 +461,12 @@ class MllpServer:
         reason = "closed"
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                secured = self._handshake(connection)
+                if secured is None:
+                    reason = "tls-failed"
+                    return
+                sock, info = secured, connection.info
             sock.settimeout(self.idle_timeout)
             log.debug("hl7.connection.opened", address=info.peer_host, connection_id=info.connection_id)
             reason = self._exchange(sock, info)
@@ -443,6 +483,52 @@ class MllpServer:
             with self._lock:
                 self._connections.pop(info.connection_id, None)
             log.debug("hl7.connection.closed", reason=reason, connection_id=info.connection_id)
+
+    def _handshake(self, connection: _Connection) -> ssl.SSLSocket | None:
+        """The TLS handshake of *connection* (in its own thread): its TLS socket, with the client
+        certificate's fingerprint in its info, or None after a failure (logged, maybe reported)."""
+        assert self.ssl_context is not None
+        info = connection.info
+        wrapped = wrap_server(connection.sock, self.ssl_context, self.handshake_timeout)
+        error = wrapped if isinstance(wrapped, HandshakeError) else None
+        if isinstance(wrapped, ssl.SSLSocket):
+            with self._lock:
+                # stop() shuts down connection.sock: from now on that must be the TLS socket (the
+                # plain one was detached into it), so that stopping interrupts the handshake.
+                connection.sock = wrapped
+            if self._stopping.is_set():
+                _shutdown(wrapped)
+            error = server_handshake(wrapped)
+            if error is not None:
+                _close(wrapped)
+        if error is not None:
+            if self._stopping.is_set():
+                return None
+            self._log_tls_failure(info.peer_host, error)
+            if error.failure.node_authentication and self.on_tls_auth_failure is not None:
+                try:
+                    self.on_tls_auth_failure(info.peer_host, error)
+                except Exception as exc:  # noqa: BLE001 - the refusal stands even if reporting it failed
+                    log.error("hl7.tls_alert_failed", error=exc.__class__.__name__, connection_id=info.connection_id)
+            return None
+        assert isinstance(wrapped, ssl.SSLSocket)
+        connection.info = ConnectionInfo(
+            info.peer_host, info.peer_port, info.connection_id, peer_certificate_fingerprint(wrapped)
+        )
+        return wrapped
+
+    def _log_tls_failure(self, host: str, error: HandshakeError) -> None:
+        """One WARN per failure reason every few seconds (with the count of those not logged): a
+        scanner or a misconfigured sender retrying in a loop must not become a log flood."""
+        reason = error.failure.value
+        now = time.monotonic()
+        with self._lock:
+            self._tls_failures_since_log[reason] = self._tls_failures_since_log.get(reason, 0) + 1
+            if now - self._last_tls_failure_log.get(reason, float("-inf")) < _REFUSAL_LOG_INTERVAL:
+                return
+            self._last_tls_failure_log[reason] = now
+            failures = self._tls_failures_since_log.pop(reason)
+        log.warning("hl7.tls_handshake_failed", reason=reason, detail=error.detail, address=host, failures=failures)
 
     def _exchange(self, sock: socket.socket, info: ConnectionInfo) -> str:
         """Read, decode, answer until the connection ends; returns why it ended."""
@@ -507,10 +593,18 @@ class MllpClient:
     def __init__(self, *, max_reply_bytes: int = 1_048_576) -> None:
         self.max_reply_bytes = max_reply_bytes
 
-    def send(self, host: str, port: int, message: bytes | str, *, timeout: float) -> bytes:
+    def send(
+        self, host: str, port: int, message: bytes | str, *, timeout: float, ssl_context: ssl.SSLContext | None = None
+    ) -> bytes:
         """Send *message* as one MLLP block to *host*:*port* and return the content of the first
-        block that comes back (the ACK). *timeout* bounds the whole exchange: connect, send and
-        reply.
+        block that comes back (the ACK). *timeout* bounds the whole exchange: connect, TLS
+        handshake, send and reply.
+
+        With *ssl_context* (:func:`conf.tls.client_context`) the block goes over TLS: the
+        receiver's certificate is verified (and its host name against *host* when the context
+        checks host names), our client certificate presented when the context holds one. A
+        handshake that fails (certificate rejected, not TLS, timed out) is a failed attempt like a
+        refused connection: :class:`MllpError`.
 
         Raises :class:`MllpError` (retryable) when the connection is refused or fails, the
         exchange takes longer than *timeout*, the peer closes before a complete block, or the
@@ -530,6 +624,11 @@ class MllpClient:
             raise MllpError(f"{where}: cannot connect ({exc.__class__.__name__})") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:
+                try:
+                    sock = client_handshake(sock, ssl_context, host, deadline)
+                except (OSError, ValueError) as exc:
+                    raise MllpError(f"{where}: {describe_client_failure(exc)}") from exc
             return self._exchange(sock, block, deadline, where, timeout)
         finally:
             _close(sock)

@@ -13,12 +13,16 @@ identifier (the EHR's own), with the name, birth date and sex of the patient as 
 them (kept current by ADT^A08/A40), else the DICOM headers.
 
 ACK handling (original mode, HL7 v2.5.1 2.9.2): AA/CA delivered; AE/CE and no answer (timeout,
-refused, closed) retried with backoff; AR/CR dead-lettered at once.
+refused, closed, a failed TLS handshake) retried with backoff; AR/CR dead-lettered at once.
+
+TLS: a destination with ``tls = true`` is reached over TLS with :func:`tls_context` (built once,
+at start, so a missing CA file fails ``pneumo serve`` instead of every delivery).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +31,7 @@ from audit.builders import patient_object, study_object
 from audit.events import Action, ActiveParticipant, AuditEvent, AuditSource, EventId, Outcome, RoleId
 from conf.errors import NotFoundError
 from conf.settings import Hl7Destination, Hl7Settings
+from conf.tls import client_context
 from hl7.messages import Hl7MessageError, OruInput, PatientIdentity, build_oru, parse_ack
 from hl7.mllp import MllpClient, MllpError
 from storage.jobs import ClaimedJob
@@ -148,6 +153,20 @@ def oru_input(session: Session, study_result_pk: int, destination: Hl7Destinatio
     )
 
 
+def tls_context(settings: Hl7Settings) -> ssl.SSLContext:
+    """The context of our MLLP connections to ``tls = true`` destinations
+    (:func:`conf.tls.client_context` of ``[hl7.tls]``, BCP 195).
+
+    The EHR's certificate is verified against ``[hl7.tls] ca_file`` (the system trust store
+    without one) **and its host name is checked** against the destination's ``host``: HL7
+    interface engines are usually addressed by DNS name, and with the check a certificate that
+    the same CA issued to another host cannot stand in for the EHR (RFC 9110 4.3.4 / RFC 6125
+    identity check; DICOM peers, addressed by IP, skip it). A destination addressed by IP needs
+    that IP in the certificate's subjectAltName. Our ``cert_file`` is presented as client
+    certificate when set (the EHR's listener may require it: mutual TLS, IHE ATNA)."""
+    return client_context(settings.tls, check_hostname=True)
+
+
 class Hl7ResultChannel:
     """:class:`~storage.outbox.ChannelSender` for ORU^R01 over MLLP to ``[[hl7.destinations]]``."""
 
@@ -158,6 +177,7 @@ class Hl7ResultChannel:
         self._destinations = {d.name: d for d in settings.destinations}
         self._audit_source = audit_source
         self._client = client or MllpClient()
+        self._tls = tls_context(settings) if any(d.tls for d in settings.destinations) else None
 
     def has_destination(self, name: str) -> bool:
         return name in self._destinations
@@ -184,7 +204,8 @@ class Hl7ResultChannel:
         message: OruInput = item.content
         try:
             reply = self._client.send(target.host, target.port, build_oru(message),
-                                      timeout=self._settings.ack_timeout_seconds)
+                                      timeout=self._settings.ack_timeout_seconds,
+                                      ssl_context=self._tls if target.tls else None)
         except MllpError as exc:
             raise DeliveryFailedError(f"MLLP: {exc}", retryable=True) from exc
         try:

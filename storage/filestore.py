@@ -13,6 +13,13 @@ Two more promises, both behind the C-STORE guarantee of docs/architecture.md §3
 - :meth:`FileStore.disk_space` reports free space against the configured floor
   (``storage.min_free_mb``), for readiness and for refusing new instances (0xA700) before the
   disk is full.
+
+Encryption at rest (:mod:`storage.encryption`) lives here and nowhere else: with a
+:class:`~storage.encryption.Keyring` every file is written encrypted under the current key, and
+every reader goes through :meth:`FileStore.open` / :meth:`FileStore.read_bytes`, which
+authenticate and decrypt (or pass a plaintext file through). Without a keyring the write path is
+exactly the unencrypted one (a hard link, hashing in the I/O threads): encryption off costs the
+ingest hot path nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import uuid
 import zlib
@@ -28,7 +36,19 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from storage.encryption import (
+    MAGIC,
+    EncryptingWriter,
+    Header,
+    Keyring,
+    StoredFileIntegrityError,
+    decrypt_stream,
+    encrypt_stream,
+    plaintext_size,
+    read_header,
+)
 from storage.uids import validate_uid
 
 _COPY_CHUNK = 1 << 20
@@ -51,7 +71,9 @@ class StagedFile:
 
     path: Path
     digest: Future[str] | str
-    synced: Future[None] | None = None
+    synced: Future[Any] | None = None
+    #: Written encrypted (its size on disk is not the plaintext's).
+    encrypted: bool = False
 
     @property
     def sha256(self) -> str:
@@ -108,6 +130,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _plaintext_size(path: Path) -> int:
+    with path.open("rb") as handle:
+        header: Header | None = read_header(handle)
+        if header is None:
+            raise StoredFileIntegrityError("the staged file is not encrypted")
+        return plaintext_size(os.fstat(handle.fileno()).st_size, header)
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether the file at *path* starts with the encryption magic (tests, diagnostics)."""
+    with path.open("rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
 def sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -122,8 +158,10 @@ class FileStore:
         fsync: bool = True,
         sync_threads: int = 16,
         min_free_bytes: int = 0,
+        keyring: Keyring | None = None,
     ) -> None:
         self.root = root
+        self.keyring = keyring
         self.tmp_dir = tmp_dir
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -195,8 +233,14 @@ class FileStore:
 
         A hard link costs nothing when *source* is on the same file system (pynetdicom's receive
         file, when the process temp dir is our tmp dir); otherwise the bytes are copied once.
+        With encryption on, the one pass that reads *source* encrypts it into the staging file and
+        hashes the plaintext, then fsyncs — all in the I/O threads, as the hash and fsync are
+        without it.
         """
         staged = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        if self.keyring is not None:
+            job = self._syncer.submit(self._encrypt_file, source, staged, self.keyring)
+            return StagedFile(staged, job, job, encrypted=True)
         try:
             os.link(source, staged)
             synced = self._syncer.submit(_fsync_file, staged) if self.fsync else None
@@ -215,8 +259,115 @@ class FileStore:
     def stage_bytes(self, data: bytes) -> StagedFile:
         staged = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         with staged.open("xb") as handle:
-            handle.write(data)
-        return StagedFile(staged, hashlib.sha256(data).hexdigest())
+            if self.keyring is None:
+                handle.write(data)
+                return StagedFile(staged, hashlib.sha256(data).hexdigest())
+            writer = EncryptingWriter(handle, self.keyring)
+            writer.write(data)
+            return StagedFile(staged, writer.finish(), encrypted=True)
+
+    def _encrypt_file(self, source: Path, staged: Path, keyring: Keyring) -> str:
+        """(I/O thread) Encrypt *source* into *staged*, fsync it; the plaintext's SHA-256."""
+        with source.open("rb") as src, staged.open("xb") as dst:
+            digest, _ = encrypt_stream(src, dst, keyring)
+            if self.fsync:
+                dst.flush()
+                os.fsync(dst.fileno())
+        return digest
+
+    # -- reading: the one way any part reads a stored file -------------------------------------
+
+    def open(self, relative_path: str) -> BinaryIO:
+        """The stored file's plaintext bytes, as a seekable binary file; close it after use.
+
+        A plaintext file is returned as the open file itself (no copy). An encrypted one is
+        authenticated and decrypted completely before anything is returned — so truncation,
+        reordering or tampering anywhere in the file raise
+        :class:`~storage.encryption.StoredFileIntegrityError` here and no reader ever acts on
+        unverified bytes — into memory, chunk by chunk (the plaintext is held once; every current
+        reader parses the whole data set anyway). Raises ``FileNotFoundError`` / ``OSError`` as
+        opening a file does."""
+        path = self.absolute(relative_path)
+        handle = path.open("rb")
+        try:
+            header = read_header(handle)
+            if header is None:
+                return handle
+            plain = io.BytesIO()
+            decrypt_stream(handle, plain.write, self._require_keyring(), header)
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+        plain.seek(0)
+        return plain
+
+    def read_bytes(self, relative_path: str) -> bytes:
+        """The stored file's plaintext bytes, authenticated (see :meth:`open`)."""
+        with self.open(relative_path) as handle:
+            if isinstance(handle, io.BytesIO):
+                return handle.getvalue()
+            return handle.read()
+
+    def digest(self, relative_path: str) -> tuple[str, int]:
+        """(SHA-256 hex, size) of the stored file's plaintext — what the index holds — streaming,
+        without holding the file in memory."""
+        path = self.absolute(relative_path)
+        with path.open("rb") as handle:
+            header = read_header(handle)
+            if header is None:
+                return hashlib.file_digest(handle, "sha256").hexdigest(), os.fstat(handle.fileno()).st_size
+            hasher = hashlib.sha256()
+            size = decrypt_stream(handle, hasher.update, self._require_keyring(), header)
+            return hasher.hexdigest(), size
+
+    def key_id(self, relative_path: str) -> str | None:
+        """The key id the stored file is encrypted under, or None when it is plaintext."""
+        with self.absolute(relative_path).open("rb") as handle:
+            header = read_header(handle)
+        return None if header is None else header.key_id
+
+    def reencrypt(self, relative_path: str) -> str | None:
+        """Rewrite the stored file under the current key, atomically; returns the key id it was
+        under before (None: plaintext), or the current id when there was nothing to do.
+
+        The caller holds :meth:`uid_lock` of the file's SOP Instance UID (``pneumo keys rotate``
+        does), so no ingest decides what the path becomes meanwhile. The new file is staged,
+        fsynced, renamed over the old one and the directory fsynced — a crash leaves the old or
+        the new file, both readable — and it is only renamed once the old file authenticated to
+        its last chunk. Readers holding the old file open keep reading it (POSIX rename)."""
+        keyring = self._require_keyring()
+        target = self.absolute(relative_path)
+        staged = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with target.open("rb") as src:
+                header = read_header(src)
+                if header is not None and header.key_id == keyring.current_id:
+                    return keyring.current_id
+                with staged.open("xb") as dst:
+                    writer = EncryptingWriter(dst, keyring)
+                    if header is None:
+                        while data := src.read(_COPY_CHUNK):
+                            writer.write(data)
+                    else:
+                        decrypt_stream(src, writer.write, keyring, header)
+                    writer.finish()
+                    if self.fsync:
+                        dst.flush()
+                        os.fsync(dst.fileno())
+            os.replace(staged, target)
+            if self.fsync:
+                fsync_dir(target.parent)
+        finally:
+            self.discard_path(staged)
+        return None if header is None else header.key_id
+
+    def _require_keyring(self) -> Keyring:
+        if self.keyring is None:
+            raise StoredFileIntegrityError(
+                "the stored file is encrypted but no key is configured (storage.encryption)"
+            )
+        return self.keyring
 
     def commit(self, staged_file: StagedFile, relative_path: str) -> StoredFile:
         """fsync the staged file, rename it to *relative_path* and fsync the directory."""
@@ -228,7 +379,7 @@ class FileStore:
             elif self.fsync:
                 _fsync_file(staged)
             self._ensure_dir(target.parent)
-            size = staged.stat().st_size
+            size = _plaintext_size(staged) if staged_file.encrypted else staged.stat().st_size
             os.replace(staged, target)
             if self.fsync:
                 fsync_dir(target.parent)
@@ -264,6 +415,10 @@ class FileStore:
         self._syncer.shutdown(wait=True)
 
     def discard(self, staged_file: StagedFile) -> None:
+        if staged_file.encrypted and staged_file.synced is not None:
+            # The I/O thread may not have created the file yet: wait, so it is not left behind.
+            with contextlib.suppress(Exception):
+                staged_file.synced.result()
         self.discard_path(staged_file.path)
 
     def discard_path(self, path: Path) -> None:

@@ -182,7 +182,10 @@ class ImageResultHandler:
         """The one full parse of the source; an unreadable file is a verdict, not an error."""
         started = time.perf_counter()
         try:
-            source = pydicom.dcmread(self._store.absolute(work.context.path))
+            # The store authenticates and decrypts; a file that fails raises
+            # StoredFileIntegrityError (not retryable: the job is dead-lettered, no result made).
+            with self._store.open(work.context.path) as handle:
+                source = pydicom.dcmread(handle)
         except FileNotFoundError as exc:
             raise NotFoundError("the stored file of the instance is missing") from exc
         except OSError as exc:

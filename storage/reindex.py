@@ -27,7 +27,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from storage.db import Database
-from storage.filestore import FileStore, sha256_file
+from storage.encryption import StoredFileIntegrityError
+from storage.filestore import FileStore
 from storage.index import add_instance
 from storage.integrity import iter_store_files
 from storage.job_kinds import INFER_JOB, infer_job_key
@@ -122,15 +123,17 @@ def _index_batch(
 def _read(store: FileStore, relative: str, report: ReindexReport) -> _Found | None:
     path: Path = store.absolute(relative)
     try:
-        dataset = dcmread(path, stop_before_pixels=True)
+        with store.open(relative) as handle:  # authenticated and decrypted when encrypted
+            dataset = dcmread(handle, stop_before_pixels=True)
         meta = extract_metadata(dataset)
         dataset.file_meta.TransferSyntaxUID  # noqa: B018 - a Part 10 file has one; fail here if not
         stat = path.stat()
-        digest = sha256_file(path)
-    except (InvalidDicomError, MetadataError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        digest, size = store.digest(relative)  # of the plaintext, as ingest indexes it
+    except (InvalidDicomError, MetadataError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            StoredFileIntegrityError):
         report.unreadable += 1
         return None
     if store.relative_path(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid) != relative:
         report.misplaced += 1  # its UIDs do not name this path: not ours to index
         return None
-    return _Found(relative, dataset, stat.st_size, digest, dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC))
+    return _Found(relative, dataset, size, digest, dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC))

@@ -42,6 +42,7 @@ from audit.store import (
 from storage.db import Database
 from storage.migrate import _config, upgrade
 from storage.models import UTCDateTime
+from tests.audit.attacker import drop_guards_on
 
 SOURCE = AuditSource("PNEUMO@test")
 
@@ -94,6 +95,7 @@ def test_a_batch_is_sealed_like_single_appends(database: Database, keyed: bool) 
 
 def test_edit_is_detected(database: Database) -> None:
     _write(database, 5)
+    drop_guards_on(database.engine)  # the attacker owns the tables (migration 0011 refuses others)
     with database.session() as session:
         record = session.get(AuditRecord, 3)
         assert record is not None
@@ -104,6 +106,7 @@ def test_edit_is_detected(database: Database) -> None:
 
 def test_deletion_is_detected(database: Database) -> None:
     _write(database, 5)
+    drop_guards_on(database.engine)
     with database.session() as session:
         session.execute(delete(AuditRecord).where(AuditRecord.seq == 2))
     result = _verify(database)
@@ -112,6 +115,7 @@ def test_deletion_is_detected(database: Database) -> None:
 
 def test_reordering_is_detected(database: Database) -> None:
     _write(database, 4)
+    drop_guards_on(database.engine)
     with database.session() as session:
         a, b = session.get(AuditRecord, 2), session.get(AuditRecord, 3)
         assert a is not None and b is not None
@@ -123,6 +127,7 @@ def test_reordering_is_detected(database: Database) -> None:
 
 def test_truncation_is_detected(database: Database) -> None:
     _write(database, 4)
+    drop_guards_on(database.engine)
     with database.session() as session:
         session.execute(delete(AuditRecord).where(AuditRecord.seq == 4))
     result = _verify(database)
@@ -164,6 +169,7 @@ def _keyed(database: Database, key: bytes = KEY) -> Database:
 
 def test_editing_the_event_id_column_is_detected(database: Database) -> None:
     _write(database, 4)
+    drop_guards_on(database.engine)
     with database.session() as session:
         session.execute(update(AuditRecord).where(AuditRecord.seq == 2).values(event_id="110113"))
     result = _verify(database)
@@ -172,6 +178,7 @@ def test_editing_the_event_id_column_is_detected(database: Database) -> None:
 
 def test_editing_the_outcome_column_alone_is_detected(database: Database) -> None:
     _write(database, 4)
+    drop_guards_on(database.engine)
     with database.session() as session:
         session.execute(update(AuditRecord).where(AuditRecord.seq == 3).values(outcome=12))
     result = _verify(database)
@@ -180,6 +187,7 @@ def test_editing_the_outcome_column_alone_is_detected(database: Database) -> Non
 
 def _rehash_from(database: Database, seq: int, *, version: int) -> None:
     """The attacker without the key: edit record *seq*, recompute SHA-256 hashes from there on."""
+    drop_guards_on(database.engine)
     with database.session() as session:
         rows = session.execute(select(AuditRecord).where(AuditRecord.seq >= seq).order_by(AuditRecord.seq)).scalars().all()
         prev = rows[0].prev_hash
@@ -254,6 +262,7 @@ def test_anchor_detects_truncation_and_a_wiped_table(database: Database, tmp_pat
     anchor.append(seq, digest, keyed=False)
     with database.read_session() as session:
         assert verify_anchored(session, AuditSigner(), anchor).ok
+    drop_guards_on(database.engine)
     with database.session() as session:  # remove the last 10, move the head back
         session.execute(delete(AuditRecord).where(AuditRecord.seq > 2))
         session.execute(update(AuditChainHead).values(last_seq=2, last_hash=session.get(AuditRecord, 2).hash))  # type: ignore[union-attr]
@@ -349,6 +358,7 @@ def test_records_written_before_the_upgrade_still_verify(database_url: str) -> N
             versions = session.execute(select(AuditRecord.hash_version).order_by(AuditRecord.seq)).scalars().all()
         assert versions == [HASH_LEGACY, HASH_SHA256]
         assert _verify(database).ok
+        drop_guards_on(database.engine)
         with database.session() as session:  # the outcome column of an old record is still covered
             session.execute(update(AuditRecord).where(AuditRecord.seq == 1).values(outcome=8))
         assert _verify(database).first_bad_seq == 1

@@ -2,7 +2,8 @@
 
 One real server (a child process, DCMTK storescu sending real files) writes the audit log; each
 test copies its stopped data directory and attacks the copy's database the way someone with write
-access to it would, with plain SQL, then runs ``pneumo audit verify`` as an operator does: it must
+access to it would (the table owner: it first drops the append-only triggers of migration 0011),
+with plain SQL, then runs ``pneumo audit verify`` as an operator does: it must
 exit non-zero and name the first bad record. The attacks: edit the ``outcome`` or ``event_id``
 column; delete the last 10 records and move the chain head back; edit one record and re-hash the
 chain from there (caught by the HMAC key, and by the anchor checkpoints when there is no key);
@@ -24,8 +25,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from audit.store import HASH_HMAC_SHA256, HASH_SHA256, record_payload
+from tests.audit.attacker import drop_guards, drop_guards_on
 from tests.conftest import copy_with_new_uids, dcmtk, sample
 from tests.gateway.serve_process import ServeProcess, pneumo, write_config
 
@@ -106,6 +109,11 @@ def _copy(served: ServedLog, tmp_path: Path) -> Iterator[Copy]:
     config = write_config(tmp_path / "pneumo.toml", data_dir, extra=extra)
     db = sqlite3.connect(data_dir / "pneumo.db")
     try:
+        # The served database refuses the edit (migration 0011); the attacker owns the file and
+        # drops the triggers first, which leaves the detection layer to do its job.
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE audit_record SET outcome = outcome WHERE seq = 1")
+        drop_guards(db.execute, "sqlite")
         yield Copy(config, db, data_dir / "audit-anchor.log")
     finally:
         db.close()
@@ -232,6 +240,9 @@ def test_postgresql_edit_and_truncation_are_detected(postgres_url: str, tmp_path
     records = clean["records"]
     engine = create_engine(postgres_url)
     try:
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.execute(text("UPDATE audit_record SET outcome = 12 WHERE seq = 5"))
+        drop_guards_on(engine)  # an attacker with the owner's rights lifts the guard first
         with engine.begin() as connection:
             connection.execute(text("UPDATE audit_record SET outcome = 12 WHERE seq = 5"))
         code, result = verify()

@@ -101,6 +101,7 @@ def test_metadata_and_smart_configuration_are_public_and_truthful(server: Server
     resources = {r.type: r for r in statement.rest[0].resource}
     assert set(resources) == {
         "Patient", "ImagingStudy", "Device", "Observation", "DiagnosticReport", "ServiceRequest", "Subscription", "Binary",
+        "AuditEvent",
     }
     report = resources["DiagnosticReport"]
     assert {"patient", "date", "status", "code", "identifier", "_id", "_lastUpdated"} <= {p.name for p in report.searchParam}

@@ -314,7 +314,12 @@ SCOPE_MATRIX: list[tuple[str, str, Interaction, bool]] = [
     ("system/Subscription.write", "Subscription", "read", False),
     ("system/Subscription.write", "Subscription", "search", False),
     ("system/*.*", "Subscription", "delete", True),
-    ("system/*.*", "AuditEvent", "search", True),
+    ("system/*.*", "Observation", "search", True),
+    # the audit log is granted only by a scope naming it (fhir_api.auth.EXPLICIT_SCOPE_TYPES)
+    ("system/*.*", "AuditEvent", "search", False),
+    ("system/*.rs", "AuditEvent", "read", False),
+    ("system/AuditEvent.rs", "AuditEvent", "search", True),
+    ("system/AuditEvent.read", "AuditEvent", "read", True),
     # v2
     ("system/*.rs", "Observation", "read", True),
     ("system/*.rs", "Observation", "search", True),
@@ -415,7 +420,8 @@ def test_anonymous_on_loopback(bind: str) -> None:
     for header in (None, "Bearer garbage", "Basic xyz"):  # the header is ignored
         principal = verifier.verify(header)
         assert principal == anonymous_principal() and principal.anonymous and principal.client_id == "anonymous"
-    assert principal.allows("DiagnosticReport", "read") and principal.allows("AuditEvent", "search")
+    assert principal.allows("DiagnosticReport", "read") and principal.allows("Observation", "search")
+    assert not principal.allows("AuditEvent", "search")  # the audit log needs system/AuditEvent.rs
     assert not principal.allows("Subscription", "create") and not principal.allows("DiagnosticReport", "delete")
 
 

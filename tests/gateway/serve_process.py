@@ -75,6 +75,8 @@ class ServeProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.dicom_port = 0
         self.http_port = 0
+        #: The ready line (ports, TLS modes) of the last start.
+        self.ready: dict[str, Any] = {}
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -107,6 +109,7 @@ class ServeProcess:
             raise RuntimeError(f"pneumo serve did not become ready; see {self.log_path}")
         self.dicom_port = int(ready["dicom_port"])
         self.http_port = int(ready["http_port"])
+        self.ready = ready
         return self
 
     def terminate(self, timeout: float = 30.0) -> int:
