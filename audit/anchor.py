@@ -25,6 +25,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.models import AuditChainHead
-from audit.store import AuditSigner, ChainVerification, Checkpoint, verify_chain
+from audit.store import MIN_KEY_BYTES, AuditSigner, ChainVerification, Checkpoint, verify_chain
 from conf.errors import InvalidInputError
 from storage.db import Database
 
@@ -48,27 +49,37 @@ class AnchorFileError(InvalidInputError):
     """The anchor file cannot be read as checkpoints (a line in the middle is not one)."""
 
 
-def load_signer(key_file: Path | None) -> AuditSigner:
-    """The process's :class:`AuditSigner`: keyed from *key_file*, or unkeyed when None.
+def load_signer(key_file: Path | None, retired_key_files: Sequence[Path] = ()) -> AuditSigner:
+    """The process's :class:`AuditSigner`: keyed from *key_file*, or unkeyed when None; the keys
+    in *retired_key_files* (oldest first) only verify records sealed before a key rotation.
 
-    The file's bytes, with surrounding whitespace stripped, are the key (e.g. the output of
+    Each file's bytes, with surrounding whitespace stripped, are the key (e.g. the output of
     ``openssl rand -hex 32``). Errors name the file, never its content. A key readable by group or
     others is accepted with a warning: container secret mounts are often 0644.
     """
     if key_file is None:
+        if retired_key_files:
+            raise AuditKeyError("audit.retired_hmac_key_files needs audit.hmac_key_file (the current key)")
         return AuditSigner()
+    key = _read_key(key_file, "audit.hmac_key_file")
+    retired = [_read_key(path, "audit.retired_hmac_key_files") for path in retired_key_files]
+    try:
+        return AuditSigner(key, retired)
+    except ValueError as exc:
+        raise AuditKeyError(f"audit HMAC keys ({key_file}, {len(retired)} retired): {exc}") from None
+
+
+def _read_key(key_file: Path, setting: str) -> bytes:
     try:
         key = key_file.read_bytes().strip()
         mode = key_file.stat().st_mode
     except OSError as exc:
-        raise AuditKeyError(f"audit.hmac_key_file {key_file}: {exc.strerror or exc.__class__.__name__}") from None
-    try:
-        signer = AuditSigner(key)
-    except ValueError as exc:
-        raise AuditKeyError(f"audit.hmac_key_file {key_file}: {exc}") from None
+        raise AuditKeyError(f"{setting} {key_file}: {exc.strerror or exc.__class__.__name__}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise AuditKeyError(f"{setting} {key_file}: the audit HMAC key must be at least {MIN_KEY_BYTES} bytes")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("audit.key_file_permissive", path=str(key_file), mode=oct(stat.S_IMODE(mode)))
-    return signer
+    return key
 
 
 class AnchorFile:

@@ -89,14 +89,25 @@ class AuditSigner:
     in ``Session.info`` (see :func:`signer_session_info`), so the many call sites that append
     inside their own transactions need no extra argument. The key never appears in ``repr``,
     logs or the database.
+
+    Key rotation: *retired* keys (oldest first) only verify; new records are sealed with *key*.
+    A record does not name its key, so verification finds the key that reproduces its hash and
+    requires the keys to be used in order along the chain (:func:`verify_chain`): a record sealed
+    with a retired key *after* records sealed with a newer one is reported, so a retired key that
+    leaked cannot be used to forge records after the rotation.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_keys")
 
-    def __init__(self, key: bytes | None = None) -> None:
-        if key is not None and len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"the audit HMAC key must be at least {MIN_KEY_BYTES} bytes")
+    def __init__(self, key: bytes | None = None, retired: Sequence[bytes] = ()) -> None:
+        for candidate in (key, *retired):
+            if candidate is not None and len(candidate) < MIN_KEY_BYTES:
+                raise ValueError(f"the audit HMAC key must be at least {MIN_KEY_BYTES} bytes")
+        if retired and key is None:
+            raise ValueError("retired audit HMAC keys need a current key")
         self._key = key
+        #: Every key that may have sealed a record, oldest first; the current one last.
+        self._keys: tuple[bytes, ...] = (*retired, key) if key is not None else ()
 
     @property
     def keyed(self) -> bool:
@@ -114,10 +125,20 @@ class AuditSigner:
         return hashlib.sha256(payload).hexdigest()
 
     def digest(self, version: int, payload: bytes) -> str | None:
-        """The hash of *payload* under *version*; None when it is keyed and we hold no key."""
+        """The hash of *payload* under *version* (with the current key); None when it is keyed
+        and we hold no key."""
         if version == HASH_HMAC_SHA256:
             return None if self._key is None else hmac.new(self._key, payload, hashlib.sha256).hexdigest()
         return hashlib.sha256(payload).hexdigest()
+
+    def key_index(self, payload: bytes, sealed: str) -> int | None:
+        """Which of the keys (0 = the oldest retired one) sealed *payload* as *sealed*; None when
+        none of them did. Every key is tried, in constant time each."""
+        found = None
+        for index, key in enumerate(self._keys):
+            if _same(hmac.new(key, payload, hashlib.sha256).hexdigest(), sealed):
+                found = index
+        return found
 
     def __repr__(self) -> str:
         return f"AuditSigner(keyed={self.keyed})"
@@ -229,29 +250,40 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
-def _check_record(row: AuditRecord, signer: AuditSigner, newest_version: int) -> str | None:
-    """What is wrong with *row* on its own (None: nothing), given the newest version seen before it."""
+def _check_record(row: AuditRecord, signer: AuditSigner, newest_version: int, newest_key: int) -> tuple[str | None, int]:
+    """What is wrong with *row* on its own (None: nothing), given the newest version and the newest
+    HMAC key (index into the signer's keys, -1: none yet) seen before it; and the newest key
+    after it."""
     version = row.hash_version
     if version not in HASH_VERSIONS:
-        return f"unknown hash version {version}"
+        return f"unknown hash version {version}", newest_key
     if version < newest_version:
-        return f"hash version went down from {newest_version} to {version} (records re-hashed without the key?)"
+        return (f"hash version went down from {newest_version} to {version} (records re-hashed without the key?)",
+                newest_key)
     event = row.event if isinstance(row.event, dict) else {}
     event_id = event.get("event_id")
     if not isinstance(event_id, dict) or event_id.get("code") != row.event_id or event.get("outcome") != row.outcome:
-        return "the event_id or outcome column does not match the recorded event"
+        return "the event_id or outcome column does not match the recorded event", newest_key
     recorded_at = row.recorded_at.astimezone(dt.UTC).isoformat()
     if version == HASH_LEGACY:
         expected = record_hash(row.seq, row.prev_hash, recorded_at, row.event)
-    else:
+    elif version == HASH_HMAC_SHA256:
+        if not signer.keyed:
+            return "record is sealed with an HMAC key; configure audit.hmac_key_file to verify it", newest_key
         payload = record_payload(version, row.seq, row.prev_hash, recorded_at, row.event_id, row.outcome, row.event)
-        digest = signer.digest(version, payload)
-        if digest is None:
-            return "record is sealed with an HMAC key; configure audit.hmac_key_file to verify it"
-        expected = digest
+        index = signer.key_index(payload, row.hash)
+        if index is None:
+            return "record content does not match its hash", newest_key
+        if index < newest_key:
+            return "record is sealed with an older HMAC key than the records before it (a retired key reused?)", index
+        return None, index
+    else:
+        expected = hashlib.sha256(
+            record_payload(version, row.seq, row.prev_hash, recorded_at, row.event_id, row.outcome, row.event)
+        ).hexdigest()
     if not _same(expected, row.hash):
-        return "record content does not match its hash"
-    return None
+        return "record content does not match its hash", newest_key
+    return None, newest_key
 
 
 def verify_chain(
@@ -282,7 +314,7 @@ def verify_chain(
     pin_index, last_good_pin = 0, 0
     head = session.execute(select(AuditChainHead).where(AuditChainHead.id == 1)).scalar_one()
     expected_prev, expected_seq, count = GENESIS_HASH, 1, 0
-    newest_version, keyed_from = HASH_LEGACY, None
+    newest_version, keyed_from, newest_key = HASH_LEGACY, None, -1
     last_seq = 0
 
     def bad(seq: int, problem: str) -> ChainVerification:
@@ -299,7 +331,7 @@ def verify_chain(
                 return bad(expected_seq, f"record {expected_seq} is missing")
             if row.prev_hash != expected_prev:
                 return bad(row.seq, "predecessor hash does not match")
-            problem = _check_record(row, signer, newest_version)
+            problem, newest_key = _check_record(row, signer, newest_version, newest_key)
             if problem is not None:
                 return bad(row.seq, problem)
             while pin_index < len(pins) and pins[pin_index].seq == row.seq:

@@ -535,6 +535,11 @@ class AuditSettings(_Section):
         "Kept out of the database so that write access to it is not enough to re-hash an edited chain. "
         "Every process that writes (serve, worker) and `audit verify` need it.",
     )
+    retired_hmac_key_files: list[Path] = Field(
+        default_factory=list,
+        description="Earlier HMAC keys, oldest first, after a key rotation: they only verify the records they "
+        "sealed (which must all come before the current key's). docs/security.md, rotation.",
+    )
     anchor_file: Path | None = Field(
         default=None,
         description="Append-only file of audit chain-head checkpoints; default <data_dir>/audit-anchor.log.",

@@ -108,7 +108,7 @@ def open_runtime(settings: Settings, *, migrate: bool = True, startup_checks: bo
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # The audit signer rides in Session.info so every audit.store.append seals with the HMAC key.
-    signer = load_signer(settings.audit.hmac_key_file)
+    signer = load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files)
     database = Database(
         settings.effective_database_url,
         sqlite_synchronous=settings.storage.sqlite_synchronous,
@@ -400,13 +400,14 @@ class Gateway:
                 max_connections=settings.hl7.max_connections,
                 ssl_context=server_context(settings.hl7.tls) if settings.hl7.tls.enabled else None,
                 on_tls_auth_failure=inbound.on_tls_auth_failure,
+                on_connection_refused=inbound.on_connection_refused,
             )
         self._stopped = threading.Event()
         self._started = False
         self.anchor = ChainAnchor(
             runtime.database,
             AnchorFile(settings.audit_anchor_file, fsync=settings.storage.fsync),
-            load_signer(settings.audit.hmac_key_file),
+            load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files),
             AnchorOptions(settings.audit.anchor_every, settings.audit.anchor_interval_seconds),
         )
         # ATNA forwarding (ITI-20, syslog over TLS): built here so a bad certificate fails the start.

@@ -269,7 +269,7 @@ def cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Recompute the audit hash chain (with the HMAC key, if configured) and check it against the
     anchor checkpoints; exit 1 if any record was edited, removed, reordered or re-hashed."""
-    signer = load_signer(settings.audit.hmac_key_file)
+    signer = load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files)
     anchor = AnchorFile(settings.audit_anchor_file)
     with existing_store(settings, args.config) as database, database.read_session() as session:
         result = verify_anchored(session, signer, anchor)

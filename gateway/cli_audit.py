@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from audit.store import append, signer_session_info
 from conf.settings import Settings
 from fhir_api.audit_event_search import PatientReferences
 from gateway.cli_db import existing_store
-from gateway.cli_help import add_command
+from gateway.cli_help import add_command, operator_name
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +48,6 @@ def parse_when(text: str) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return "unknown"
-
 
 def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
     fmt: ExportFormat = args.format
@@ -64,7 +57,8 @@ def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
         print("pneumo: --until must be after --since", file=sys.stderr)
         return 2
     output: Path | None = args.output
-    signer = load_signer(settings.audit.hmac_key_file)  # the Audit Log Used record is sealed like every other
+    # The Audit Log Used record is sealed like every other.
+    signer = load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files)
     host = socket.gethostname()
     with existing_store(settings, args.config, session_info=signer_session_info(signer)) as database:
         partial = None if output is None else output.with_name(output.name + ".part")
@@ -84,7 +78,7 @@ def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
                 partial.unlink(missing_ok=True)
         span = f"since {since.isoformat()} until {until.isoformat()}"
         event = audit_log_used(
-            AuditSource(source_id=f"{settings.dicom.ae_title}@{host}"), user=_operator(), host=host,
+            AuditSource(source_id=f"{settings.dicom.ae_title}@{host}"), user=operator_name() or "unknown", host=host,
             when=dt.datetime.now(dt.UTC), description=f"pneumo audit export --format {fmt}: {count} records {span}",
             query=span, outcome=Outcome.SUCCESS,
         )

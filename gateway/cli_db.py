@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import getpass
 import json
 import socket
 import uuid
@@ -29,7 +28,7 @@ from conf.settings import DEFAULT_CONFIG_FILE, Settings
 from dicom_node.reports import SR_SERIES_NUMBER, SUMMARY_SERIES_NUMBER
 from dicom_node.sr import COMPREHENSIVE_3D_SR_SOP_CLASS_UID
 from gateway.app import runtime_for
-from gateway.cli_help import add_command
+from gateway.cli_help import add_command, operator_name
 from storage.db import Database, StoreNotFoundError, missing_sqlite_file, open_existing
 from storage.integrity import (
     CheckReport,
@@ -158,19 +157,13 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
         result = reindex(runtime.database, runtime.store, is_generated=is_generated)
         summary = result.as_dict()
         event = operator_action(
-            runtime.audit_source, operator=_operator(), host=socket.gethostname(), when=dt.datetime.now(dt.UTC),
+            runtime.audit_source, operator=operator_name(), host=socket.gethostname(), when=dt.datetime.now(dt.UTC),
             description="index rebuilt from the file store: " + ", ".join(f"{k}={v}" for k, v in summary.items()),
         )
         runtime.audit(dataclasses.replace(event, event_types=(INDEX_REBUILT,)))
     print(json.dumps({"ok": True, "store_id": store_id, **summary}))
     return 0
 
-
-def _operator() -> str | None:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

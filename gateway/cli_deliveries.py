@@ -8,14 +8,13 @@ of them — and audits who did it. The queries live in :mod:`storage.outbox`; th
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import socket
 
 from conf.settings import Settings
 from gateway.app import runtime_for
 from gateway.cli_db import existing_store, require_store
-from gateway.cli_help import add_command
+from gateway.cli_help import add_command, operator_name
 from storage.models import JobState
 from storage.outbox import Channel, list_deliveries, retry_deliveries, show_delivery
 from storage.wakeup import DELIVER, WakeSender
@@ -49,12 +48,6 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _operator() -> str | None:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return None
-
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     if bool(args.job_ids) == bool(args.all_failed):
@@ -64,7 +57,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     require_store(settings, args.config)
     with runtime_for(settings) as runtime, runtime.database.session() as session:
         retried = retry_deliveries(
-            session, wanted, audit_source=runtime.audit_source, operator=_operator(), host=socket.gethostname()
+            session, wanted, audit_source=runtime.audit_source, operator=operator_name(), host=socket.gethostname()
         )
     if retried:  # committed: a running gateway's delivery workers start on them now, not at their next poll
         sender = WakeSender(settings.wake_dir)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import getpass
 import json
 import socket
 
@@ -29,7 +28,7 @@ from fhir_api.auth import TokenVerifier, mint_development_token
 from fhir_api.projection import publish_study
 from gateway.app import runtime_for
 from gateway.cli_db import require_store
-from gateway.cli_help import add_command
+from gateway.cli_help import add_command, operator_name
 from storage.models import Study
 
 #: The event type of the operator's ``fhir publish`` (an Application Activity, PS3.15 A.5.3.1).
@@ -52,7 +51,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             notifications += queued
         scope = f"{len(study_pks)} given" if args.study_uids else f"all {len(study_pks)}"
         event = operator_action(
-            runtime.audit_source, operator=_operator(), host=socket.gethostname(), when=dt.datetime.now(dt.UTC),
+            runtime.audit_source, operator=operator_name(), host=socket.gethostname(), when=dt.datetime.now(dt.UTC),
             description=f"FHIR resources republished for {scope} studies: {changed} changed, "
                         f"{notifications} notifications queued",
         )
@@ -60,12 +59,6 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps({"studies": len(study_pks), "resources_changed": changed, "notifications_queued": notifications}))
     return 0
 
-
-def _operator() -> str | None:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return None
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,6 +9,7 @@ a bare usage line, and an option of the top-level parser is unknown after the co
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,12 @@ def command_parsers(
                 found[(*prefix, name)] = sub
                 found.update(command_parsers(sub, (*prefix, name)))
     return found
+
+
+def operator_name() -> str | None:
+    """The OS user running an operator command, for its audit record (the Application Launcher
+    of PS3.15 A.5.3.1); None where there is none (some containers have no passwd entry)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - getpass raises OSError or KeyError depending on the platform
+        return None

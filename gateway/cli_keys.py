@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import getpass
 import json
 import signal
 import socket
@@ -27,7 +26,7 @@ from audit.builders import operator_action
 from audit.events import Code
 from conf.settings import Settings
 from gateway.app import runtime_for
-from gateway.cli_help import add_command
+from gateway.cli_help import add_command, operator_name
 from storage.encryption import StoredFileIntegrityError
 from storage.filestore import FileStore
 from storage.keyring import generate_key_file, load_keyring
@@ -78,7 +77,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
                     return 2
                 if report.rotated or report.failed:
                     event = operator_action(
-                        runtime.audit_source, operator=_operator(), host=socket.gethostname(),
+                        runtime.audit_source, operator=operator_name(), host=socket.gethostname(),
                         when=dt.datetime.now(dt.UTC), description="file store re-encrypted: " + _summary(report),
                     )
                     runtime.audit(dataclasses.replace(event, event_types=(KEYS_ROTATED,)))
@@ -106,12 +105,6 @@ def _stop_on_signals(stop: threading.Event) -> dict[int, Any]:
 
     return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
-
-def _operator() -> str | None:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
-        return None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -159,7 +159,31 @@ class InboundService:
             self._audit_received(None, info, "AR", utcnow(), refusal)
         except Exception:  # noqa: BLE001 - the refusal stands even if its audit record could not be written
             log.error("hl7.audit_failed", peer=info.peer_host)
+        if error.too_large:
+            self.on_limit_breach(info.peer_host, "max_message_bytes",
+                                 f"an MLLP frame over {self._settings.max_message_bytes} bytes")
         return self._ack(None, "AR", utcnow(), refusal).encode("utf-8")
+
+    def on_connection_refused(self, address: str) -> None:
+        """A connection refused for ``max_connections`` (the listener closed it)."""
+        self.on_limit_breach(address, "max_connections", f"more than {self._settings.max_connections} connections")
+
+    def on_limit_breach(self, address: str, kind: str, what: str) -> None:
+        """A limit broken by *address*: a PS3.15 Security Alert (Use of Restricted Function), at most
+        one per (address, kind) a minute with the count since the last (the refusal itself is
+        answered every time by the caller)."""
+        breach = self._alert_throttle.breach(address, kind)
+        if breach is None:
+            return
+        try:
+            with self._db.session() as session:
+                append_audit(session, security_alert(
+                    self._audit_source, event_type=EventType.USE_OF_RESTRICTED_FUNCTION,
+                    reporter_ae=self._settings.sending_application, offender_id=address, offender_host=address,
+                    description=breach.describe(f"HL7 {kind} limit: {what}"), when=utcnow(),
+                ))
+        except Exception:  # noqa: BLE001 - the refusal stands even if the audit store is down
+            log.error("hl7.audit_failed", peer=address)
 
     def on_tls_auth_failure(self, address: str, error: HandshakeError) -> None:
         """A TLS peer failed node authentication on the listener (no client certificate when

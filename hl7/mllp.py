@@ -248,6 +248,8 @@ FrameErrorHandler = Callable[[FrameError, ConnectionInfo], bytes | None]
 #: Called with the peer's address and the failed handshake when a TLS peer fails node
 #: authentication (no client certificate when required, or one our CA did not sign).
 TlsAuthFailureHandler = Callable[[str, HandshakeError], None]
+#: Told the address of each connection refused for ``max_connections`` (after it was closed).
+ConnectionRefusedHandler = Callable[[str], None]
 
 
 @dataclass(eq=False)
@@ -293,6 +295,7 @@ class MllpServer:
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
         on_tls_auth_failure: TlsAuthFailureHandler | None = None,
+        on_connection_refused: ConnectionRefusedHandler | None = None,
     ) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be >= 1")
@@ -323,6 +326,7 @@ class MllpServer:
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout if handshake_timeout is not None else idle_timeout
         self.on_tls_auth_failure = on_tls_auth_failure
+        self.on_connection_refused = on_connection_refused
         self._tls_failures_since_log: dict[str, int] = {}
         self._last_tls_failure_log: dict[str, float] = {}
 
@@ -433,6 +437,11 @@ class MllpServer:
         if connection is None:
             self._log_refusal(host, active)
             _close(sock)
+            if self.on_connection_refused is not None:
+                try:
+                    self.on_connection_refused(host)
+                except Exception:  # noqa: BLE001 - the accept loop must survive its reporter
+                    log.exception("hl7.refusal_report_failed", address=host)
             return
         thread = threading.Thread(
             target=self._serve, args=(connection,), name=f"MllpConnection-{connection.info.connection_id}", daemon=True

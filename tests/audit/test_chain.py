@@ -329,6 +329,44 @@ def test_key_file_errors_name_the_file_not_the_key(tmp_path: Path) -> None:
     assert signer.keyed and "0123" not in repr(signer)
 
 
+def test_rotated_hmac_key_verifies_old_records_with_the_retired_key(database: Database, tmp_path: Path) -> None:
+    """Key rotation: records of the old key, then of the new one; verification needs both keys,
+    in that order, and a record sealed with the retired key after the rotation is reported (a
+    leaked old key cannot forge new records)."""
+    old, new = b"o" * 32, b"n" * 32
+    for key, count in ((old, 3), (new, 2)):
+        keyed = _keyed(database, key)
+        try:
+            _write(keyed, count)
+        finally:
+            keyed.dispose()
+    with database.read_session() as session:
+        rotated = verify_chain(session, signer=AuditSigner(new, [old]))
+        assert rotated.ok and rotated.records == 5 and rotated.keyed_from_seq == 1
+        without_old = verify_chain(session, signer=AuditSigner(new))
+        assert not without_old.ok and without_old.first_bad_seq == 1
+        assert not verify_chain(session, signer=AuditSigner(old, [new])).ok  # keys given in the wrong order
+
+    forger = _keyed(database, old)  # the retired key leaked: a record sealed with it after the rotation
+    try:
+        _write(forger, 1)
+    finally:
+        forger.dispose()
+    with database.read_session() as session:
+        forged = verify_chain(session, signer=AuditSigner(new, [old]))
+    assert not forged.ok and forged.first_bad_seq == 6 and "older HMAC key" in (forged.problem or "")
+
+    files = []
+    for name, key in (("old.key", old), ("new.key", new)):
+        path = tmp_path / name
+        path.write_bytes(key)
+        path.chmod(0o600)
+        files.append(path)
+    assert load_signer(files[1], [files[0]]).keyed
+    with pytest.raises(AuditKeyError, match="needs audit.hmac_key_file"):
+        load_signer(None, [files[0]])
+
+
 _LEGACY_RECORD = table(
     "audit_record",
     column("seq", Integer), column("recorded_at", UTCDateTime()), column("event_id", String),

@@ -155,11 +155,13 @@ def listen(database: Database) -> Iterator[Callable[..., Listener]]:
     """Start an InboundService behind an MllpServer on 127.0.0.1:0 (stopped afterwards)."""
     started: list[MllpServer] = []
 
-    def start(*, db: Database | None = None, peer_host: str | None = HOST, max_message_bytes: int = 2048) -> Listener:
+    def start(*, db: Database | None = None, peer_host: str | None = HOST, max_message_bytes: int = 2048,
+              max_connections: int = 8) -> Listener:
         db = db or database
         settings = Hl7Settings(
             port=0, sending_application="PNEUMO", sending_facility="RAD",
             peers=[Hl7Peer(sending_application="RIS", sending_facility="HOSP", host=peer_host)],
+            max_message_bytes=max_message_bytes, max_connections=max_connections,
         )
         service = InboundService(db, SOURCE, settings)
         listener: Listener
@@ -176,7 +178,8 @@ def listen(database: Database) -> Iterator[Callable[..., Listener]]:
             return reply
 
         server = MllpServer(HOST, 0, handler, on_frame_error=service.on_frame_error, max_message_bytes=max_message_bytes,
-                            idle_timeout=15.0, max_connections=8)
+                            idle_timeout=15.0, max_connections=max_connections,
+                            on_connection_refused=service.on_connection_refused)
         listener = Listener(db, service, server)
         server.start()
         started.append(server)
@@ -640,6 +643,29 @@ def test_oversized_frame_is_refused_and_the_connection_closed(database: Database
     check_ack(replies[0], "AR", None, error=207)
     assert_nothing_stored(database)
     assert ack_codes_audited(database) == ["AR"]
+    [alert] = audit_events(database, SECURITY_ALERT)
+    assert alert["outcome_description"] == "HL7 max_message_bytes limit: an MLLP frame over 2048 bytes"
+    # Again from the same address within the minute: refused the same way, no second alert.
+    with connect(listener) as sock:
+        sock.sendall(encode(huge))
+        replies, closed = receive(sock, 1, until_closed=True)
+    check_ack(replies[0], "AR", None, error=207)
+    assert len(audit_events(database, SECURITY_ALERT)) == 1
+
+
+def test_connections_over_the_limit_are_closed_and_alerted_once(database: Database,
+                                                               listen: Callable[..., Listener]) -> None:
+    listener = listen(max_connections=1)
+    with connect(listener) as held:
+        held.sendall(encode(orm("HELD-1")))
+        check_ack(receive(held, 1)[0][0], "AA", "HELD-1")
+        for _ in range(3):
+            with connect(listener) as refused:
+                refused.settimeout(5)
+                assert refused.recv(16) == b""  # closed at once, no ACK, no HL7 read
+        wait_until(lambda: audit_events(database, SECURITY_ALERT), what="the Security Alert")
+    [alert] = audit_events(database, SECURITY_ALERT)
+    assert alert["outcome_description"] == "HL7 max_connections limit: more than 1 connections"
 
 
 def test_several_messages_in_one_write_are_answered_in_order(database: Database,
