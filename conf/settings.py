@@ -7,6 +7,7 @@ explicitly: nothing in the code base reads the environment or the file on its ow
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -599,8 +600,12 @@ class Settings(BaseSettings):
 
     @property
     def wake_dir(self) -> Path:
-        """Where worker processes register for cross-process wake-ups (storage/wakeup.py)."""
-        return self.data_dir / "run" / "wake"
+        """Where worker processes register for cross-process wake-ups (storage/wakeup.py).
+
+        One folder per host: wake-ups are loopback datagrams to PIDs of this host, and workers on
+        several hosts may share ``data_dir``; a listener sweeping the registrations of dead PIDs
+        must not take another host's live PIDs for dead ones."""
+        return self.data_dir / "run" / "wake" / socket.gethostname()
 
     @property
     def audit_anchor_file(self) -> Path:

@@ -2,7 +2,8 @@
 
 Every command takes ``--config PATH``, before or after the command name (default
 ``$PNEUMO_CONFIG``, else ``./pneumo.toml`` when present), and builds the one Settings object from
-it and the ``PNEUMO_*`` environment. Only ``serve``, ``worker`` and ``db reindex`` create a store;
+it and the ``PNEUMO_*`` environment. Only ``serve``, ``worker``, ``db reindex`` and ``db upgrade``
+(an empty PostgreSQL database) create a store;
 the commands that read one fail (exit 2) when it is not where the configuration points, and say on
 stderr which configuration and database they used.
 """
@@ -33,8 +34,10 @@ from gateway.cli_db import announce_store, existing_store
 from gateway.cli_db import register as register_db
 from gateway.cli_deliveries import register as register_deliveries
 from gateway.cli_fhir import register as register_fhir
+from gateway.cli_health import register as register_health
 from gateway.cli_help import CONFIG_HELP, accept_config_everywhere, add_command, default_config
 from gateway.cli_keys import register as register_keys
+from gateway.cli_status import register as register_status
 from inference.applicability import rules_from_settings
 from inference.engine import InferenceEngine
 from inference.errors import ModelPackageError, PreprocessingError
@@ -417,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_db(commands)
     register_certs(commands)
     register_keys(commands)
+    register_status(commands)
+    register_health(commands)
 
     audit = add_command(
         commands, "audit", summary="audit log tools",

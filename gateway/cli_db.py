@@ -1,9 +1,12 @@
-"""``pneumo db check|reindex``: the operator's side of the start-up checks (:mod:`storage.integrity`).
+"""``pneumo db check|reindex|upgrade``: the operator's side of the start-up checks (:mod:`storage.integrity`).
 
 ``check`` runs the checks ``pneumo serve`` runs at start, without changing anything, and says
 what it found (exit 1 on a problem). ``reindex`` is the way out when the database was lost:
 with the gateway stopped, it binds the database to the file store and rebuilds the index from
-the files (:mod:`storage.reindex`), audited as an operator action.
+the files (:mod:`storage.reindex`), audited as an operator action. ``upgrade`` applies the schema
+migrations for operators whose gateway runs as a role that may not change the schema
+(docs/audit.md, "Append-only in the database"): run as the owner, it does what ``pneumo serve``
+does at start, and only that, and is audited as an operator action (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from pathlib import Path
 import structlog
 from pydicom.dataset import Dataset
 
+from audit.anchor import load_signer
 from audit.builders import operator_action
-from audit.events import Code
+from audit.events import AuditSource, Code
+from audit.store import append as append_audit
+from audit.store import signer_session_info
 from conf.errors import ConflictError
 from conf.settings import DEFAULT_CONFIG_FILE, Settings
 from dicom_node.reports import SR_SERIES_NUMBER, SUMMARY_SERIES_NUMBER
@@ -39,7 +45,7 @@ from storage.integrity import (
     run_checks,
     write_marker,
 )
-from storage.migrate import is_current
+from storage.migrate import current_revision, is_current, upgrade
 from storage.reindex import reindex
 
 log = structlog.get_logger(__name__)
@@ -47,6 +53,7 @@ log = structlog.get_logger(__name__)
 #: A private code (PS3.16 §8.2: "99" designators are local): PS3.15 CID 401 has no event type
 #: for "the index was rebuilt from the stored files".
 INDEX_REBUILT = Code("INDEX-REBUILD", "99PNEUMO", "Operator rebuilt the index from the file store")
+SCHEMA_UPGRADED = Code("SCHEMA-UPGRADE", "99PNEUMO", "Operator upgraded the database schema")
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -165,13 +172,42 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    """Migrate the schema to this version's head, print from/to, and audit it (signed with the
+    configured HMAC key, like every record: run it with the gateway's own configuration)."""
+    missing = missing_sqlite_file(settings.effective_database_url)
+    if missing is not None:  # a SQLite store is made by `pneumo serve`; a typo must not make an empty one
+        raise StoreNotFoundError(f"no database file at {missing.resolve()} (configuration: {describe_config(args.config)})")
+    signer = load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files)
+    database = Database(settings.effective_database_url, sqlite_synchronous=settings.storage.sqlite_synchronous,
+                        session_info=signer_session_info(signer))
+    announce_store(args.config, database.display_url)
+    try:
+        before = current_revision(database)
+        upgrade(database)
+        after = current_revision(database)
+        host = socket.gethostname()
+        description = (f"database schema upgraded from {before or 'none'} to {after}" if before != after
+                       else f"database schema upgrade: already at {after}")
+        event = operator_action(
+            AuditSource(source_id=f"{settings.dicom.ae_title}@{host}"), operator=operator_name(), host=host,
+            when=dt.datetime.now(dt.UTC), description=description,
+        )
+        with database.session() as session:
+            append_audit(session, dataclasses.replace(event, event_types=(SCHEMA_UPGRADED,)))
+    finally:
+        database.dispose()
+    print(json.dumps({"ok": True, "database": database.display_url, "from": before, "to": after,
+                      "changed": before != after}))
+    return 0
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``db check|reindex`` to the ``pneumo`` command parser's *subparsers*."""
     db = add_command(
-        subparsers, "db", summary="database tools: start-up checks, rebuild the index from the files",
+        subparsers, "db", summary="database tools: start-up checks, rebuild the index from the files, schema upgrade",
         description="The operator's side of the start-up checks that `pneumo serve` runs before it listens.",
-        examples=["pneumo db check", "pneumo db reindex --config /etc/pneumo/pneumo.toml"],
+        examples=["pneumo db check", "pneumo db reindex --config /etc/pneumo/pneumo.toml", "pneumo db upgrade"],
     )
     actions = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     check = add_command(
@@ -195,3 +231,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         examples=["pneumo db reindex"],
     )
     rebuild.set_defaults(handler=cmd_reindex)
+    schema = add_command(
+        actions, "upgrade", summary="apply the schema migrations as the schema owner (gateway stopped; audited)",
+        description=(
+            "Bring the database schema to this version (what `pneumo serve` does at start), for gateways\n"
+            "that run as a role that may not change the schema: run it as the owner, with the gateway's\n"
+            "configuration and the owner's URL (PNEUMO_DATABASE_URL=...), the gateway stopped. Creates\n"
+            "the schema in an empty PostgreSQL database (a new install); refuses a missing SQLite file.\n"
+            "Prints {ok, database, from, to, changed}; audited as an operator action (with the HMAC key\n"
+            "of [audit] hmac_key_file, so the audit log stays verifiable). docs/operations.md, \"Upgrade\"."
+        ),
+        examples=["PNEUMO_DATABASE_URL=postgresql+psycopg://pneumo_owner@db/pneumo pneumo db upgrade"],
+    )
+    schema.set_defaults(handler=cmd_upgrade)

@@ -262,7 +262,11 @@ def release_orphans(database: Database, host: str, is_alive: Callable[[int], boo
     """
     released = 0
     with database.session() as session:
-        running = session.execute(select(Job).where(Job.state == JobState.RUNNING)).scalars().all()
+        # Locked (PostgreSQL): a job that a worker on another host takes over between our read and
+        # our write must not be reset under its new holder; one being claimed right now is skipped.
+        running = session.execute(
+            select(Job).where(Job.state == JobState.RUNNING).with_for_update(skip_locked=True)
+        ).scalars().all()
         for job in running:
             holder_host, pid = _holder(job.locked_by)
             if holder_host == host and pid is not None and not is_alive(pid):

@@ -29,8 +29,17 @@ def upgrade(database: Database) -> None:
         command.upgrade(config, "head")
 
 
+def head_revision(database: Database) -> str | None:
+    """The newest revision this version's migrations know."""
+    return ScriptDirectory.from_config(_config(database)).get_current_head()
+
+
+def current_revision(database: Database) -> str | None:
+    """The revision the database is at (None: no schema yet)."""
+    with database.read_engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
 def is_current(database: Database) -> bool:
     """True when the database is at the newest revision (used by ``/ready``)."""
-    head = ScriptDirectory.from_config(_config(database)).get_current_head()
-    with database.read_engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision() == head
+    return current_revision(database) == head_revision(database)
