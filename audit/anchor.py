@@ -15,6 +15,7 @@ reset the head. Nothing inside the database can prove otherwise, so two things l
 :func:`verify_anchored` checks the chain against every checkpoint: a chain shorter than the
 newest checkpoint (truncation, a wiped table) or a different hash at a checkpointed seq (a
 re-hashed prefix) fails. Records newer than the newest checkpoint are protected by the key only.
+Before ``pneumo serve`` has ever started there is no checkpoint yet (see :func:`verify_anchored`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from audit.models import AuditChainHead
+from audit.events import EventId, EventType
+from audit.models import AuditChainHead, AuditRecord
 from audit.store import MIN_KEY_BYTES, AuditSigner, ChainVerification, Checkpoint, verify_chain
 from conf.errors import InvalidInputError
 from storage.db import Database
@@ -236,19 +238,44 @@ class ChainAnchor:
             return checkpoint
 
 
+#: The process name of ``pneumo serve``'s Application Start records (gateway/app.py): the process
+#: that writes the checkpoints, at every start.
+SERVE_PROCESS_NAME = "pneumo serve"
+
+
+def served(session: Session) -> bool:
+    """Whether the chain records an Application Start of ``pneumo serve`` (PS3.15 A.5.3.1)."""
+    activities = session.execute(
+        select(AuditRecord.event).where(AuditRecord.event_id == EventId.APPLICATION_ACTIVITY.code)
+    ).scalars()
+    for event in activities:
+        types = {(t.get("system"), t.get("code")) for t in event.get("event_types") or []}
+        if (EventType.APPLICATION_START.system, EventType.APPLICATION_START.code) in types and any(
+            p.get("user_id") == SERVE_PROCESS_NAME for p in event.get("participants") or []
+        ):
+            return True
+    return False
+
+
 def verify_anchored(session: Session, signer: AuditSigner, anchor_file: AnchorFile) -> ChainVerification:
     """:func:`audit.store.verify_chain` against every checkpoint of *anchor_file*.
 
-    A missing or empty anchor file is a failure when the chain holds records (``pneumo serve``
-    checkpoints at every start, so a served log always has one): without checkpoints, removing
-    the newest records, or all of them, cannot be told from a log that never had them.
+    A missing or empty anchor file is a failure when the chain records a start of ``pneumo
+    serve`` (which checkpoints at every start, so a served log always has one): without
+    checkpoints, removing the newest records, or all of them, cannot be told from a log that
+    never had them. Before the first ``pneumo serve`` — a new install where ``pneumo db upgrade``
+    (or ``db reindex``, ``deliveries retry``, ``audit export``, a ``pneumo worker``) already
+    wrote records — no checkpoint can exist yet; the chain is then verified on its own (edits,
+    removals, reordering and, with the key, forgeries are still found) and ``anchored_seq`` stays
+    None. Removing the records of a served log down to such a prefix needs the anchor file to go
+    too, and the database alone cannot do that: its checkpoints name the removed records.
     """
     try:
         checkpoints = anchor_file.read()
     except AnchorFileError as exc:
         return ChainVerification(False, 0, None, str(exc))
     result = verify_chain(session, signer=signer, checkpoints=checkpoints)
-    if result.ok and result.records > 0 and not checkpoints:
+    if result.ok and result.records > 0 and not checkpoints and served(session):
         state = "holds no checkpoints" if anchor_file.exists() else "is missing"
         return ChainVerification(
             False,

@@ -282,6 +282,9 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     }))
     if not result.ok:
         print(f"pneumo: audit log NOT intact at record {result.first_bad_seq}: {result.problem}", file=sys.stderr)
+    elif result.records and result.anchored_seq is None:  # a new install: `pneumo serve` has not run yet
+        print("pneumo: no anchor checkpoint yet (`pneumo serve` writes the first at its start): the chain is "
+              "intact, but removal of its newest records cannot be ruled out until then", file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -206,6 +206,22 @@ def holds(session: Session, job_id: int, worker_id: str) -> bool:
     transaction, so a worker that lost its lease never commits results beside the new holder."""
     job = session.get(Job, job_id, with_for_update=True)
     return job is not None and job.locked_by == worker_id and job.state == JobState.RUNNING
+
+
+def renew(database: Database, job_id: int, worker_id: str, lease: dt.timedelta) -> bool:
+    """Extend the lease of a job that *worker_id* is running to *lease* from now, in its own short
+    transaction: the heartbeat of :class:`storage.runtime.LeaseKeeper` while the job runs.
+
+    Only a holder may renew (same ``locked_by``, still running): False when the job was taken
+    over after the lease expired, requeued, or completed meanwhile — then nothing changes, and a
+    new holder's lease is never extended by the old one."""
+    with database.session() as session:
+        renewed = session.connection().execute(
+            update(Job)
+            .where(Job.id == job_id, Job.locked_by == worker_id, Job.state == JobState.RUNNING)
+            .values(lease_expires_at=utcnow() + lease)
+        )
+        return renewed.rowcount == 1
 
 
 def backoff_delay(attempt: int, *, base: float = 2.0, cap: float = 600.0) -> float:

@@ -11,15 +11,18 @@ a part raises the errors of :mod:`conf.errors` and the loop translates them by o
   backoff and jitter until the kind's ``max_attempts``, then dead-lettered.
 
 Handlers must be idempotent (deterministic UIDs, unique result rows), because a job whose worker
-died is run again once its lease expires.
+died is run again once its lease expires. While a job runs, its worker renews the lease
+(:class:`LeaseKeeper`), so a job may run longer than its lease without being taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,6 +111,113 @@ class WorkerOptions:
     lease_seconds: float = 300.0
 
 
+#: A held lease is renewed when this fraction of it has passed: two renewals in a row may fail
+#: (database briefly unreachable, a stalled process) before the lease runs out.
+RENEW_FRACTION = 1 / 3
+
+
+@dataclass(eq=False)
+class _HeldLease:
+    job_id: int
+    worker_id: str
+    lease: dt.timedelta
+    due: float  # time.monotonic() of the next renewal
+
+    def schedule(self) -> None:
+        self.due = time.monotonic() + self.lease.total_seconds() * RENEW_FRACTION
+
+
+class LeaseKeeper:
+    """The heartbeat: renews the leases of the jobs being run, every third of the lease.
+
+    A claim holds a job for ``worker.lease_seconds``; while the handler runs, this extends the
+    lease to a full one again (:func:`storage.jobs.renew`, its own short transaction), so a live
+    worker keeps its job however long it takes, and a dead one's job is claimable once the lease
+    runs out after its last renewal. A renewal that finds the job no longer held by this worker
+    (taken over after renewals failed for a whole lease, requeued, completed) stops renewing it;
+    the handler's own :func:`storage.jobs.holds` / :func:`storage.jobs.complete` checks then make
+    it roll back (:class:`~conf.errors.LeaseLostError`). A renewal that fails (database
+    unreachable) is tried again a third of a lease later.
+
+    One thread, started with the first job, asleep until the next renewal is due (no polling);
+    :class:`JobWorker` has one of its own unless it is handed a shared one.
+    """
+
+    def __init__(self, database: Database, name: str = "lease-keeper") -> None:
+        self._db = database
+        self._name = name
+        self._held: dict[tuple[int, str], _HeldLease] = {}
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def holding(self, job: ClaimedJob, worker_id: str, lease: dt.timedelta) -> Iterator[None]:
+        """Keep the lease of *job* (claimed by *worker_id* for *lease*) renewed inside the block."""
+        key = (job.id, worker_id)
+        held = _HeldLease(job.id, worker_id, lease, 0.0)
+        held.schedule()
+        with self._changed:
+            self._held[key] = held
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                if self._held.get(key) is held:
+                    del self._held[key]
+
+    @property
+    def held_jobs(self) -> set[int]:
+        """The ids of the jobs whose leases are being renewed."""
+        with self._changed:
+            return {held.job_id for held in self._held.values()}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._changed:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+            self._changed.notify()
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    due = [held for held in self._held.values() if held.due <= now]
+                    if due:
+                        break
+                    soonest = min((held.due for held in self._held.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - now)
+            for held in due:  # outside the condition: a renewal may wait for the job's row lock
+                self._renew(held)
+
+    def _renew(self, held: _HeldLease) -> None:
+        try:
+            renewed: bool | None = jobs.renew(self._db, held.job_id, held.worker_id, held.lease)
+        except Exception:  # noqa: BLE001 - e.g. database briefly unreachable: try again later
+            log.warning("job.lease_renewal_failed", job_id=held.job_id, exc_info=True)
+            renewed = None
+        with self._changed:
+            key = (held.job_id, held.worker_id)
+            if self._held.get(key) is not held:
+                return  # the job ended meanwhile
+            if renewed is False:
+                del self._held[key]
+                # Completed an instant ago, or lost: taken over or requeued (the handler finds out).
+                log.info("job.lease_renewal_stopped", job_id=held.job_id)
+            else:
+                held.schedule()
+
+
 def run_job(registry: JobRegistry, job: ClaimedJob, worker_id: str, database: Database) -> str:
     """Run one claimed job through its handler and book the outcome; returns what happened."""
     kind = registry.get(job.kind)
@@ -140,8 +250,10 @@ class JobWorker:
     """One thread that claims jobs of *kinds* and runs them, until stopped."""
 
     def __init__(
-        self, database: Database, registry: JobRegistry, kinds: list[str], options: WorkerOptions, name: str
+        self, database: Database, registry: JobRegistry, kinds: list[str], options: WorkerOptions, name: str,
+        *, lease_keeper: LeaseKeeper | None = None,
     ) -> None:
+        """*lease_keeper*: shared by several workers of a process; by default each has its own."""
         unknown = [k for k in kinds if registry.get(k) is None]
         if unknown:
             raise ValueError(f"worker {name!r}: no handler registered for {unknown}")
@@ -156,6 +268,8 @@ class JobWorker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._owns_keeper = lease_keeper is None
+        self._keeper = lease_keeper if lease_keeper is not None else LeaseKeeper(database, f"{name}-lease")
 
     @property
     def kinds(self) -> list[str]:
@@ -173,6 +287,8 @@ class JobWorker:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._owns_keeper:
+            self._keeper.stop()
 
     @property
     def running(self) -> bool:
@@ -200,7 +316,8 @@ class JobWorker:
             return False
         structlog.contextvars.bind_contextvars(job_id=job.id, job_kind=job.kind)
         try:
-            run_job(self._registry, job, worker_id, self._db)
+            with self._keeper.holding(job, worker_id, dt.timedelta(seconds=self._options.lease_seconds)):
+                run_job(self._registry, job, worker_id, self._db)
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "job_kind")
         return True

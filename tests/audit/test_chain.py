@@ -278,14 +278,24 @@ def test_anchor_detects_truncation_and_a_wiped_table(database: Database, tmp_pat
     assert not result.ok and result.first_bad_seq == 1 and result.records == 0
 
 
-def test_missing_anchor_file_fails_once_there_are_records(database: Database, tmp_path: Path) -> None:
+def test_missing_anchor_file_fails_once_pneumo_serve_has_started(database: Database, tmp_path: Path) -> None:
     anchor = AnchorFile(tmp_path / "absent.log")
     with database.read_session() as session:
         assert verify_anchored(session, AuditSigner(), anchor).ok  # a new, empty log
-    _write(database, 1)
+    _write(database, 2)  # records of other processes (a new install's `db upgrade`): no anchor yet
+    with database.read_session() as session:
+        result = verify_anchored(session, AuditSigner(), anchor)
+    assert result.ok and result.records == 2 and result.anchored_seq is None
+    with database.session() as session:  # `pneumo serve` checkpoints from its start on
+        append(session, application_activity(SOURCE, started=True, process_name="pneumo serve", host="127.0.0.1",
+                                              when=dt.datetime.now(dt.UTC)))
     with database.read_session() as session:
         result = verify_anchored(session, AuditSigner(), anchor)
     assert not result.ok and "missing" in (result.problem or "")
+    anchor.path.write_text("")
+    with database.read_session() as session:
+        result = verify_anchored(session, AuditSigner(), anchor)
+    assert not result.ok and "no checkpoints" in (result.problem or "")
 
 
 def test_anchor_file_ignores_a_torn_last_line_but_not_a_bad_middle_one(tmp_path: Path) -> None:
