@@ -19,8 +19,9 @@ COPY hl7 hl7
 COPY inference inference
 COPY gateway gateway
 # Every dependency at the version `make lock` pinned; the package itself (with the bundled model as
-# package data: pyproject [tool.setuptools.package-data] "*.onnx", "*.json") from this source tree.
-RUN /opt/pneumo/bin/pip install --constraint constraints.txt . \
+# package data: pyproject [tool.setuptools.package-data] "*.onnx", "*.json") from this source tree,
+# with the tracing extra (OpenTelemetry SDK + OTLP exporter; unused until [tracing] enabled).
+RUN /opt/pneumo/bin/pip install --constraint constraints.txt '.[tracing]' \
  && /opt/pneumo/bin/pneumo model info > /dev/null
 
 # ---- runtime: the venv only, no compiler, no source tree, no pip cache; not root ----

@@ -471,6 +471,36 @@ class ResultsSettings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    """Model drift monitoring (docs/model.md, "Model monitoring"): the population stability index of
+    recent results' probabilities and input statistics against the model package's reference."""
+
+    drift_window: int = Field(
+        default=500, ge=1, description="The newest analysed results of the loaded model version that are compared."
+    )
+    drift_min_samples: int = Field(
+        default=100, ge=1,
+        description="Fewer results in the window give no verdict (sampling noise alone makes a small window's PSI large).",
+    )
+    drift_psi_alert: float = Field(
+        default=0.25, gt=0,
+        description="PSI above which a feature raises the drift alert (usual reading: <0.1 stable, "
+        "0.1-0.25 moderate, >0.25 significant shift).",
+    )
+    drift_prevalence: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Expected share of positive (pneumonia) images at this site: the probability's reference is "
+        "the model's per-label reference mixed at this prevalence. None: the validation split's mix as it is "
+        "(bundled model: 74 % pneumonia, far above a usual intake, so set it).",
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_min(self) -> MonitoringSettings:
+        if self.drift_min_samples > self.drift_window:
+            raise ValueError("monitoring.drift_min_samples must not exceed monitoring.drift_window")
+        return self
+
+
 class AuditSyslogSettings(_Section):
     """Forwarding of the audit log to an IHE ATNA Audit Record Repository (ITI-20): RFC 5424
     syslog messages over TLS (RFC 5425), DICOM PS3.15 A.6 (docs/audit.md, ``[audit.syslog]``)."""
@@ -534,7 +564,8 @@ class AuditSettings(_Section):
         default=None,
         description="File holding the HMAC-SHA256 key (at least 32 bytes) that seals every audit record. "
         "Kept out of the database so that write access to it is not enough to re-hash an edited chain. "
-        "Every process that writes (serve, worker) and `audit verify` need it.",
+        "Every command that writes audit records needs it (serve, worker, db upgrade, db reindex, deliveries "
+        "retry, keys rotate, fhir publish, audit export), and so does `audit verify`.",
     )
     retired_hmac_key_files: list[Path] = Field(
         default_factory=list,
@@ -550,6 +581,49 @@ class AuditSettings(_Section):
         default=5.0, gt=0, description="... or this many seconds after the last checkpoint, if the chain grew."
     )
     syslog: AuditSyslogSettings = Field(default_factory=AuditSyslogSettings)
+
+
+class MetricsSettings(_Section):
+    """Prometheus ``/metrics`` on the HTTP port (docs/operations.md, "Metrics")."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Serve /metrics: counters read from the database at scrape time (cluster-wide: every "
+        "worker and acceptor process writes there) and this process's HTTP latencies. Counts and reason "
+        "codes only, never patient or study identifiers.",
+    )
+    max_rows_per_scrape: int = Field(
+        default=5000, ge=1,
+        description="Rows one scrape reads per table when catching up; a larger backlog is read over "
+        "the next scrapes, so a scrape stays cheap after a burst.",
+    )
+
+
+class TracingSettings(_Section):
+    """Optional OpenTelemetry tracing: ingest -> analysis -> delivery spans, exported with OTLP/HTTP
+    (docs/operations.md, "Tracing"). Needs the ``tracing`` extra (``pip install 'pneumo-gateway[tracing]'``)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Export spans (dicom.c-store, inference.analyse, deliver.<channel>). Off: no tracing "
+        "code runs and the OpenTelemetry SDK is never imported.",
+    )
+    otlp_endpoint: str = Field(
+        default="http://localhost:4318/v1/traces",
+        description="The OTLP/HTTP traces endpoint of a collector (protobuf over HTTP POST).",
+    )
+    service_name: str = Field(
+        default="pneumo-gateway", min_length=1, max_length=128,
+        description="OpenTelemetry resource attribute service.name of every span.",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="Fraction of new traces recorded (parent-based: a worker follows the decision of the "
+        "trace it continues).",
+    )
+    export_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long one export to the collector may take."
+    )
 
 
 class LogSettings(_Section):
@@ -581,8 +655,11 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @property
     def effective_database_url(self) -> str:

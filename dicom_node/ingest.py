@@ -75,6 +75,7 @@ from storage.jobs import enqueue
 from storage.metadata import InstanceMetadata, MetadataError, extract_metadata
 from storage.models import InstanceOrigin, utcnow
 from storage.study_results import schedule_rejudgement
+from storage.tracing import NOOP_TRACER, Span, Tracer, with_traceparent
 
 log = structlog.get_logger(__name__)
 
@@ -144,13 +145,17 @@ class Ingestor:
         local_host: str | None,
         on_conflict: str = "keep",
         on_queued: Callable[[], None] | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
+        """*tracer*: the ``dicom.c-store`` span of each instance, whose ``traceparent`` its
+        ``infer`` job carries (:mod:`storage.tracing`)."""
         self._db = database
         self._store = store
         self._audit_source = audit_source
         self._local_host = local_host
         self._on_conflict = on_conflict
         self._on_queued = on_queued or (lambda: None)
+        self._tracer = tracer
         self._audit_failed_log = RateLimitedLog("audit.write_failed")
         #: Refusals for lack of resources repeat at the sender's retry rate (a PACS retries "Out of
         #: Resources" for ever): one error line per interval, with the count held back.
@@ -158,18 +163,37 @@ class Ingestor:
 
     def ingest(self, received: ReceivedInstance) -> IngestResult:
         """Store *received* durably; raises a :class:`StoreError` (already audited) otherwise."""
-        try:
-            return self._ingest(received)
-        except StoreError as exc:
-            self._audit_failure(received, exc)
-            raise
+        with self._tracer.span("dicom.c-store", attributes=self._span_attributes(received)) as span:
+            try:
+                result = self._ingest(received, span)
+            except StoreError as exc:
+                span.set_attribute("dicom.status", f"0x{exc.status:04X}")
+                self._audit_failure(received, exc)
+                raise
+            span.set_attribute("dicom.store.result", str(result))
+            return result
+
+    def _span_attributes(self, received: ReceivedInstance) -> dict[str, str | int] | None:
+        """What the ``dicom.c-store`` span says: classes, syntax, size and AE titles — no UIDs of
+        the instance or its study, nothing from the data set (:mod:`storage.tracing`)."""
+        if not self._tracer.enabled:
+            return None
+        attributes: dict[str, str | int] = {
+            "dicom.sop_class_uid": received.sop_class_uid,
+            "dicom.transfer_syntax_uid": received.transfer_syntax_uid,
+            "dicom.calling_ae": received.calling.ae_title,
+            "dicom.called_ae": received.called_ae,
+        }
+        with contextlib.suppress(OSError):
+            attributes["dicom.size_bytes"] = received.path.stat().st_size
+        return attributes
 
     def refuse(self, received: ReceivedInstance, exc: StoreError) -> None:
         """Audit a C-STORE refused before ingest could start (the network layer could not write
         the data set: disk full). Best effort, like every failure record."""
         self._audit_failure(received, exc)
 
-    def _ingest(self, received: ReceivedInstance) -> IngestResult:
+    def _ingest(self, received: ReceivedInstance, span: Span) -> IngestResult:
         # Staging first: the file's hash and fsync then run in the store's I/O threads while
         # this thread parses the header.
         try:
@@ -194,7 +218,7 @@ class Ingestor:
                     raise OutOfResourcesError(f"database unavailable: {exc.__class__.__name__}") from exc
                 if stored_as is not None:
                     return self._handle_existing(received, meta, staged, stored_as, relative_path)
-                return self._store_new(received, meta, staged, relative_path)
+                return self._store_new(received, meta, staged, relative_path, span.traceparent)
         finally:
             self._store.discard(staged)  # no-op once committed (renamed away)
 
@@ -236,7 +260,8 @@ class Ingestor:
         return meta
 
     def _store_new(
-        self, received: ReceivedInstance, meta: InstanceMetadata, staged: StagedFile, relative_path: str
+        self, received: ReceivedInstance, meta: InstanceMetadata, staged: StagedFile, relative_path: str,
+        traceparent: str | None = None,
     ) -> IngestResult:
         stored = self._commit_file(staged, relative_path)
         now = utcnow()
@@ -253,7 +278,8 @@ class Ingestor:
                     calling_ae=received.calling.ae_title,
                     received_at=now,
                 )
-                enqueue(session, INFER_JOB, infer_job_key(meta.sop_instance_uid), instance_pk=instance.id)
+                enqueue(session, INFER_JOB, infer_job_key(meta.sop_instance_uid), instance_pk=instance.id,
+                        payload=with_traceparent({}, traceparent))
                 append_audit(session, self._transfer_event(received, meta, Action.CREATE, Outcome.SUCCESS, now))
         except IntegrityError as exc:
             # Unreachable for our own writers (all hold the UID lock); kept for a writer that

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from audit.anchor import AnchorFile, AnchorOptions, ChainAnchor, load_signer
 from audit.builders import application_activity
@@ -42,12 +43,13 @@ from fhir_api.auth import TokenVerifier
 from fhir_api.notifications import SubscriptionChannel, rest_hook_verify
 from fhir_api.projection import StudyProjectionHandler
 from gateway.acceptors import AcceptorProcesses, WorkerProcesses
-from gateway.http import HttpServer, build_app
+from gateway.http import HttpServer, build_app, instrument
 from hl7.inbound import InboundService
 from hl7.mllp import MllpServer
 from hl7.results_channel import Hl7ResultChannel
 from inference.analyser import ClassifierAnalyser
 from inference.applicability import rules_from_settings
+from inference.drift import DriftCollector
 from inference.engine import EngineOptions, InferenceEngine
 from inference.example_dicom import wrap_radiograph
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
@@ -58,11 +60,13 @@ from storage.image_results import ImageResultHandler, ImageResultOptions
 from storage.integrity import run_checks
 from storage.job_kinds import DELIVER_JOB, INFER_JOB, STUDY_CHANGED_JOB, STUDY_RESULT_JOB
 from storage.keyring import load_keyring
+from storage.metrics import DatabaseCollector
 from storage.migrate import is_current, upgrade
 from storage.outbox import Channel, ChannelSender, Fanout, OutboxHandler, Route
 from storage.processes import process_alive
 from storage.runtime import GivesWay, JobKind, JobRegistry, JobWorker, RetryPolicy, WorkerOptions
 from storage.study_results import StudyResultHandler
+from storage.tracing import NOOP_TRACER, Tracer
 from storage.wakeup import INFER, WakeSender
 
 log = structlog.get_logger(__name__)
@@ -159,6 +163,22 @@ def build_engine(settings: Settings) -> InferenceEngine:
     return InferenceEngine(manifest, options)
 
 
+def build_tracer(settings: Settings, process_role: str) -> Tracer:
+    """This process's tracer (docs/operations.md, "Tracing"): the no-op unless ``[tracing]
+    enabled``; only then is the OpenTelemetry SDK imported (:mod:`gateway.tracing`).
+    Shut it down when the process stops, so the spans still buffered are exported."""
+    if not settings.tracing.enabled:
+        return NOOP_TRACER
+    try:
+        from gateway.tracing import OtelTracer
+    except ImportError as exc:
+        raise RuntimeError(
+            "[tracing] enabled = true needs the tracing extra: pip install 'pneumo-gateway[tracing]'"
+        ) from exc
+    log.info("tracing.enabled", endpoint=settings.tracing.otlp_endpoint, sample_ratio=settings.tracing.sample_ratio)
+    return OtelTracer(settings.tracing, process_role=process_role)
+
+
 def result_fanout(settings: Settings) -> Fanout:
     """Where results go, from settings: generated DICOM objects to every ``dicom.destinations``
     entry; study results (ORU^R01) to every ``hl7.destinations`` entry. FHIR notifications are
@@ -184,7 +204,7 @@ def dicom_channel(runtime: Runtime) -> DicomChannel:
     )
 
 
-def outbox_kind(runtime: Runtime, dicom_sender: DicomChannel) -> JobKind:
+def outbox_kind(runtime: Runtime, dicom_sender: DicomChannel, tracer: Tracer = NOOP_TRACER) -> JobKind:
     """The ``deliver`` job kind: the outbox handler with every channel's sender."""
     settings = runtime.settings
     retry = RetryPolicy(
@@ -197,7 +217,9 @@ def outbox_kind(runtime: Runtime, dicom_sender: DicomChannel) -> JobKind:
         verify=rest_hook_verify(settings.fhir.tls),
     )
     senders: list[ChannelSender] = [dicom_sender, subscription_channel, Hl7ResultChannel(settings.hl7, runtime.audit_source)]
-    return JobKind(DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts), retry)
+    return JobKind(
+        DELIVER_JOB, OutboxHandler(runtime.database, senders, settings.delivery.max_attempts, tracer=tracer), retry
+    )
 
 
 def build_fhir_api(runtime: Runtime, trail: AuditTrail, *, config_dir: Path | None) -> FhirApi:
@@ -232,9 +254,12 @@ class Workers:
     * ``deliver`` (:class:`~storage.outbox.OutboxHandler`) with each channel's sender.
     """
 
-    def __init__(self, runtime: Runtime, engine: InferenceEngine) -> None:
+    def __init__(self, runtime: Runtime, engine: InferenceEngine, *, tracer: Tracer | None = None) -> None:
+        """*tracer*: the process's (not shut down here); by default one of their own (``pneumo worker``)."""
         settings = runtime.settings
         self.engine = engine
+        self._owns_tracer = tracer is None
+        self.tracer = tracer if tracer is not None else build_tracer(settings, "worker")
         self._database = runtime.database
         fanout = result_fanout(settings)
         application_id = f"{settings.dicom.ae_title}/inference"
@@ -252,6 +277,7 @@ class Workers:
                 application_id=application_id,
             ),
             on_deliveries_queued=self.wake_deliverers,
+            tracer=self.tracer,
         )
         study_results = StudyResultHandler(
             runtime.database, fanout, runtime.audit_source, application_id=application_id,
@@ -267,7 +293,7 @@ class Workers:
                 GivesWay(to=(INFER_JOB,), at_most=dt.timedelta(seconds=settings.worker.publication_wait_seconds))
                 if settings.worker.publication_wait_seconds > 0 else None,
             ),
-            outbox_kind(runtime, self._dicom_channel),
+            outbox_kind(runtime, self._dicom_channel, self.tracer),
         ])
         options = WorkerOptions(poll_interval=settings.worker.poll_interval, lease_seconds=settings.worker.lease_seconds)
         db = runtime.database
@@ -327,9 +353,34 @@ class Workers:
             worker.stop()
         self._dicom_channel.close()
         self.engine.close()
+        if self._owns_tracer:
+            self.tracer.shutdown()
 
 
-def build_dicom_node(runtime: Runtime, *, on_queued: Callable[[], None] | None) -> DicomNode:
+def metrics_registry(runtime: Runtime) -> CollectorRegistry:
+    """What ``/metrics`` exposes (docs/operations.md, "Metrics"): the deployment's counters and
+    gauges projected from the database (:class:`~storage.metrics.DatabaseCollector`, whatever
+    process did the work) and this process's CPU, memory and file descriptors; the HTTP latency
+    histogram is added by :func:`gateway.http.instrument`."""
+    settings = runtime.settings
+    registry = CollectorRegistry(auto_describe=True)
+    destinations = {
+        Channel.DICOM.value: [d.name for d in settings.dicom.destinations],
+        Channel.HL7.value: [d.name for d in settings.hl7.destinations],
+    }
+    registry.register(DatabaseCollector(
+        runtime.database, destinations=destinations, max_rows=settings.metrics.max_rows_per_scrape,
+    ))
+    # Model drift (inference/drift.py): PSI of the newest results against the model package's reference.
+    manifest = load_manifest(settings.inference.model_dir or BUNDLED_MODEL_DIR)
+    registry.register(DriftCollector(runtime.database, manifest, settings.monitoring))
+    ProcessCollector(registry=registry)  # the conventional process_* names
+    return registry
+
+
+def build_dicom_node(
+    runtime: Runtime, *, on_queued: Callable[[], None] | None, tracer: Tracer = NOOP_TRACER
+) -> DicomNode:
     """The DICOM application entity with its services (Storage, Q/R) wired to storage."""
     settings = runtime.settings
     # pynetdicom writes each incoming dataset to a temporary file; placing those files on the
@@ -342,6 +393,7 @@ def build_dicom_node(runtime: Runtime, *, on_queued: Callable[[], None] | None) 
         local_host=runtime.host_name,
         on_conflict=settings.dicom.on_conflict,
         on_queued=on_queued,
+        tracer=tracer,
     )
     query_retrieve = QueryRetrieveService(
         runtime.database, runtime.store, runtime.audit_source, settings.dicom, local_host=runtime.host_name
@@ -357,7 +409,8 @@ class DicomOnly:
 
     def __init__(self, runtime: Runtime) -> None:
         self._wake = WakeSender(runtime.settings.wake_dir)
-        self.dicom = build_dicom_node(runtime, on_queued=lambda: self._wake.notify(INFER))
+        self.tracer = build_tracer(runtime.settings, "acceptor")
+        self.dicom = build_dicom_node(runtime, on_queued=lambda: self._wake.notify(INFER), tracer=self.tracer)
 
     def start(self) -> None:
         self.dicom.start()
@@ -365,6 +418,7 @@ class DicomOnly:
     def stop(self) -> None:
         self.dicom.stop()
         self._wake.close()
+        self.tracer.shutdown()
 
 
 class Gateway:
@@ -381,15 +435,20 @@ class Gateway:
         self.worker_processes: WorkerProcesses | None = None
         settings = runtime.settings
         in_process = settings.worker.enabled and settings.worker.processes == 0
-        self.workers = Workers(runtime, build_engine(settings)) if in_process else None
+        self.tracer = build_tracer(settings, "serve")
+        self.workers = Workers(runtime, build_engine(settings), tracer=self.tracer) if in_process else None
         removed = runtime.store.sweep_staging()
         if removed:
             log.info("storage.staging_swept", files=removed)
         self._wake = WakeSender(settings.wake_dir)
-        self.dicom = build_dicom_node(runtime, on_queued=self._images_queued)
+        self.dicom = build_dicom_node(runtime, on_queued=self._images_queued, tracer=self.tracer)
         self.audit_trail = AuditTrail(runtime.database)
-        http_app = build_app(self.readiness)
+        # One registry per gateway, passed down (no prometheus_client global REGISTRY).
+        self.metrics = metrics_registry(runtime) if settings.metrics.enabled else None
+        http_app = build_app(self.readiness, metrics=self.metrics)
         install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
+        if self.metrics is not None:
+            instrument(http_app, self.metrics)  # after install: it times the FHIR middleware's refusals too
         self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port, tls=settings.fhir.tls)
         self.hl7: MllpServer | None = None
         if settings.hl7.enabled:
@@ -495,6 +554,7 @@ class Gateway:
         if self.workers:
             self.workers.stop()
         self._wake.close()
+        self.tracer.shutdown()  # after the workers: their last spans are exported too
         if not self._started:
             return
         self.runtime.audit(

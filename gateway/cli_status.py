@@ -4,7 +4,8 @@ Thin: the queries are :mod:`storage.status`; this module adds what only the comp
 may read (the model package, :mod:`inference.manifest`) and prints. Read-only; never creates or
 migrates a store. Exit 0 healthy, 1 when something needs an operator (dead letters, a destination
 failing longer than ``--failing-minutes``, a schema older than this version, a model package that
-would be refused, a database bound to another file store), 2 when there is no store.
+would be refused, a database bound to another file store, model drift above
+``monitoring.drift_psi_alert``), 2 when there is no store.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 from conf.settings import Settings
 from gateway.cli_db import existing_store
 from gateway.cli_help import add_command
+from inference.drift import DriftReport, model_drift
 from inference.errors import ModelPackageError
-from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
+from inference.manifest import BUNDLED_MODEL_DIR, ModelManifest, load_manifest
 from storage.db import Database
 from storage.integrity import StoreIntegrityError, read_database_identity, read_marker
 from storage.migrate import current_revision, head_revision
@@ -44,13 +46,26 @@ def _iso(value: Any) -> Any:
 
 def model_status(settings: Settings) -> dict[str, Any]:
     """The model package this configuration loads (its SHA-256 verified, as ``serve`` does)."""
+    return _model(settings)[0]
+
+
+def _model(settings: Settings) -> tuple[dict[str, Any], ModelManifest | None]:
     model_dir = settings.inference.model_dir or BUNDLED_MODEL_DIR
     try:
         manifest = load_manifest(model_dir)
     except ModelPackageError as exc:
-        return {"ok": False, "model_dir": str(model_dir), "error": str(exc)}
+        return {"ok": False, "model_dir": str(model_dir), "error": str(exc)}, None
     return {"ok": True, "model_dir": str(model_dir), "id": manifest.id, "name": manifest.name,
-            "version": manifest.version, "device_uid": manifest.device_uid}
+            "version": manifest.version, "device_uid": manifest.device_uid}, manifest
+
+
+def drift_problem(drift: DriftReport) -> str | None:
+    """The problem line of a drift alert (docs/operations.md, "Model drift"), else None."""
+    if not drift.alert:
+        return None
+    shifted = ", ".join(f"{f.feature} {f.psi:.2f}" for f in drift.features if f.alert and f.psi is not None)
+    return (f"model drift: PSI above {drift.psi_alert:g} ({shifted}) over the last {drift.samples} results of "
+            f"{drift.model_id} {drift.version}: inputs or outputs no longer look like the validation data")
 
 
 def store_status(settings: Settings, database: Database) -> dict[str, Any]:
@@ -79,7 +94,7 @@ def store_status(settings: Settings, database: Database) -> dict[str, Any]:
 def collect(settings: Settings, database: Database, now: dt.datetime, failing_minutes: float) -> dict[str, Any]:
     """The whole report (what ``--json`` prints), with ``healthy`` and the ``problems`` behind it."""
     store = store_status(settings, database)
-    model = model_status(settings)
+    model, manifest = _model(settings)
     report: dict[str, Any] = {"checked_at": now, "store": store, "model": model}
     found: list[str] = []
     if not store["schema_current"]:
@@ -95,6 +110,10 @@ def collect(settings: Settings, database: Database, now: dt.datetime, failing_mi
         report["dead_letters"] = asdict(dead)
         report["destinations"] = [{**asdict(d), "failing_for_seconds": d.failing_for_seconds(now)} for d in destinations]
         found += problems(dead, destinations, now, dt.timedelta(minutes=failing_minutes))
+        if manifest is not None:
+            drift = model_drift(database, manifest, settings.monitoring)
+            report["drift"] = drift.to_json()
+            found += [p for p in (drift_problem(drift),) if p]
     if not model["ok"]:
         found.append(f"model package refused: {model['error']}")
     if store.get("file_store_error"):
@@ -138,6 +157,8 @@ def render(report: dict[str, Any]) -> str:
             f"{_failure_text(d):<15} {d['failing_streak']:>6} {d['pending']:>7} {d['dead_letter']:>5}"
             for d in report["destinations"]
         ] or ["(no deliveries yet)"]
+        if "drift" in report:
+            lines += ["", *_drift_lines(report["drift"])]
         dead = report["dead_letters"]
         if dead["total"]:
             more = ", ..." if len(dead["ids"]) < dead["total"] else ""
@@ -146,6 +167,20 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "healthy" if report["healthy"] else "UNHEALTHY:"]
     lines += [f"  - {problem}" for problem in report["problems"]]
     return "\n".join(lines)
+
+
+def _drift_lines(drift: dict[str, Any]) -> list[str]:
+    head = f"drift       {drift['model_id']} {drift['version']}: "
+    if drift["state"] == "no reference":
+        return [head + "no reference in the model package (not monitored)"]
+    window = f"{drift['samples']} result(s) of window {drift['window']}"
+    if drift["state"] == "too few samples":
+        return [head + f"too few samples ({window}; a verdict needs {drift['min_samples']})"]
+    verdict = "ALERT" if drift["alert"] else "stable"
+    lines = [head + f"{verdict} over {window} (PSI alert above {drift['psi_alert']:g})"]
+    lines += [f"  {f['feature']:<16} PSI " + ("-" if f["psi"] is None else f"{f['psi']:.3f}") + ("  ALERT" if f["alert"] else "")
+              for f in drift["features"]]
+    return lines
 
 
 def _failure_text(destination: dict[str, Any]) -> str:
@@ -173,11 +208,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "             failures since the last success, deliveries pending, dead letters\n"
             "  model      the model package this configuration loads (SHA-256 verified), and the model\n"
             "             versions that made the stored results\n"
+            "  drift      population stability index (PSI) of the newest results' probabilities and input\n"
+            "             statistics against the model package's reference ([monitoring] drift_window)\n"
             "  store      the database (password hidden), schema revision, file store and their store ids\n"
             "No patient, study or instance is named: counts, kinds, destinations, times, error classes.\n"
             "Exit 0 healthy; 1 when there are dead letters, a destination has failed for longer than\n"
             "--failing-minutes, the schema is older than this version, the model package would be\n"
-            "refused or the database indexes another file store; 2 when there is no store."
+            "refused, the database indexes another file store or a drift PSI is above\n"
+            "monitoring.drift_psi_alert; 2 when there is no store."
         ),
         examples=["pneumo status", "pneumo status --json --failing-minutes 30"],
     )

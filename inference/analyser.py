@@ -67,6 +67,7 @@ class ClassifierAnalyser:
             threshold=float(prediction.threshold),
             cam=np.asarray(prediction.cam, dtype=float).round(5).tolist(),
             timings_ms={k: round(float(v), 3) for k, v in outcome.timings_ms.items()},
+            input_stats=None if outcome.input_stats is None else dict(outcome.input_stats),
         )
         return Analysis(verdict, outcome.display)
 

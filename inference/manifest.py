@@ -25,6 +25,7 @@ from typing import Any
 from inference.calibration import Calibration
 from inference.errors import ModelIntegrityError, ModelPackageError
 from inference.intended_use import IntendedUse, parse_intended_use
+from inference.reference import DriftReference, parse_reference
 from storage.filestore import sha256_file
 from storage.uids import derive_uid
 
@@ -98,6 +99,9 @@ class ModelManifest:
     training_data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     metrics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     training: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: ``monitoring.reference``: the training reference of drift monitoring (inference/reference.py);
+    #: None for a package without one (drift is then reported as "no reference").
+    drift_reference: DriftReference | None = None
 
     @property
     def onnx_path(self) -> Path:
@@ -316,6 +320,7 @@ def parse_manifest(raw: Mapping[str, Any], model_dir: Path) -> ModelManifest:
         training_data=_optional_mapping(raw, "training_data"),
         metrics=_optional_mapping(raw, "metrics"),
         training=_optional_mapping(raw, "training"),
+        drift_reference=parse_reference(raw, sha),
     )
 
 

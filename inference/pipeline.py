@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from inference.applicability import ApplicabilityRules, SiteRules, assess, resolve_rules
 from inference.engine import InferenceEngine, Prediction
 from inference.errors import CorruptPixelDataError, UnsupportedImageError
+from inference.input_stats import input_statistics
 from inference.preprocess import FloatArray, preprocess
 
 
@@ -28,7 +29,8 @@ class ClassificationOutcome:
     """The result for one instance. ``prediction`` is None when not applicable.
 
     ``timings_ms``: read (file parse), decode, preprocess, infer, total — each present when the
-    stage ran.
+    stage ran. ``input_stats``: :func:`inference.input_stats.input_statistics` of the model
+    input (drift monitoring), None when not applicable.
     """
 
     sop_instance_uid: str
@@ -37,6 +39,7 @@ class ClassificationOutcome:
     prediction: Prediction | None
     timings_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     display: FloatArray | None = None
+    input_stats: Mapping[str, float] | None = None
 
 
 def classify_file(
@@ -100,4 +103,5 @@ def classify_dataset(
         prediction=prediction,
         timings_ms=MappingProxyType(timings),
         display=prepared.display,
+        input_stats=MappingProxyType(input_statistics(prepared.tensor)),
     )

@@ -63,6 +63,7 @@ from storage.results import (
 )
 from storage.runtime import Waker
 from storage.study_results import schedule_study_changed, schedule_study_result
+from storage.tracing import NOOP_SPAN, NOOP_TRACER, AttributeValue, Span, Tracer, traceparent_of
 from storage.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -102,6 +103,10 @@ class _Work:
     display: DisplayImage | None = None
     read_ms: float = 0.0
     instance_number: int | None = None
+    #: The ``inference.analyse`` span: its ``traceparent`` goes with the deliveries queued.
+    span: Span = NOOP_SPAN
+    #: ``time.time_ns()`` when reading the source began (the stage spans are laid out from it).
+    started_ns: int = 0
 
 
 class ImageResultHandler:
@@ -118,9 +123,13 @@ class ImageResultHandler:
         options: ImageResultOptions,
         *,
         on_deliveries_queued: Waker | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
+        """*tracer*: an ``inference.analyse`` span per job, a child of the ``dicom.c-store``
+        span that queued it (:mod:`storage.tracing`)."""
         self._db = database
         self._store = store
+        self._tracer = tracer
         self._analyser = analyser
         self._reports = reports
         self._fanout = fanout
@@ -147,8 +156,16 @@ class ImageResultHandler:
             self._reports.summary_image(source, analysis.display, verdict, model, now, 1)
 
     def __call__(self, job: ClaimedJob, worker_id: str) -> None:
-        work = _Work(self._context(job), self._analyser.model)
+        model = self._analyser.model
+        attributes: dict[str, AttributeValue] | None = {
+            "job.id": job.id, "job.attempt": job.attempts, "model.id": model.model_id, "model.version": model.version,
+        } if self._tracer.enabled else None
+        with self._tracer.span("inference.analyse", parent=traceparent_of(job.payload), attributes=attributes) as span:
+            self._run(job, worker_id, _Work(self._context(job), model, span=span))
+
+    def _run(self, job: ClaimedJob, worker_id: str, work: _Work) -> None:
         result = self._existing_result(work)
+        work.span.set_attribute("inference.rerun", result is not None)
         if result is None:
             result = self._analyse_and_report(job, worker_id, work)
             if not self._wants_summary(result):
@@ -180,6 +197,7 @@ class ImageResultHandler:
 
     def _read_source(self, work: _Work) -> Dataset | ImageVerdict:
         """The one full parse of the source; an unreadable file is a verdict, not an error."""
+        work.started_ns = time.time_ns()
         started = time.perf_counter()
         try:
             # The store authenticates and decrypts; a file that fails raises
@@ -205,6 +223,7 @@ class ImageResultHandler:
             verdict, work.display = analysis.verdict, analysis.display
             if verdict.timings_ms:
                 verdict = replace(verdict, timings_ms={"read": round(work.read_ms, 3), **verdict.timings_ms})
+                self._stage_spans(work, verdict.timings_ms)
         now = utcnow()
         report: GeneratedObject | None = None
         if verdict.status is ResultStatus.OK and work.source is not None:
@@ -217,6 +236,17 @@ class ImageResultHandler:
             else:
                 report = place_generated(self._store, _for_revision(dataset, work.context.revision))
         return self._record(job, worker_id, work, verdict, report, now)
+
+    @staticmethod
+    def _stage_spans(work: _Work, timings_ms: dict[str, float]) -> None:
+        """Child spans ``read``, ``decode``, ``preprocess``, ``infer`` from the measured durations,
+        laid end to end from when reading began (the durations are exact, the starts approximate)."""
+        at = work.started_ns
+        for stage in ("read", "decode", "preprocess", "infer"):
+            if stage in timings_ms:
+                end = at + int(timings_ms[stage] * 1e6)
+                work.span.add_stage(f"inference.{stage}", at, end)
+                at = end
 
     def _record(
         self, job: ClaimedJob, worker_id: str, work: _Work, verdict: ImageVerdict,
@@ -242,7 +272,7 @@ class ImageResultHandler:
             )
             session.add(result)
             if sr_instance is not None:
-                queued = self._fanout.generated_instance(session, sr_instance)
+                queued = self._fanout.generated_instance(session, sr_instance, traceparent=work.span.traceparent)
             schedule_study_result(session, context.study_pk, context.meta.study_instance_uid,
                                   self._options.study_stable_seconds)
             append_audit(session, self._verdict_event(work, verdict, sr_instance))
@@ -250,6 +280,8 @@ class ImageResultHandler:
             session.expunge(result)
         if queued:
             self._on_deliveries_queued()
+        work.span.set_attribute("inference.status", str(verdict.status))
+        work.span.set_attribute("deliveries.queued", queued)
         log.info(
             "inference.result",
             status=str(verdict.status),
@@ -290,7 +322,9 @@ class ImageResultHandler:
             if row is None:
                 raise NotFoundError("the result to draw disappeared")
             row.sc_instance_pk = sc_instance.id
-            queued = self._fanout.generated_instance(session, sc_instance, DeliveryPriority.PICTURE)
+            queued = self._fanout.generated_instance(
+                session, sc_instance, DeliveryPriority.PICTURE, traceparent=work.span.traceparent
+            )
             # The study gained a series: what is published about it (ImagingStudy) is out of date.
             schedule_study_changed(session, work.context.study_pk, work.context.meta.study_instance_uid)
             append_audit(session, self._event(work, Action.CREATE, Outcome.SUCCESS, "summary image created", sc_instance))

@@ -208,6 +208,10 @@ class InferenceResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     # The Instance.revision judged: a replaced image's earlier results stay as history.
     source_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # PHI-free intensity statistics of the model input (inference/input_stats.py) for drift
+    # monitoring (inference/drift.py); NULL for results made before migration 0013 and for
+    # images not analysed.
+    input_stats: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
 
     instance: Mapped[Instance] = relationship(foreign_keys=[instance_pk])
 

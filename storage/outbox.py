@@ -41,6 +41,7 @@ from storage.db import Database
 from storage.job_kinds import DELIVER_JOB, delivery_key
 from storage.jobs import ClaimedJob
 from storage.models import DeliveryAttempt, DeliveryOutcome, Instance, Job, JobState, utcnow
+from storage.tracing import NOOP_TRACER, AttributeValue, Tracer, traceparent_of, with_traceparent
 
 log = structlog.get_logger(__name__)
 
@@ -67,15 +68,20 @@ class DeliveryPriority(enum.IntEnum):
 
 def enqueue_delivery(
     session: Session, route: Route, subject: str, *, instance_pk: int | None = None,
-    priority: DeliveryPriority = DeliveryPriority.REPORT,
+    priority: DeliveryPriority = DeliveryPriority.REPORT, traceparent: str | None = None,
 ) -> None:
-    """Queue *subject* for *route* inside the caller's transaction (the one storing the subject)."""
+    """Queue *subject* for *route* inside the caller's transaction (the one storing the subject).
+
+    *traceparent*: the span that made the subject; the ``deliver.<channel>`` span continues its
+    trace (:mod:`storage.tracing`)."""
     jobs.enqueue(
         session,
         DELIVER_JOB,
         delivery_key(route.channel, route.destination, subject),
         instance_pk=instance_pk,
-        payload={"channel": route.channel, "destination": route.destination, "subject": subject},
+        payload=with_traceparent(
+            {"channel": route.channel, "destination": route.destination, "subject": subject}, traceparent
+        ),
         priority=priority,
     )
 
@@ -92,7 +98,8 @@ class Fanout:
         self.study_result_routes = tuple(study_results)
 
     def generated_instance(
-        self, session: Session, instance: Instance, priority: DeliveryPriority = DeliveryPriority.REPORT
+        self, session: Session, instance: Instance, priority: DeliveryPriority = DeliveryPriority.REPORT,
+        *, traceparent: str | None = None,
     ) -> int:
         """Queue *instance* on every object route; returns how many deliveries were queued."""
         if not self.object_routes:
@@ -100,7 +107,8 @@ class Fanout:
         if instance.id is None:
             session.flush()
         for route in self.object_routes:
-            enqueue_delivery(session, route, instance.sop_instance_uid, instance_pk=instance.id, priority=priority)
+            enqueue_delivery(session, route, instance.sop_instance_uid, instance_pk=instance.id, priority=priority,
+                             traceparent=traceparent)
         return len(self.object_routes)
 
     def study_result(self, session: Session, study_result_pk: int) -> int:
@@ -180,15 +188,35 @@ class OutboxHandler:
     restarted") while a retry will follow; 8 (serious failure) when this was the last attempt.
     """
 
-    def __init__(self, database: Database, senders: Sequence[ChannelSender], max_attempts: int) -> None:
+    def __init__(
+        self, database: Database, senders: Sequence[ChannelSender], max_attempts: int, *, tracer: Tracer = NOOP_TRACER
+    ) -> None:
+        """*tracer*: a ``deliver.<channel>`` span per attempt, in the trace of the result it carries."""
         self._db = database
         self._senders = {s.channel: s for s in senders}
         self._max_attempts = max_attempts
+        self._tracer = tracer
 
     def __call__(self, job: ClaimedJob, worker_id: str) -> None:
-        started = utcnow()
         channel = str(job.payload.get("channel", ""))
         destination = str(job.payload.get("destination", ""))
+        attributes: dict[str, AttributeValue] | None = {
+            "delivery.channel": channel, "delivery.destination": destination, "job.id": job.id, "job.attempt": job.attempts,
+        } if self._tracer.enabled else None
+        with self._tracer.span(f"deliver.{channel}", parent=traceparent_of(job.payload), attributes=attributes) as span:
+            try:
+                receipt = self._deliver(job, worker_id, channel, destination)
+            except DeliveryFailedError as exc:
+                span.set_attribute("delivery.outcome", "failed")
+                span.set_attribute("delivery.retryable", exc.retryable)
+                if exc.peer_status is not None:
+                    span.set_attribute("delivery.peer_status", exc.peer_status)
+                raise
+            span.set_attribute("delivery.outcome", "delivered")
+            span.set_attribute("delivery.peer_status", receipt.peer_status)
+
+    def _deliver(self, job: ClaimedJob, worker_id: str, channel: str, destination: str) -> DeliveryReceipt:
+        started = utcnow()
         subject = str(job.payload.get("subject", ""))
         sender = self._senders.get(channel)
         if sender is None:
@@ -205,6 +233,7 @@ class OutboxHandler:
             self._record_failure(job, sender, item, destination, started, exc)
             raise
         self._record_success(job, worker_id, sender, item, destination, started, receipt)
+        return receipt
 
     def _attempt(
         self, job: ClaimedJob, sender: ChannelSender, item: DeliveryItem, destination: str, started: dt.datetime,

@@ -52,6 +52,8 @@ class ImageVerdict:
     threshold: float | None = None
     cam: list[list[float]] | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: PHI-free intensity statistics of the model input (``inference.input_stats``), for drift monitoring.
+    input_stats: dict[str, float] | None = None
 
     @property
     def positive(self) -> bool:
@@ -181,4 +183,5 @@ def verdict_record(verdict: ImageVerdict) -> dict[str, Any]:
         "threshold": verdict.threshold,
         "timings_ms": verdict.timings_ms,
         "cam": verdict.cam,
+        "input_stats": verdict.input_stats,
     }

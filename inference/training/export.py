@@ -160,6 +160,9 @@ class ExportConfig:
     write_model_card: bool = True
     num_threads: int = 2
     tolerance: float = MAX_ABS_DIFF
+    #: Measure the drift monitoring reference (``monitoring.reference``, inference/training/monitoring.py)
+    #: on the validation split through the runtime's DICOM path; needs ``evaluate``.
+    monitoring_reference: bool = True
 
 
 @dataclass(frozen=True)
@@ -542,6 +545,8 @@ def export_model(config: ExportConfig) -> ExportOutcome:
     )
     if config.quantize_int8:
         manifest["int8_quantisation"] = int8_note
+    if config.monitoring_reference and val_ds is not None:
+        manifest["monitoring"] = {"reference": _monitoring_reference(manifest, config, val_ds, prepared.split.description)}
     manifest_path = config.out_dir / "model.json"
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -561,6 +566,22 @@ def export_model(config: ExportConfig) -> ExportOutcome:
         int8_path=int8_path,
         int8_note=int8_note,
         manifest=manifest,
+    )
+
+
+def _monitoring_reference(
+    manifest: dict[str, Any], config: ExportConfig, val_ds: InMemoryDataset, split_description: str
+) -> dict[str, Any]:
+    """The drift reference of the exported network on its validation split (the runtime's path)."""
+    # Imported here: the runtime modules (onnxruntime engine, DICOM wrapping) are not needed to export.
+    from inference.manifest import parse_manifest
+    from inference.training.monitoring import reference_block
+
+    parsed = parse_manifest(manifest, config.out_dir)
+    images = [val_ds.images[i, 0].cpu().numpy() for i in range(len(val_ds))]
+    labels = [LABELS[r.label_id] for r in val_ds.records]
+    return reference_block(
+        parsed, images, f"the patient-wise validation split ({split_description})", labels=labels, threads=config.num_threads
     )
 
 
@@ -718,6 +739,17 @@ def render_model_card(manifest: dict[str, Any], checkpoint: dict[str, Any], int8
             "training images. Expect lower specificity (and possibly sensitivity) elsewhere, "
             "including on the dataset's own test split, which is known to differ in class balance "
             "and appearance from its train split.",
+            "",
+        ]
+    reference = manifest.get("monitoring", {}).get("reference")
+    if reference:
+        lines += [
+            "## Drift monitoring reference",
+            "",
+            f"`model.json` → `monitoring.reference`: the distributions of the probability and of the model "
+            f"input's intensity statistics (mean, std, dark and bright fractions) on {reference['n']} images of "
+            f"{reference['computed_on']}, measured through the gateway's DICOM path; the gateway compares its "
+            "recent results with them (population stability index, docs/model.md \"Model monitoring\").",
             "",
         ]
     lines += [

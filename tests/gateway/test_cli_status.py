@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -19,13 +20,15 @@ from sqlalchemy import select
 from audit.anchor import load_signer
 from audit.models import AuditRecord
 from audit.store import verify_chain
+from inference.drift import site_reference
+from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
 from storage.db import Database
 from storage.index import add_instance
 from storage.job_kinds import DELIVER_JOB, INFER_JOB, delivery_key
 from storage.metadata import extract_metadata
 from storage.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
-from storage.models import DeliveryAttempt, Job, JobState, utcnow
+from storage.models import DeliveryAttempt, InferenceResult, Job, JobState, utcnow
 from tests.gateway.serve_process import pneumo, write_config
 
 PATIENT_NAME, PATIENT_ID, ACCESSION = "SECRETNAME^JANE", "PID-7731-SECRET", "ACC-99812"
@@ -83,8 +86,68 @@ def test_status_of_a_healthy_store_exits_0(tmp_path: Path, database_url: str) ->
     assert report["queues"] == [] and report["destinations"] == [] and report["dead_letters"]["total"] == 0
     assert report["store"]["schema_current"] and report["store"]["schema_revision"] == report["store"]["schema_head"]
     assert report["model"]["ok"] and report["model"]["id"] == "pneumo-effnetb0-kermany" and report["model"]["version"]
+    assert report["drift"]["state"] == "too few samples" and report["drift"]["samples"] == 0
+    assert not report["drift"]["alert"]
     text = pneumo(config, "status")
     assert text.returncode == 0 and text.stdout.rstrip().endswith("healthy"), text.stdout
+    assert "too few samples" in text.stdout
+
+
+def _drift_rows(database: Database, n: int, *, shifted: bool) -> None:
+    """*n* analysed results of the bundled model: spread over its reference bins as the reference
+    says (*shifted* False), or all of them dark, flat and saturated (*shifted* True)."""
+    manifest = load_manifest(BUNDLED_MODEL_DIR)
+    assert manifest.drift_reference is not None
+    columns: dict[str, list[float]] = {}
+    for name, ref in site_reference(manifest.drift_reference, manifest.calibration.apply).items():
+        edges = list(ref.edges)
+        values = [edges[0] - 0.01, *((a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)), edges[-1] + 0.001]
+        counts = np.round(np.asarray(ref.fractions) * n).astype(int)
+        counts[int(np.argmax(counts))] += n - int(counts.sum())
+        columns[name] = [v for v, c in zip(values, counts, strict=True) for _ in range(c)]
+    start = utcnow() - dt.timedelta(hours=1)
+    with database.session() as session:
+        for i in range(n):
+            ds = Dataset()
+            ds.PatientID, ds.PatientName = PATIENT_ID, PATIENT_NAME
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+            ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1", "CR"
+            instance = add_instance(session, extract_metadata(ds), transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                    relative_path="x", size=1, sha256="0" * 64, origin="received", calling_ae="MODALITY")
+            stats = ({"mean": 0.15, "std": 0.05, "dark_fraction": 0.6, "bright_fraction": 0.0} if shifted
+                     else {k: columns[k][i] for k in ("mean", "std", "dark_fraction", "bright_fraction")})
+            session.add(InferenceResult(
+                instance_pk=instance.id, model_id=manifest.id, model_version=manifest.version, status="ok",
+                probability=0.95 if shifted else round(columns["probability"][i], 4), label="PNEUMONIA",
+                created_at=start + dt.timedelta(seconds=i), input_stats=stats,
+            ))
+
+
+def test_model_drift_is_shown_and_an_alert_exits_1(tmp_path: Path, database_url: str) -> None:
+    database = _store(database_url)
+    try:
+        _drift_rows(database, 200, shifted=False)
+        config = _config(tmp_path, database_url)
+        code, report, _ = _status(config)
+        assert code == 0 and report["healthy"], report["problems"]
+        drift = report["drift"]
+        assert (drift["state"], drift["samples"], drift["window"], drift["psi_alert"]) == ("stable", 200, 500, 0.25)
+        assert [f["feature"] for f in drift["features"]] == ["probability", "mean", "std", "dark_fraction", "bright_fraction"]
+        assert all(f["psi"] < 0.1 and not f["alert"] for f in drift["features"]), drift
+        _drift_rows(database, 150, shifted=True)  # newer: 150 shifted + 200 before them in the window
+    finally:
+        database.dispose()
+    code, report, output = _status(config)
+    assert code == 1 and report["drift"]["alert"] and report["drift"]["samples"] == 350
+    [problem] = report["problems"]
+    assert problem.startswith("model drift: PSI above 0.25 (mean ") and "pneumo-effnetb0-kermany 1.1.0" in problem
+    text = pneumo(config, "status")
+    assert text.returncode == 1 and "ALERT over 350 result(s) of window 500" in text.stdout, text.stdout
+    # A wider threshold (a site that tolerates more) makes the same window acceptable.
+    relaxed = _config(tmp_path, database_url, extra="[monitoring]\ndrift_psi_alert = 100.0\n")
+    assert _status(relaxed)[0] == 0
+    for secret in (PATIENT_NAME, "SECRETNAME", PATIENT_ID):
+        assert secret not in output and secret not in text.stdout + text.stderr, secret
 
 
 def test_status_exits_1_on_dead_letters_and_long_failures_and_names_no_patient(tmp_path: Path, database_url: str) -> None:

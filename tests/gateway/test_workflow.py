@@ -75,6 +75,9 @@ def test_chest_radiograph_gets_result_sr_sc_and_deliveries(gateway_factory: Any,
     assert len(deliveries) == 2 and {(d.payload["channel"], d.payload["destination"]) for d in deliveries} == {("dicom", "pacs")}
     assert [p.event["action"] for p in processing] == ["C", "C"]  # SR, then the summary image
     assert result.cam is not None and len(result.cam) == 7
+    # The model input's intensity statistics, for drift monitoring (inference/input_stats.py).
+    assert result.input_stats is not None and set(result.input_stats) == {"mean", "std", "dark_fraction", "bright_fraction"}
+    assert all(0.0 <= v <= 1.0 for v in result.input_stats.values()) and result.input_stats["std"] > 0
 
     sr_row = next(g for g in generated if g.id == result.sr_instance_pk)
     sr = pydicom.dcmread(gateway.runtime.store.absolute(sr_row.path))
@@ -98,7 +101,7 @@ def test_other_images_are_stored_and_marked_not_applicable(
         result = session.execute(select(InferenceResult)).scalar_one()
         generated = session.execute(select(func.count()).select_from(Instance).where(Instance.origin == "generated")).scalar_one()
     assert result.status == "not-applicable" and reason.lower() in (result.reason or "").lower()
-    assert result.probability is None and generated == 0
+    assert result.probability is None and generated == 0 and result.input_stats is None
 
 
 def test_rerun_of_a_job_never_makes_a_second_report(gateway_factory: Any, tmp_path: Path, tiny_model: Path) -> None:

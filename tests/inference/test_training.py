@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from inference.manifest import load_manifest  # noqa: E402
 from inference.training.data import (  # noqa: E402
     AugmentConfig,
     DataError,
@@ -203,6 +204,14 @@ def test_tiny_training_run_exports_a_contract_conformant_model(tmp_path: Path) -
         assert len(manifest["metrics"][key]["ci95"]) == 2
     assert manifest["training_data"]["doi"] == "10.17632/rscbjbr9sj.2"
     assert (out_dir / "MODEL_CARD.md").read_text(encoding="utf-8").count("CC BY 4.0") >= 1
+    assert "## Drift monitoring reference" in (out_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # The drift monitoring reference is measured at export, on the validation images, and loads.
+    reference = manifest["monitoring"]["reference"]
+    assert reference["onnx_sha256"] == manifest["onnx_sha256"]
+    assert reference["n"] == result.metrics.n
+    loaded = load_manifest(out_dir)
+    assert loaded.drift_reference is not None
+    assert set(loaded.drift_reference.features) == {"probability", "mean", "std", "dark_fraction", "bright_fraction"}
 
     # The plain function the CLI uses for "ONNX only".
     plain = export_onnx(outcome.best_checkpoint, tmp_path / "plain", tolerance=1e-2)

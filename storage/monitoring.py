@@ -1,0 +1,48 @@
+"""The rolling window of drift monitoring: the newest analysed results of one model version.
+
+PHI-free by construction: only the reported probability and the input statistics
+(``inference_result.input_stats``) are read — no instance, study or patient column — so what
+inference/drift.py and ``pneumo status`` compute from it can be shown anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from storage.models import InferenceResult, ResultStatus
+
+
+@dataclass(frozen=True)
+class WindowSample:
+    """One analysed image of the window: its reported probability and input statistics (empty for
+    results made before the statistics were recorded)."""
+
+    probability: float
+    input_stats: dict[str, float] = field(default_factory=dict)
+
+
+def recent_results(session: Session, model_id: str, version: str, limit: int) -> list[WindowSample]:
+    """The newest *limit* results with status ``ok`` of *model_id* *version*, newest first."""
+    if limit <= 0:
+        return []
+    query = (
+        select(InferenceResult.probability, InferenceResult.input_stats)
+        .where(
+            InferenceResult.model_id == model_id,
+            InferenceResult.model_version == version,
+            InferenceResult.status == ResultStatus.OK,
+            InferenceResult.probability.is_not(None),
+        )
+        .order_by(InferenceResult.created_at.desc(), InferenceResult.id.desc())
+        .limit(limit)
+    )
+    samples = []
+    for probability, stats in session.execute(query):
+        if probability is None:  # excluded by the query; narrows the type
+            continue
+        clean = {str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))} if isinstance(stats, dict) else {}
+        samples.append(WindowSample(float(probability), clean))
+    return samples
