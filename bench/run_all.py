@@ -300,21 +300,29 @@ def plan_hl7(quick: bool, have: Callable[[str], bool], postgres_url: str) -> Pla
     return Plan("hl7", ["--targets", *targets, *args, "--postgres-url", postgres_url], skipped)
 
 
-def rows_ingest(doc: dict[str, Any]) -> list[Row]:
-    results = doc["results"]
-    peers = {"storescp": "DCMTK storescp", "pynetdicom": "bare pynetdicom SCP", "orthanc": "Orthanc"}
-    names = {"pneumo": "1 acceptor process", "pneumo-2proc": "2 acceptor processes"}
+def _against_peers(results: list[dict[str, Any]], level: str, targets: dict[str, str], peers: dict[str, str],
+                   benchmark: str, unit: str, metric: Callable[[Any, str], str]) -> list[Row]:
+    """One row per (load level, Pneumo target, peer) measured at that level: ``per_second`` of the
+    target against the peer's. *metric* names the row for a level and a target's label."""
     rows = []
-    for associations in sorted({r["associations"] for r in results}):
-        at = {r["target"]: r for r in results if r["associations"] == associations}
-        for target, label in names.items():
+    for n in sorted({r[level] for r in results}):
+        at = {r["target"]: r for r in results if r[level] == n}
+        for target, label in targets.items():
             if target not in at:
                 continue
             for peer, peer_label in peers.items():
                 if peer in at:
-                    rows.append(Row("ingest", f"C-STOREs/s, {associations} assoc., Pneumo {label}", "inst/s",
-                                    at[target]["per_second"], peer_label, at[peer]["per_second"]))
+                    rows.append(Row(benchmark, metric(n, label), unit, at[target]["per_second"], peer_label,
+                                    at[peer]["per_second"]))
     return rows
+
+
+def rows_ingest(doc: dict[str, Any]) -> list[Row]:
+    results = doc["results"]
+    peers = {"storescp": "DCMTK storescp", "pynetdicom": "bare pynetdicom SCP", "orthanc": "Orthanc"}
+    names = {"pneumo": "1 acceptor process", "pneumo-2proc": "2 acceptor processes"}
+    return _against_peers(results, "associations", names, peers, "ingest", "inst/s",
+                          lambda n, label: f"C-STOREs/s, {n} assoc., Pneumo {label}")
 
 
 def rows_inference(doc: dict[str, Any]) -> list[Row]:
@@ -374,18 +382,10 @@ def rows_fhir(doc: dict[str, Any]) -> list[Row]:
 
 def rows_hl7(doc: dict[str, Any]) -> list[Row]:
     results = doc["inbound"]["results"]
-    rows = []
     floors = {"floor": "bare MLLP floor (constant AA)", "floor-db": "MLLP floor committing each message (floor-db)"}
     labels = {"pneumo": "SQLite", "pneumo-nofsync": "SQLite, fsync off", "pneumo-pg": "PostgreSQL"}
-    for connections in sorted({r["connections"] for r in results}):
-        at = {r["target"]: r for r in results if r["connections"] == connections}
-        for target, label in labels.items():
-            if target not in at:
-                continue
-            for floor, floor_label in floors.items():
-                if floor in at:
-                    rows.append(Row("hl7", f"ORM orders/s with ACK, {connections} conn., Pneumo on {label}", "orders/s",
-                                    at[target]["per_second"], floor_label, at[floor]["per_second"]))
+    rows = _against_peers(results, "connections", labels, floors, "hl7", "orders/s",
+                          lambda n, label: f"ORM orders/s with ACK, {n} conn., Pneumo on {label}")
     oru = doc.get("result_to_oru")
     if oru:
         rows.append(Row("hl7", f"C-STORE start → ORU at the EHR, p50 (n = {oru['studies']})", "ms",
