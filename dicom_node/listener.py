@@ -47,11 +47,17 @@ never closes its end cannot keep the association alive for long.
 Every association that reached pynetdicom ends with one INFO line, ``dicom.association``
 (:class:`AssociationLog`): calling and called AE titles, the peer's address, accepted or rejected,
 how it ended (released, aborted, closed) and how many instances were stored or refused — what a
-PACS engineer looks for first. AE titles and addresses only, never PHI.
+PACS engineer looks for first. AE titles and addresses only, never PHI. An *accepted* association
+is then handed, the same facts as a :class:`storage.associations.EndedAssociation`, to the server's
+``on_association_end`` (the DICOM node records it in the database, for the metrics of every
+acceptor process); that happens after the connection is closed, best effort: a failure is one
+warning, ``dicom.association.not_recorded``. Rejected associations are only logged (and audited
+by the node): a flood of them must not become database writes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import select
 import socket
@@ -77,6 +83,8 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from conf.network import normalise_address
 from dicom_node.tcp import quick_ack
 from dicom_node.tls import HandshakeError, HandshakeFailure, ReplaySSLSocket, server_handshake
+from storage.associations import EndedAssociation
+from storage.models import DicomAssociationEnd
 
 log = structlog.get_logger(__name__)
 
@@ -496,6 +504,12 @@ def association_end(*, accepted: bool, rejected: bool, released: bool, aborted: 
     return "closed" if accepted else "no-request"
 
 
+#: Called with each accepted association once it has ended (from its connection's thread).
+AssociationEndHandler = Callable[[EndedAssociation], object]
+#: The ends of an accepted association (``rejected`` and ``no-request`` are not recorded).
+_RECORDED_ENDS = frozenset(end.value for end in DicomAssociationEnd)
+
+
 class AssociationLog:
     """Collects what one association did from pynetdicom's notification events and logs it as
     one INFO line when the association is over (:meth:`emit`, from the connection's thread).
@@ -511,6 +525,7 @@ class AssociationLog:
         self.stored = 0
         self.refused = 0
         self._started = time.monotonic()
+        self._started_at = dt.datetime.now(dt.UTC)
 
     def bind(self, assoc: Any) -> None:
         assoc.bind(evt.EVT_ACCEPTED, self._on_accepted)
@@ -528,25 +543,38 @@ class AssociationLog:
             else:
                 self.refused += 1
 
-    def emit(self, assoc: Any) -> None:
-        """The association's one line; called once, after its thread ended (however it ended)."""
+    def emit(self, assoc: Any, *, tls: bool = False) -> EndedAssociation | None:
+        """The association's one line; called once, after its thread ended (however it ended).
+        Returns the record of an accepted association (None for a rejected or never negotiated
+        one); its end time is the start plus the monotonic duration the line reports."""
         primitive = getattr(getattr(assoc, "requestor", None), "primitive", None)
         end = association_end(
             accepted=self.accepted, rejected=bool(assoc.is_rejected), released=bool(assoc.is_released),
             aborted=bool(assoc.is_aborted),
         )
+        calling = str(primitive.calling_ae_title).strip() if primitive is not None else None
+        called = str(primitive.called_ae_title).strip() if primitive is not None else None
+        seconds = max(0.0, time.monotonic() - self._started)
         log.info(
             "dicom.association",
             assoc_id=id(assoc) & 0xFFFFFF,
-            calling_ae=str(primitive.calling_ae_title).strip() if primitive is not None else None,
-            called_ae=str(primitive.called_ae_title).strip() if primitive is not None else None,
+            calling_ae=calling,
+            called_ae=called,
             address=self.address,
             port=self.port,
             result="accepted" if self.accepted else "rejected" if end == "rejected" else "not-negotiated",
             end=end,
             instances_stored=self.stored,
             instances_refused=self.refused,
-            duration_s=round(time.monotonic() - self._started, 3),
+            duration_s=round(seconds, 3),
+        )
+        if not self.accepted or end not in _RECORDED_ENDS:
+            return None
+        return EndedAssociation(
+            calling_ae=calling or "", called_ae=called or "", peer_address=self.address,
+            ended_by=DicomAssociationEnd(end), started_at=self._started_at,
+            ended_at=self._started_at + dt.timedelta(seconds=seconds), instances_stored=self.stored,
+            instances_refused=self.refused, tls=tls,
         )
 
 
@@ -595,7 +623,20 @@ class CleaningRequestHandler(RequestHandler):
         finally:
             temp_files.remove_left_over(assoc)
             self._close_association(assoc)
-            summary.emit(assoc)
+            ended = summary.emit(assoc, tls=isinstance(self.request, ssl.SSLSocket))
+            if ended is not None:
+                self._record(assoc, ended)
+
+    def _record(self, assoc: Any, ended: EndedAssociation) -> None:
+        """Hand the ended association to the server's ``on_association_end``, best effort: the
+        peer has its answers and the connection is closed; a failure here is one warning."""
+        on_end: AssociationEndHandler | None = getattr(self.server, "on_association_end", None)
+        if on_end is None:
+            return
+        try:
+            on_end(ended)
+        except Exception as exc:  # noqa: BLE001 - the association is over; its record is not worth more
+            log.warning("dicom.association.not_recorded", assoc_id=id(assoc) & 0xFFFFFF, error=exc.__class__.__name__)
 
     @staticmethod
     def _join(assoc: Any, transport_closed: threading.Event) -> None:
@@ -671,8 +712,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         *,
         limits: AdmissionLimits,
         on_tls_auth_failure: TlsAuthFailureHandler | None = None,
+        on_association_end: AssociationEndHandler | None = None,
     ) -> None:
         self.limits = limits
+        #: Called with each accepted association once it has ended (:meth:`CleaningRequestHandler._record`).
+        self.on_association_end = on_association_end
         self.pending = PendingConnections(limits)
         self._throttled = _Throttled()
         self._on_tls_auth_failure = on_tls_auth_failure

@@ -19,6 +19,10 @@ rejection audited as a PS3.15 A.5.3.11 Security Alert before the peer learns of 
    arrive on it. Storage contexts are offered when "store" (the peer sends, SCU role) or "get"
    (the peer receives C-GET sub-operations, SCP role, PS3.7 D.3.3.4) is granted; a C-STORE from a
    peer granted only "get" is answered 0x0124 "Refused: Not Authorized" (PS3.7 C.5).
+
+An accepted association is recorded once it has ended (``record_association``, one row of
+``dicom_association`` through :class:`storage.associations.AssociationRecorder`, best effort, after
+the connection is closed: :mod:`dicom_node.listener`); a rejected one is audited only.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from dicom_node.limits import (
 )
 from dicom_node.listener import (
     AdmissionLimits,
+    AssociationEndHandler,
     GuardedAssociationServer,
     ReusePortAssociationServer,
 )
@@ -204,7 +209,11 @@ def refused_services(proposed: list[PresentationContext], permissions: frozenset
 
 
 class DicomNode:
-    """Owns the listening server; start/stop are idempotent-ish and thread-safe enough for the CLI."""
+    """Owns the listening server; start/stop are idempotent-ish and thread-safe enough for the CLI.
+
+    *record_association* is called with every accepted association once it has ended (normally
+    an :class:`storage.associations.AssociationRecorder`); what it raises is logged, never felt
+    by the association."""
 
     def __init__(
         self,
@@ -213,8 +222,11 @@ class DicomNode:
         audit: AuditSink,
         audit_source: AuditSource,
         query_retrieve: QueryRetrieveService | None = None,
+        *,
+        record_association: AssociationEndHandler | None = None,
     ) -> None:
         self._settings = settings
+        self._record_association = record_association
         self._query_retrieve = query_retrieve
         self._ingestor = ingestor
         self._audit = audit
@@ -276,6 +288,7 @@ class DicomNode:
             server_class=server_class,
             limits=self._admission_limits(),
             on_tls_auth_failure=self._alert_tls_auth_failure if ssl_context is not None else None,
+            on_association_end=self._record_association,
         )
         assert isinstance(server, GuardedAssociationServer)  # make_server builds server_class
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()

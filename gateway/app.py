@@ -54,6 +54,7 @@ from inference.engine import EngineOptions, InferenceEngine
 from inference.example_dicom import wrap_radiograph
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
 from storage import jobs
+from storage.associations import AssociationRecorder
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.image_results import ImageResultHandler, ImageResultOptions
@@ -369,7 +370,8 @@ def metrics_registry(runtime: Runtime) -> CollectorRegistry:
         Channel.HL7.value: [d.name for d in settings.hl7.destinations],
     }
     registry.register(DatabaseCollector(
-        runtime.database, destinations=destinations, max_rows=settings.metrics.max_rows_per_scrape,
+        runtime.database, destinations=destinations, peers=[peer.ae_title for peer in settings.dicom.peers],
+        max_rows=settings.metrics.max_rows_per_scrape,
     ))
     # Model drift (inference/drift.py): PSI of the newest results against the model package's reference.
     manifest = load_manifest(settings.inference.model_dir or BUNDLED_MODEL_DIR)
@@ -398,7 +400,10 @@ def build_dicom_node(
     query_retrieve = QueryRetrieveService(
         runtime.database, runtime.store, runtime.audit_source, settings.dicom, local_host=runtime.host_name
     )
-    return DicomNode(settings.dicom, ingestor, runtime.audit, runtime.audit_source, query_retrieve=query_retrieve)
+    # One row per accepted association, from every acceptor process (the metrics of the deployment).
+    recorder = AssociationRecorder(runtime.database, acceptor_host=runtime.host_name)
+    return DicomNode(settings.dicom, ingestor, runtime.audit, runtime.audit_source, query_retrieve=query_retrieve,
+                     record_association=recorder)
 
 
 class DicomOnly:

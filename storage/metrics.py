@@ -22,8 +22,9 @@ Semantics (docs/operations.md, "Metrics"):
   :mod:`storage.status`, the ones ``pneumo status`` answers with, evaluated at each scrape.
 
 Labels are bounded and PHI-free: codes (not-analysed reason, failure class, DIMSE status, ACK
-code), job kinds, channels, and destination names from the configuration (anything else is
-``other``; the destinations of FHIR Subscriptions, created by API clients, are one ``subscription``).
+code), job kinds, channels, destination names from the configuration (anything else is
+``other``; the destinations of FHIR Subscriptions, created by API clients, are one ``subscription``)
+and the AE titles of the configured DICOM peers (anything else is ``other``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ MAX_GAPS = 1000
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Seconds; a delivery is one association / MLLP exchange / HTTP POST, up to the channel's timeout.
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Seconds; an inbound association lasts from an echo (milliseconds) to a whole study or a
+#: modality that keeps it open between images (minutes).
+ASSOCIATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
 F = TypeVar("F")
@@ -132,7 +136,9 @@ class DatabaseCollector(Collector):
     gauges queried at each scrape. Thread-safe (one scrape at a time reads the tails).
 
     *destinations*: the configured destination names per channel (``dicom``, ``hl7``); other
-    names in the rows become ``other``. *max_rows*: rows read per table per scrape.
+    names in the rows become ``other``. *peers*: the AE titles of the configured DICOM peers
+    (``[[dicom.peers]]``); other calling AE titles become ``other``. *max_rows*: rows read per
+    table per scrape.
     """
 
     def __init__(
@@ -140,6 +146,7 @@ class DatabaseCollector(Collector):
         database: Database,
         *,
         destinations: Mapping[str, Iterable[str]] | None = None,
+        peers: Iterable[str] = (),
         max_rows: int = 5000,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
@@ -147,6 +154,7 @@ class DatabaseCollector(Collector):
             raise ValueError("max_rows must be at least 1")
         self._database = database
         self._destinations = {channel: frozenset(names) for channel, names in (destinations or {}).items()}
+        self._peers = frozenset(peers)
         self._max_rows = max_rows
         self._clock = clock
         self._lock = threading.Lock()
@@ -156,9 +164,11 @@ class DatabaseCollector(Collector):
         self._attempts = _Tail(telemetry.attempts_after, _key, start.attempt)
         self._instances = _Tail(telemetry.instances_after, _key, start.instance)
         self._audit = _Tail(telemetry.audit_after, lambda fact: fact.seq, start.audit)
+        self._associations = _Tail(telemetry.associations_after, _key, start.association)
         self._counters: dict[str, defaultdict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
         self._stages = _Histogram(STAGE_BUCKETS)
         self._delivery_seconds = _Histogram(DELIVERY_BUCKETS)
+        self._association_seconds = _Histogram(ASSOCIATION_BUCKETS)
 
     # -- prometheus_client's Collector protocol ------------------------------------------------
 
@@ -197,7 +207,7 @@ class DatabaseCollector(Collector):
 
     def _tails(self) -> dict[str, _Tail[Any]]:
         return {"inference_result": self._results, "delivery_attempt": self._attempts,
-                "instance": self._instances, "audit_record": self._audit}
+                "instance": self._instances, "audit_record": self._audit, "dicom_association": self._associations}
 
     def _catch_up(self, session: Session) -> None:
         now = time.monotonic()
@@ -229,6 +239,10 @@ class DatabaseCollector(Collector):
                 count["rejected"][(record.refused_status,)] += 1
             if record.hl7_type is not None:
                 count["hl7"][(record.hl7_type, record.ack or "none")] += 1
+        for association in self._associations.read(session, self._max_rows, now):
+            calling = telemetry.safe_label(association.calling_ae, self._peers)
+            count["associations"][(calling, association.ended_by)] += 1
+            self._association_seconds.observe((calling,), association.seconds)
 
     def _destination(self, channel: str, name: str) -> str:
         if channel == Channel.FHIR_SUBSCRIPTION:
@@ -283,6 +297,9 @@ class DatabaseCollector(Collector):
              "(no-answer, refused, not-configured).", ["channel", "destination", "class"]),
             ("hl7", "pneumo_hl7_messages", "Inbound HL7 messages, by message type and the ACK code we answered.",
              ["type", "ack"]),
+            ("associations", "pneumo_dicom_associations", "Accepted DICOM associations, by calling AE title (a "
+             "configured peer's, else other) and how they ended (released, aborted, closed); rejected ones are "
+             "Security Alerts.", ["calling_ae", "end"]),
             ("alerts", "pneumo_security_alerts", "Audited Security Alerts (throttled per peer), by event type.",
              ["type"]),
             ("audit", "pneumo_audit_events", "Audit records, by event id and outcome.", ["event", "outcome"]),
@@ -299,7 +316,12 @@ class DatabaseCollector(Collector):
         deliveries = self._delivery_seconds if not empty else _Histogram(DELIVERY_BUCKETS)
         yield deliveries.family("pneumo_delivery_attempt_seconds", "Duration of delivery attempts.",
                                 ["channel", "destination"])
+        associations = self._association_seconds if not empty else _Histogram(ASSOCIATION_BUCKETS)
+        yield associations.family("pneumo_dicom_association_seconds", "Duration of accepted DICOM associations, "
+                                  "from the A-ASSOCIATE-RQ to the closed connection.", ["calling_ae"])
 
 
-def _key(fact: telemetry.ResultFact | telemetry.AttemptFact | telemetry.InstanceFact) -> int:
+def _key(
+    fact: telemetry.ResultFact | telemetry.AttemptFact | telemetry.InstanceFact | telemetry.AssociationFact,
+) -> int:
     return fact.id

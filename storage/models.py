@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -442,3 +443,39 @@ class Hl7InboundMessage(Base):
     ack_code: Mapped[str] = mapped_column(String(2))
     ack: Mapped[str] = mapped_column(Text)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DicomAssociationEnd(enum.StrEnum):
+    """How an accepted association ended (dicom_node.listener.association_end's words)."""
+
+    RELEASED = "released"  # A-RELEASE (PS3.8 7.2)
+    ABORTED = "aborted"  # A-ABORT from either side, or the connection lost (A-P-ABORT, PS3.8 7.3, 7.4)
+    CLOSED = "closed"  # the transport closed without either
+
+
+class DicomAssociation(Base):
+    """One accepted DICOM association, written once when it has ended (storage/associations.py).
+
+    What an operator asks of associations — who, to which of our AE titles, from which address,
+    how it ended, how long it took, how many instances it stored or had refused, over TLS or not,
+    and which acceptor process served it — and nothing about the patients whose images it carried.
+    Rejected associations are never written (a flood of them must not become database writes);
+    they are audited as throttled Security Alerts. The source of ``pneumo_dicom_associations_total``
+    and ``pneumo_dicom_association_seconds`` (storage/metrics.py).
+    """
+
+    __tablename__ = "dicom_association"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    # "end" is an SQL reserved word: a hand-written query would need to quote it.
+    ended_by: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[dt.datetime] = mapped_column()
+    ended_at: Mapped[dt.datetime] = mapped_column(index=True)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_refused: Mapped[int] = mapped_column(Integer, default=0)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    acceptor_host: Mapped[str] = mapped_column(String(255))
+    acceptor_pid: Mapped[int] = mapped_column(Integer)

@@ -4,7 +4,8 @@ Why from the database: the work is spread over processes — ``pneumo serve``, i
 acceptors, ``pneumo worker`` processes on other hosts — that share one database but no memory.
 Counters kept in each process would show only the part that happens to run where Prometheus
 scrapes. The rows every process writes anyway (image results, delivery attempts, instances, the
-audit log) already say what happened, so :mod:`storage.metrics` tails them by primary key.
+audit log, accepted DICOM associations) already say what happened, so :mod:`storage.metrics`
+tails them by primary key.
 
 Each ``*_after`` function reads the rows with a key above a cursor (or, with *ids*, exactly those
 keys), at most *limit* of them, in key order, and returns only what a metric may carry: codes, labels, sizes, durations. The
@@ -27,7 +28,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from audit.events import EventId, EventType
 from audit.models import AuditRecord
-from storage.models import DeliveryAttempt, InferenceResult, Instance, ResultStatus
+from storage.models import DeliveryAttempt, DicomAssociation, DicomAssociationEnd, InferenceResult, Instance, ResultStatus
 from storage.status import failure_class
 
 #: The stages :mod:`inference.pipeline` and :mod:`inference.engine` time (``timings_ms``).
@@ -38,6 +39,8 @@ STAGES = ("read", "decode", "preprocess", "infer", "total")
 HL7_MESSAGE_TYPES = frozenset({"ORM^O01", "OMI^O23", "ADT^A08", "ADT^A31", "ADT^A40", "unreadable"})
 #: HL7 v2.5.1 Table 0008, original and enhanced mode.
 HL7_ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
+#: How an accepted association ended (``dicom_association.ended_by``).
+ASSOCIATION_ENDS = frozenset(end.value for end in DicomAssociationEnd)
 
 #: Label values for an audit event id (CID 400) and a Security Alert's event type (CID 401-403).
 _EVENTS = {code.code: code.display for code in vars(EventId).values() if hasattr(code, "display")}
@@ -103,6 +106,7 @@ class Cursors:
     attempt: int = 0
     instance: int = 0
     audit: int = 0
+    association: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,17 @@ class InstanceFact:
 
 
 @dataclass(frozen=True, slots=True)
+class AssociationFact:
+    """One accepted DICOM association: its calling AE title (a label only once the collector has
+    bounded it to the configured peers), how it ended, how long it lasted."""
+
+    id: int
+    calling_ae: str
+    ended_by: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class AuditFact:
     """One audit record, reduced to codes: ``event``/``outcome`` always; ``event_type`` for a
     Security Alert; ``refused_status`` for a refused C-STORE; ``hl7_type``/``ack`` for an HL7 Import."""
@@ -157,6 +172,7 @@ def cursors(session: Session) -> Cursors:
         attempt=session.scalar(select(func.max(DeliveryAttempt.id))) or 0,
         instance=session.scalar(select(func.max(Instance.id))) or 0,
         audit=session.scalar(select(func.max(AuditRecord.seq))) or 0,
+        association=session.scalar(select(func.max(DicomAssociation.id))) or 0,
     )
 
 
@@ -205,6 +221,24 @@ def instances_after(session: Session, after: int, limit: int, ids: Collection[in
         .where(_keys(Instance.id, after, ids)).order_by(Instance.id).limit(limit)
     )
     return [InstanceFact(int(pk), str(origin), int(size)) for pk, origin, size in session.execute(query)]
+
+
+def associations_after(
+    session: Session, after: int, limit: int, ids: Collection[int] | None = None
+) -> list[AssociationFact]:
+    """Accepted DICOM associations with ``id > after`` (storage/associations.py): calling AE title,
+    how it ended (``other`` for a word this version does not know), duration. Not the address,
+    the called AE title or the acceptor: they are for ``SELECT``, not labels."""
+    query = (
+        select(DicomAssociation.id, DicomAssociation.calling_ae, DicomAssociation.ended_by,
+               DicomAssociation.started_at, DicomAssociation.ended_at)
+        .where(_keys(DicomAssociation.id, after, ids)).order_by(DicomAssociation.id).limit(limit)
+    )
+    return [
+        AssociationFact(id=int(pk), calling_ae=str(calling), ended_by=safe_label(ended_by, ASSOCIATION_ENDS),
+                        seconds=max(0.0, (ended - started).total_seconds()))
+        for pk, calling, ended_by, started, ended in session.execute(query)
+    ]
 
 
 def audit_after(session: Session, after: int, limit: int, ids: Collection[int] | None = None) -> list[AuditFact]:

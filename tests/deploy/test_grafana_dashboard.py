@@ -83,7 +83,9 @@ def test_the_panels_the_issue_asks_for(dashboard: dict[str, Any]) -> None:
                    "histogram_quantile(0.5, sum by (le, stage) (rate(pneumo_inference_stage_seconds_bucket",
                    "histogram_quantile(0.95, sum by (le, stage) (rate(pneumo_inference_stage_seconds_bucket",
                    "pneumo_predictions_total", "pneumo_not_analysed_total", "pneumo_delivery_failures_total",
-                   "sum by (le, route) (rate(pneumo_http_request_duration_seconds_bucket", "pneumo_hl7_messages_total"]:
+                   "sum by (le, route) (rate(pneumo_http_request_duration_seconds_bucket", "pneumo_hl7_messages_total",
+                   "sum by (calling_ae, end) (rate(pneumo_dicom_associations_total",
+                   "sum by (le, calling_ae) (rate(pneumo_dicom_association_seconds_bucket"]:
         assert wanted in exprs, wanted
 
 

@@ -71,11 +71,15 @@ def test_metrics_after_dicom_hl7_and_fhir_traffic(gateway_factory: Callable[...,
     assert httpx.get(f"http://127.0.0.1:{port}/fhir/DiagnosticReport/{missing_id}", timeout=10).status_code == 404
     assert httpx.get(f"http://127.0.0.1:{port}/fhir/metadata", timeout=10).status_code == 200
 
-    def hl7_counted() -> Any:
-        response, samples = scrape(port)
-        return (response, samples) if samples.get(("pneumo_hl7_messages_total", (("ack", "AA"), ("type", "ORM^O01")))) else None
+    association = ("pneumo_dicom_associations_total", (("calling_ae", "STORESCU"), ("end", "released")))
 
-    response, samples = wait_until(hl7_counted, timeout=20, what="the HL7 message in /metrics")
+    def hl7_counted() -> Any:
+        # The association's row is written once it has ended, from its connection's thread.
+        response, samples = scrape(port)
+        hl7 = samples.get(("pneumo_hl7_messages_total", (("ack", "AA"), ("type", "ORM^O01"))))
+        return (response, samples) if hl7 and samples.get(association) else None
+
+    response, samples = wait_until(hl7_counted, timeout=20, what="the HL7 message and the association in /metrics")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert samples[("pneumo_instances_stored_total", (("origin", "received"),))] == 1
@@ -88,6 +92,8 @@ def test_metrics_after_dicom_hl7_and_fhir_traffic(gateway_factory: Callable[...,
     assert samples[("pneumo_http_request_duration_seconds_count",
                     (("method", "GET"), ("route", "/fhir/metadata"), ("status", "200")))] == 1
     assert samples[("pneumo_audit_events_total", (("event", "DICOM Instances Transferred"), ("outcome", "success")))] == 1
+    assert samples[association] == 1
+    assert samples[("pneumo_dicom_association_seconds_count", (("calling_ae", "STORESCU"),))] == 1
     assert samples[("pneumo_metrics_database_up", ())] == 1
     assert any(name == "process_cpu_seconds_total" for name, _ in samples)
     # No identifier of the patient, the study, the instance or the FHIR resource reaches a label.

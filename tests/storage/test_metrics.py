@@ -22,12 +22,13 @@ from audit.events import Action, AuditEvent, AuditSource, EventId, EventType, Ou
 from audit.store import append as append_audit
 from inference.applicability import ApplicabilityRules, assess
 from storage import jobs
+from storage.associations import AssociationRecorder, EndedAssociation
 from storage.db import Database
 from storage.index import add_instance
 from storage.job_kinds import DELIVER_JOB, INFER_JOB
 from storage.metadata import extract_metadata
 from storage.metrics import GAP_SECONDS, DatabaseCollector, _Tail
-from storage.models import DeliveryAttempt, InferenceResult, Instance, Job, JobState
+from storage.models import DeliveryAttempt, DicomAssociationEnd, InferenceResult, Instance, Job, JobState
 from storage.outbox import Route, enqueue_delivery
 from storage.telemetry import HL7_MESSAGE_TYPES, not_analysed_reason
 
@@ -59,7 +60,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture
 def registry(database: Database) -> Iterator[CollectorRegistry]:
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(database, destinations={"dicom": ["PACS"], "hl7": ["EHR"]}, clock=lambda: NOW))
+    registry.register(DatabaseCollector(database, destinations={"dicom": ["PACS"], "hl7": ["EHR"]}, peers=["MODALITY"],
+                                        clock=lambda: NOW))
     yield registry
 
 
@@ -89,6 +91,13 @@ def _attempt(session: Any, channel: str, destination: str, outcome: str, *, seco
                                 subject=f"{PATIENT_ID}/{generate_uid()}", started_at=NOW,
                                 finished_at=NOW + dt.timedelta(seconds=seconds), outcome=outcome,
                                 peer_status=peer_status, error=error))
+
+
+def _association(database: Database, calling: str, ended_by: DicomAssociationEnd, seconds: float) -> None:
+    """The row dicom_node writes when an accepted association has ended (storage/associations.py)."""
+    AssociationRecorder(database, acceptor_host="gw-1")(EndedAssociation(
+        calling_ae=calling, called_ae="PNEUMO", peer_address="10.0.0.9", ended_by=ended_by, started_at=NOW,
+        ended_at=NOW + dt.timedelta(seconds=seconds), instances_stored=2))
 
 
 def _hl7_import(message_type: str, ack: str) -> AuditEvent:
@@ -136,6 +145,9 @@ def _fill(database: Database) -> None:
             offender_host="10.0.0.9", description=f"unknown AE {PATIENT_ID}", when=NOW))
         append_audit(session, _hl7_import("ORM^O01", "AA"))
         append_audit(session, _hl7_import("ZZZ^Z99", "AR"))
+    _association(database, "MODALITY", DicomAssociationEnd.RELEASED, 0.3)
+    _association(database, "MODALITY", DicomAssociationEnd.ABORTED, 45.0)
+    _association(database, PATIENT_NAME, DicomAssociationEnd.CLOSED, 2.0)  # no configured peer's title
 
 
 def test_counts_what_was_written_after_it_started(database: Database) -> None:
@@ -143,7 +155,8 @@ def test_counts_what_was_written_after_it_started(database: Database) -> None:
         _image(session)
         _result(session, "ok", label="PNEUMONIA", timings=TIMINGS)
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(database, destinations={"dicom": ["PACS"], "hl7": ["EHR"]}, clock=lambda: NOW))
+    registry.register(DatabaseCollector(database, destinations={"dicom": ["PACS"], "hl7": ["EHR"]}, peers=["MODALITY"],
+                                        clock=lambda: NOW))
     _fill(database)
     _, samples = scrape(registry)
     # Each _result adds a received instance: 3 + 4 after the collector started (+1 generated).
@@ -173,6 +186,15 @@ def test_counts_what_was_written_after_it_started(database: Database) -> None:
     assert value(samples, "pneumo_hl7_messages_total", type="ORM^O01", ack="AA") == 1
     assert value(samples, "pneumo_hl7_messages_total", type="other", ack="AR") == 1
     assert value(samples, "pneumo_audit_events_total", event="Import", outcome="success") == 1
+    # Accepted associations by a configured peer's AE title (anything else is "other") and their end.
+    assert value(samples, "pneumo_dicom_associations_total", calling_ae="MODALITY", end="released") == 1
+    assert value(samples, "pneumo_dicom_associations_total", calling_ae="MODALITY", end="aborted") == 1
+    assert value(samples, "pneumo_dicom_associations_total", calling_ae="other", end="closed") == 1
+    assert value(samples, "pneumo_dicom_association_seconds_count", calling_ae="MODALITY") == 2
+    assert value(samples, "pneumo_dicom_association_seconds_sum", calling_ae="MODALITY") == pytest.approx(45.3)
+    assert value(samples, "pneumo_dicom_association_seconds_bucket", calling_ae="MODALITY", le="0.5") == 1
+    assert value(samples, "pneumo_dicom_association_seconds_bucket", calling_ae="MODALITY", le="60.0") == 2
+    assert value(samples, "pneumo_dicom_association_seconds_count", calling_ae="other") == 1
     assert value(samples, "pneumo_metrics_database_up") == 1
 
 
@@ -189,10 +211,14 @@ def test_no_patient_study_or_instance_identifier_in_any_label(database: Database
 def test_incremental_each_row_counted_once(database: Database, registry: CollectorRegistry) -> None:
     with database.session() as session:
         _result(session, "ok", label="PNEUMONIA", timings=TIMINGS)
+    _association(database, "MODALITY", DicomAssociationEnd.RELEASED, 1.0)
     _, first = scrape(registry)
     _, again = scrape(registry)
     assert value(first, "pneumo_predictions_total", label="PNEUMONIA") == 1
     assert value(again, "pneumo_predictions_total", label="PNEUMONIA") == 1
+    for samples in (first, again):
+        assert value(samples, "pneumo_dicom_associations_total", calling_ae="MODALITY", end="released") == 1
+        assert value(samples, "pneumo_dicom_association_seconds_count", calling_ae="MODALITY") == 1
     with database.session() as session:
         _result(session, "ok", label="PNEUMONIA", timings=TIMINGS)
         _result(session, "not-applicable", reason="patient age unknown: neither ...")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from alembic import command
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, inspect, select, text
 
 from storage.db import Database
 from storage.migrate import _config, upgrade
-from storage.models import DeliveryAttempt, Job
+from storage.models import DeliveryAttempt, InferenceResult, Job
+from storage.monitoring import WindowSample, recent_results
 
 
 def _upgrade_to(database: Database, revision: str) -> None:
@@ -105,3 +108,72 @@ def _downgrade_to(database: Database, revision: str) -> None:
     with database.engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
+
+
+def test_0013_adds_a_nullable_input_stats_column_and_back(database_url: str) -> None:
+    """Existing results keep NULL statistics (the drift window reads them as none); new ones hold
+    a JSON object; downgrading drops the column and keeps the rows."""
+    database = Database(database_url)
+    try:
+        _upgrade_to(database, "0012")
+        now = "2026-12-01 06:00:00"
+        with database.engine.begin() as connection:
+            _insert_patient_study_series(connection, now)
+            connection.execute(text(
+                "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
+                " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
+                " 'x', 'received', :n, :n)"), {"n": now})
+            connection.execute(text(
+                "INSERT INTO inference_result (id, instance_pk, model_id, model_version, status, probability, timings_ms,"
+                " created_at) VALUES (1, 1, 'm', '1', 'ok', 0.25, '{}', :n)"), {"n": now})
+        upgrade(database)
+        with database.session() as session:
+            old = session.get(InferenceResult, 1)
+            assert old is not None and old.input_stats is None
+            session.add(InferenceResult(
+                id=2, instance_pk=1, model_id="m", model_version="1", status="ok", probability=0.75, source_revision=1,
+                created_at=dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC), input_stats={"mean": 0.45, "std": 0.21},
+            ))
+        with database.read_session() as session:
+            assert recent_results(session, "m", "1", 10) == [
+                WindowSample(0.75, {"mean": 0.45, "std": 0.21}), WindowSample(0.25, {}),
+            ]
+        _downgrade_to(database, "0012")
+        with database.engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM inference_result")).scalar_one() == 2
+            columns = {c["name"] for c in inspect(connection).get_columns("inference_result")}
+            assert "input_stats" not in columns
+        upgrade(database)  # and forward again
+    finally:
+        database.dispose()
+
+
+def test_0014_adds_the_association_record_and_back(database_url: str) -> None:
+    """0014: an empty ``dicom_association`` that takes a row (the recorder's), and goes again on
+    downgrade without touching the rest."""
+    from storage.associations import AssociationRecorder, EndedAssociation
+    from storage.models import DicomAssociationEnd
+
+    database = Database(database_url)
+    try:
+        _upgrade_to(database, "0013")
+        with database.engine.begin() as connection:
+            _insert_patient_study_series(connection, "2026-12-01 04:00:00")
+        upgrade(database)
+        started = dt.datetime(2026, 12, 1, 4, 0, tzinfo=dt.UTC)
+        recorded = AssociationRecorder(database, acceptor_host="gw-1", acceptor_pid=42)(EndedAssociation(
+            calling_ae="MODALITY", called_ae="PNEUMO", peer_address="10.0.0.7", ended_by=DicomAssociationEnd.RELEASED,
+            started_at=started, ended_at=started + dt.timedelta(seconds=2), instances_stored=3, tls=True))
+        with database.engine.begin() as connection:
+            row = connection.execute(text(
+                "SELECT id, calling_ae, ended_by, instances_stored, instances_refused, tls, acceptor_host, acceptor_pid"
+                " FROM dicom_association")).one()
+        assert tuple(row) == (recorded, "MODALITY", "released", 3, 0, True, "gw-1", 42)
+        _downgrade_to(database, "0013")
+        with database.engine.begin() as connection:
+            tables = set(inspect(connection).get_table_names())
+            assert "dicom_association" not in tables and {"patient", "study", "series"} <= tables
+            assert connection.execute(text("SELECT count(*) FROM series")).scalar_one() == 1
+        upgrade(database)  # and forward again
+    finally:
+        database.dispose()
