@@ -195,8 +195,11 @@ def test_tiny_campaign_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
             assert torch.allclose(a, b.half().float()), name
 
     # Export takes a threshold chosen elsewhere (evaluate_shift's rule) and reports metrics at it.
+    # The student trained on the clock (3 s) is a different network on every machine and load: its
+    # ONNX/PyTorch parity is not what this test is about (test_training.py checks export parity on
+    # step-counted runs at 1e-2), so the bound here only catches a broken graph.
     exported = export_model(
-        ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "model", tolerance=1e-2,
+        ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "model", tolerance=1e-1,
                      threshold=0.25, threshold_rule="chosen under shift (test)")
     )  # fmt: skip
     manifest = exported.manifest
@@ -205,7 +208,7 @@ def test_tiny_campaign_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert manifest["training"]["split_seed"] == 20260317 and manifest["training"]["distilled_from"] == 1
     assert "pick the threshold," in manifest["metrics"]["split"]  # --select last: no epoch was chosen
     with pytest.raises(ValueError, match="threshold_rule"):
-        export_model(ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "m2", tolerance=1e-2, threshold=0.25))
+        export_model(ExportConfig(checkpoint=pack / "student.pt", out_dir=tmp_path / "m2", tolerance=1e-1, threshold=0.25))
 
 
 @needs_data
