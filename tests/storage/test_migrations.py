@@ -31,6 +31,14 @@ def _insert_patient_study_series(connection: Connection, now: str) -> None:
         "INSERT INTO series (id, series_instance_uid, study_pk, created_at) VALUES (1, '1.2.3.4', 1, :n)"), {"n": now})
 
 
+def _insert_instance(connection: Connection, now: str) -> None:
+    """Instance 1 (1.2.3.4.5) in series 1, as a raw row."""
+    connection.execute(text(
+        "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
+        " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
+        " 'x', 'received', :n, :n)"), {"n": now})
+
+
 def test_0005_makes_the_outbox_channel_neutral_and_folds_summary_jobs(database_url: str) -> None:
     database = Database(database_url)
     try:
@@ -80,10 +88,7 @@ def test_0010_results_per_source_revision_and_back(database_url: str) -> None:
         now = "2026-11-30 06:00:00"
         with database.engine.begin() as connection:
             _insert_patient_study_series(connection, now)
-            connection.execute(text(
-                "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
-                " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
-                " 'x', 'received', :n, :n)"), {"n": now})
+            _insert_instance(connection, now)
             connection.execute(text(
                 "INSERT INTO inference_result (id, instance_pk, model_id, model_version, status, timings_ms, created_at)"
                 " VALUES (1, 1, 'm', '1', 'ok', '{}', :n)"), {"n": now})
@@ -119,10 +124,7 @@ def test_0013_adds_a_nullable_input_stats_column_and_back(database_url: str) -> 
         now = "2026-12-01 06:00:00"
         with database.engine.begin() as connection:
             _insert_patient_study_series(connection, now)
-            connection.execute(text(
-                "INSERT INTO instance (id, sop_instance_uid, sop_class_uid, series_pk, transfer_syntax_uid, path, size,"
-                " sha256, origin, received_at, updated_at) VALUES (1, '1.2.3.4.5', '1.2', 1, '1.2.840.10008.1.2.1', 'p', 1,"
-                " 'x', 'received', :n, :n)"), {"n": now})
+            _insert_instance(connection, now)
             connection.execute(text(
                 "INSERT INTO inference_result (id, instance_pk, model_id, model_version, status, probability, timings_ms,"
                 " created_at) VALUES (1, 1, 'm', '1', 'ok', 0.25, '{}', :n)"), {"n": now})
