@@ -4,9 +4,10 @@ PYTHON ?= python3
 PIP     = $(VENV)/bin/pip
 # Every install is pinned by the lock file: the exact versions the suite last passed with.
 LOCK    = constraints.txt
-APT_PACKAGES = dcmtk dicom3tools orthanc libpixelmed-java default-jre-headless
+# chromium: the headless browser the console tests drive (Playwright for Python, Debian's /usr/bin/chromium).
+APT_PACKAGES = dcmtk dicom3tools orthanc libpixelmed-java default-jre-headless chromium
 
-.PHONY: run test lint lock install install-test system-deps ohif-deps bench clean
+.PHONY: run test lint lock install install-test system-deps ohif-deps console-deps bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +44,12 @@ ohif-deps:
 	  npm ci --prefix tests/viewer/ohif --legacy-peer-deps --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: tests/viewer/test_ohif_load.py will be skipped"; fi
 
-test: system-deps install-test ohif-deps
+# axe-core, pinned by tests/console/axe/package-lock.json, for the console's accessibility check
+# (tests/console: Playwright drives Debian's chromium from system-deps; never `playwright install`).
+console-deps:
+	npm ci --prefix tests/console/axe --no-audit --no-fund --loglevel=error
+
+test: system-deps install-test ohif-deps console-deps
 	$(VENV)/bin/pytest
 
 # Style (ruff), types (mypy, strict) and the dependency-direction contracts (import-linter),

@@ -47,6 +47,7 @@ class EventType:
     APPLICATION_START = Code("110120", "DCM", "Application Start")
     APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
     LOGIN = Code("110122", "DCM", "Login")
+    LOGOUT = Code("110123", "DCM", "Logout")
     NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
     USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
     OBJECT_SECURITY_ATTRIBUTES_CHANGED = Code("110135", "DCM", "Object Security Attributes Changed")

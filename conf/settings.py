@@ -626,6 +626,55 @@ class TracingSettings(_Section):
     )
 
 
+class ConsoleOidcSettings(_Section):
+    """Browser sign-in to the console with the hospital's OpenID Connect provider (docs/console.md,
+    "Signing in"): the authorization code flow with PKCE (RFC 7636). The access token it returns is
+    verified exactly like a FHIR API bearer token (``[fhir.auth]``: issuer, audience, keys)."""
+
+    authorization_endpoint: str | None = Field(
+        default=None, description="The IdP's authorization endpoint; unset = no OIDC sign-in."
+    )
+    token_endpoint: str | None = Field(
+        default=None, description="The IdP's token endpoint (default: [fhir.auth] token_endpoint)."
+    )
+    client_id: str | None = Field(default=None, description="This console's client id at the IdP.")
+    client_secret: str = Field(
+        default="",
+        description="Client secret for a confidential client (client_secret_post); empty = public client with PKCE only.",
+    )
+    scope: str = Field(
+        default="openid pneumo/console.read pneumo/console.operate",
+        description="Scopes asked for at sign-in; the token's granted scopes decide the role.",
+    )
+    redirect_uri: str | None = Field(
+        default=None, description="The callback URL registered at the IdP (default: <this server>/console/auth/callback)."
+    )
+
+
+class ConsoleSettings(_Section):
+    """The operator console under ``/console`` on the HTTP port (docs/console.md)."""
+
+    enabled: bool = Field(default=True, description="Serve the operator console under /console.")
+    read_scope: str = Field(
+        default="pneumo/console.read", description="Token scope that lets a user see the console (read-only operator)."
+    )
+    operate_scope: str = Field(
+        default="pneumo/console.operate",
+        description="Token scope that also lets a user act (retry dead letters, export the audit log); implies read.",
+    )
+    dev_login: bool = Field(
+        default=False,
+        description="A development sign-in form (any name, either role, no password): refused unless [fhir] bind "
+        "is a loopback address, and then answered only to loopback clients.",
+    )
+    session_minutes: int = Field(
+        default=480, ge=1, le=1440,
+        description="Longest a console session lasts; a session from an OIDC sign-in also ends when its access token expires.",
+    )
+    page_size: int = Field(default=50, ge=10, le=500, description="Rows per page in the studies, outbox and audit lists.")
+    oidc: ConsoleOidcSettings = Field(default_factory=ConsoleOidcSettings)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = Field(
@@ -660,6 +709,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @property
     def effective_database_url(self) -> str:

@@ -27,8 +27,8 @@ from audit.anchor import AnchorFile, AnchorOptions, ChainAnchor, load_signer
 from audit.builders import application_activity
 from audit.events import AuditEvent, AuditSource
 from audit.forwarder import AuditForwarder, build_forwarder
+from audit.store import AuditSigner, signer_session_info
 from audit.store import append as append_audit
-from audit.store import signer_session_info
 from conf.fingerprint import config_fingerprint
 from conf.settings import Settings
 from conf.tls import server_context
@@ -40,6 +40,7 @@ from dicom_node.server import DicomNode
 from fhir_api.api import FhirApi, install
 from fhir_api.audit_trail import AuditTrail
 from fhir_api.auth import TokenVerifier
+from fhir_api.console.app import Console, ModelSource, install_console
 from fhir_api.notifications import SubscriptionChannel, rest_hook_verify
 from fhir_api.projection import StudyProjectionHandler
 from gateway.acceptors import AcceptorProcesses, WorkerProcesses
@@ -51,8 +52,10 @@ from inference.analyser import ClassifierAnalyser
 from inference.applicability import rules_from_settings
 from inference.drift import DriftCollector
 from inference.engine import EngineOptions, InferenceEngine
+from inference.errors import ModelPackageError
 from inference.example_dicom import wrap_radiograph
 from inference.manifest import BUNDLED_MODEL_DIR, load_manifest
+from inference.model_health import model_health
 from storage import jobs
 from storage.associations import AssociationRecorder
 from storage.db import Database
@@ -235,6 +238,27 @@ def build_fhir_api(runtime: Runtime, trail: AuditTrail, *, config_dir: Path | No
     return FhirApi(
         runtime.database, runtime.store, verifier, trail, runtime.audit_source, settings.fhir,
         software_version=_software_version(), subscription_endpoints=settings.fhir.subscription_endpoints,
+    )
+
+
+def build_console(runtime: Runtime, fhir: FhirApi, signer: AuditSigner) -> Console:
+    """The operator console (docs/console.md) over the FHIR API's state; the Model page reads the
+    model package this host would load (a worker host on another version shows in its results)."""
+    settings = runtime.settings
+    model: ModelSource
+    try:
+        manifest = load_manifest(settings.inference.model_dir or BUNDLED_MODEL_DIR)
+    except ModelPackageError as exc:
+        log.warning("console.no_model", error=str(exc))
+        model = ModelSource(label=None, health=lambda: None)
+    else:
+        model = ModelSource(
+            label=f"{manifest.name} {manifest.version}",
+            health=lambda: model_health(runtime.database, manifest, settings.monitoring),
+        )
+    return Console(
+        fhir, settings.console, bind=settings.fhir.bind, signer=signer, anchor_file=AnchorFile(settings.audit_anchor_file),
+        model=model, token_endpoint=settings.fhir.auth.token_endpoint,
     )
 
 
@@ -451,7 +475,11 @@ class Gateway:
         # One registry per gateway, passed down (no prometheus_client global REGISTRY).
         self.metrics = metrics_registry(runtime) if settings.metrics.enabled else None
         http_app = build_app(self.readiness, metrics=self.metrics)
-        install(http_app, build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None))
+        fhir = build_fhir_api(runtime, self.audit_trail, config_dir=config_path.parent if config_path else None)
+        install(http_app, fhir)
+        signer = load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files)
+        if settings.console.enabled:
+            install_console(http_app, build_console(runtime, fhir, signer))
         if self.metrics is not None:
             instrument(http_app, self.metrics)  # after install: it times the FHIR middleware's refusals too
         self.http = HttpServer(http_app, settings.fhir.bind, settings.fhir.port, tls=settings.fhir.tls)
@@ -471,7 +499,7 @@ class Gateway:
         self.anchor = ChainAnchor(
             runtime.database,
             AnchorFile(settings.audit_anchor_file, fsync=settings.storage.fsync),
-            load_signer(settings.audit.hmac_key_file, settings.audit.retired_hmac_key_files),
+            signer,
             AnchorOptions(settings.audit.anchor_every, settings.audit.anchor_interval_seconds),
         )
         # ATNA forwarding (ITI-20, syslog over TLS): built here so a bad certificate fails the start.

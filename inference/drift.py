@@ -172,13 +172,18 @@ def evaluate(
     return DriftReport(state=state, features=features, **base)
 
 
-def model_drift(database: Database, manifest: ModelManifest, settings: MonitoringSettings) -> DriftReport:
-    """The drift report of *manifest*'s model version from the results in *database*."""
+def manifest_reference(manifest: ModelManifest, settings: MonitoringSettings) -> dict[str, FeatureReference] | None:
+    """*manifest*'s drift reference as this site should see it (:func:`site_reference`); None: it has none."""
     reference = manifest.drift_reference
-    features = None if reference is None else site_reference(
+    return None if reference is None else site_reference(
         reference, manifest.calibration.apply, prevalence=settings.drift_prevalence,
         labels=(manifest.negative_label, manifest.positive_label),
     )
+
+
+def model_drift(database: Database, manifest: ModelManifest, settings: MonitoringSettings) -> DriftReport:
+    """The drift report of *manifest*'s model version from the results in *database*."""
+    features = manifest_reference(manifest, settings)
     with database.read_session() as session:
         window = recent_results(session, manifest.id, manifest.version, settings.drift_window)
     return evaluate(manifest.id, manifest.version, features, window, settings)

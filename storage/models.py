@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from storage.payload_subject import DeliverySubject
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -75,6 +77,8 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    # The console's study list: newest first, keyset-paged on (created_at, id) (storage/study_browser.py).
+    __table_args__ = (Index("ix_study_created_at_id", "created_at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -174,6 +178,10 @@ class Job(Base):
     instance: Mapped[Instance | None] = relationship()
 
 
+# A study's HL7/FHIR deliveries are found by their subject ("study-result/<pk>"; storage/study_browser.py).
+Index("ix_job_delivery_subject", DeliverySubject(Job.__table__.c.payload))
+
+
 class ResultStatus(enum.StrEnum):
     OK = "ok"
     NOT_APPLICABLE = "not-applicable"
@@ -234,6 +242,8 @@ class DeliveryAttempt(Base):
     """
 
     __tablename__ = "delivery_attempt"
+    # Deliveries per minute on the console (storage/throughput.py).
+    __table_args__ = (Index("ix_delivery_attempt_finished_at", "finished_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)

@@ -43,6 +43,12 @@ def recent_results(session: Session, model_id: str, version: str, limit: int) ->
     for probability, stats in session.execute(query):
         if probability is None:  # excluded by the query; narrows the type
             continue
-        clean = {str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))} if isinstance(stats, dict) else {}
-        samples.append(WindowSample(float(probability), clean))
+        samples.append(WindowSample(float(probability), clean_input_stats(stats)))
     return samples
+
+
+def clean_input_stats(stats: object) -> dict[str, float]:
+    """The numeric entries of a stored ``input_stats`` column (NULL or malformed: none)."""
+    if not isinstance(stats, dict):
+        return {}
+    return {str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))}
