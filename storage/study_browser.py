@@ -365,8 +365,9 @@ def filter_conditions(flt: StudyFilter) -> list[ColumnElement[bool]]:
         conditions.append(_result_condition(flt.result))
     if flt.delivery is not None:
         conditions.append(_delivery_condition(flt.delivery))
-    if flt.text:
-        conditions.append(_text_condition(flt.text.strip()))
+    text = (flt.text or "").strip()
+    if text:
+        conditions.append(_text_condition(text))
     return conditions
 
 
@@ -594,6 +595,9 @@ def _generated(session: Session, study_pk: int) -> tuple[GeneratedObjectRow, ...
     for sr_pk, sc_pk, uid in session.execute(
         select(InferenceResult.sr_instance_pk, InferenceResult.sc_instance_pk, source.sop_instance_uid)
         .join(source, InferenceResult.instance_pk == source.id)
+        .join(Series, source.series_pk == Series.id)
+        # From the study's images (instance_pk is indexed; sr/sc_instance_pk are not).
+        .where(Series.study_pk == study_pk, source.origin == InstanceOrigin.RECEIVED.value)
         .where(or_(InferenceResult.sr_instance_pk.in_(pks), InferenceResult.sc_instance_pk.in_(pks)))
     ):
         for pk in (sr_pk, sc_pk):

@@ -209,14 +209,15 @@ def image_outcomes(session: Session, study_pk: int) -> list[ImageOutcome]:
 
     Only results of the instance's current revision count: a replaced image whose new content
     is not judged yet is waiting, not described by what was said about its old content."""
-    revisions: dict[int, int] = dict(
-        session.execute(
+    revisions: dict[int, int] = {
+        instance_pk: revision
+        for instance_pk, revision in session.execute(
             select(Instance.id, Instance.revision)
             .join(Series, Instance.series_pk == Series.id)
             .where(Series.study_pk == study_pk, Instance.origin == InstanceOrigin.RECEIVED)
             .order_by(Instance.id)
-        ).tuples().all()
-    )
+        )
+    }
     instances = list(revisions)
     if not instances:
         return []

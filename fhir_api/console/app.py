@@ -53,7 +53,7 @@ from fhir_api.console.images import render_png
 from fhir_api.console.render import Templates
 from fhir_api.console.security import ConsoleHeaders
 from fhir_api.console.session import COOKIE_NAME, ConsoleUser, Role, SessionCodec
-from fhir_api.ids import diagnostic_report_id
+from fhir_api.ids import diagnostic_report_id, imaging_study_id
 from fhir_api.store import get as get_resource
 from storage import outbox, status, study_browser, throughput
 from storage.console_outbox import list_deliveries_page
@@ -455,7 +455,9 @@ def build_console_router(console: Console) -> APIRouter:  # noqa: C901 (one rout
             detail = _detail(session, uid)
             timeline = None
             if up_to is not None:
-                records, _ = search(session, AuditQuery(values={"entity": [[uid]]}, count=100, up_to_seq=up_to))
+                # The study's DICOM, HL7 and console records name its UID; FHIR reads name its resources.
+                about = [uid, f"DiagnosticReport/{diagnostic_report_id(uid)}", f"ImagingStudy/{imaging_study_id(uid)}"]
+                records, _ = search(session, AuditQuery(values={"entity": [about]}, count=100, up_to_seq=up_to))
                 timeline = [_audit_row(r) for r in records]
         _viewed(request, user, detail, "opened the study page")
         return console.page(request, user, "study.html", {
@@ -533,16 +535,15 @@ def build_console_router(console: Console) -> APIRouter:  # noqa: C901 (one rout
         user = console.require_user(request)
         q = request.query_params
         state = _choice(q.get("state"), _STATE_CHOICES, "State")
-        channel = (q.get("channel") or "").strip()[:32] or None
+        channel = _choice(q.get("channel"), tuple(c.value for c in outbox.Channel), "Channel")
         after = _number(q.get("after"), "after: delivery id", _MAX_JOB_ID)
         with api.db.read_session() as session:
             rows, next_after = list_deliveries_page(session, state=state, channel=channel, limit=settings.page_size,
                                                     after_id=after)
-            destinations = status.destination_health(session)
         kept = [(k, v) for k, v in (("state", state), ("channel", channel)) if v]
         return console.page(request, user, "outbox.html", {
             "title": "Outbox", "rows": rows, "state": state, "channel": channel, "states": _STATE_CHOICES,
-            "channels": sorted({d.channel for d in destinations}), "destinations": destinations,
+            "channels": [c.value for c in outbox.Channel],
             "next_url": f"{PREFIX}/outbox?" + urlencode([*kept, ("after", next_after)]) if next_after else None,
         })
 

@@ -180,6 +180,7 @@ FILTERS: list[tuple[StudyFilter, list[str]]] = [
     (StudyFilter(text="A2"), ["neg"]),
     (StudyFilter(text=" na "), ["na"]),
     (StudyFilter(text="P"), []),  # exact only
+    (StudyFilter(text="  "), ["next-day", "running", "pending", "na", "amended-neg", "neg", "pos", "day-before"]),
     (StudyFilter(text="P3", result="pending"), ["pending"]),
     (StudyFilter(modality="DX", received_from=NOV30, delivery="failed", result="negative"), ["neg"]),
 ]
@@ -258,7 +259,7 @@ def test_paging_has_no_duplicates_and_no_gaps(database: Database, limit: int) ->
                 cursor = page.next_cursor
             assert paged == everything and len(set(paged)) == len(paged)
             assert len(everything) == (23 if flt.result is None else 11)
-    keys = [(r.received_at, r.study_pk) for r in list_studies(session, StudyFilter(), limit=500).rows]
+        keys = [(r.received_at, r.study_pk) for r in list_studies(session, StudyFilter(), limit=500).rows]
     assert keys == sorted(keys, reverse=True)
 
 
