@@ -303,10 +303,7 @@ def measure(base: str, schema: str, repeat: int) -> dict[str, Any]:
                 cold = timed(client, path)[1]
                 totals = [timed(client, path)[1] for _ in range(repeat)]
                 totals.sort()
-                results[name] = {
-                    "cold_ms": round(cold, 1), "p50_ms": round(statistics.median(totals), 1),
-                    "p95_ms": round(totals[max(0, int(len(totals) * 0.95) - 1)], 1), "max_ms": round(totals[-1], 1),
-                }
+                results[name] = _figures(cold, totals)
                 print(f"{name:32s} cold {cold:7.1f} ms  p50 {results[name]['p50_ms']:7.1f}  p95 {results[name]['p95_ms']:7.1f}",
                       file=sys.stderr, flush=True)
             return results
@@ -315,12 +312,68 @@ def measure(base: str, schema: str, repeat: int) -> dict[str, Any]:
             proc.wait(30)
 
 
+def orthanc_peer(studies: int, repeat: int, work: Path) -> dict[str, Any]:
+    """Orthanc (Debian's package, the PACS web UI operators know) holding *studies* studies of one
+    instance each, sent with DCMTK's storescu; timed as Orthanc Explorer asks: the study list
+    (``POST /tools/find`` Level Study, Limit 50, Expand) and one study (``GET /studies/<id>`` and its
+    series expanded). JSON, where the console answers HTML with results, deliveries and audit."""
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import copy_with_new_uids
+    from tests.dicom_peers import Orthanc
+
+    source = Path(str(get_testdata_file("MR_small.dcm")))
+    files = work / "orthanc-in"
+    for n in range(studies):
+        copy_with_new_uids(source, files, study_uid=f"{ROOT_UID}.7.{n + 1}", series_uid=generate_uid())
+    orthanc = Orthanc(work / "orthanc", ae_title="ORTHANC").start()
+    try:
+        started = time.perf_counter()
+        subprocess.run(["storescu", "-aec", "ORTHANC", "+sd", "-q", "127.0.0.1", str(orthanc.dicom_port), str(files)],
+                       check=True)
+        loaded = time.perf_counter() - started
+        client = httpx.Client(base_url=f"http://127.0.0.1:{orthanc.http_port}", timeout=60)
+        find = {"Level": "Study", "Query": {}, "Limit": 50, "Expand": True}
+        study_id = client.post("/tools/find", json={**find, "Limit": 1, "Expand": False}).json()[0]
+
+        def study_list() -> float:
+            started = time.perf_counter()
+            response = client.post("/tools/find", json=find)
+            response.raise_for_status()
+            return (time.perf_counter() - started) * 1000
+
+        def one_study() -> float:
+            started = time.perf_counter()
+            client.get(f"/studies/{study_id}").raise_for_status()
+            client.get(f"/studies/{study_id}/series", params={"expand": ""}).raise_for_status()
+            return (time.perf_counter() - started) * 1000
+
+        results: dict[str, Any] = {"studies": studies, "load_seconds": round(loaded, 1)}
+        for name, call in (("orthanc studies", study_list), ("orthanc study", one_study)):
+            cold = call()
+            totals = sorted(call() for _ in range(repeat))
+            results[name] = _figures(cold, totals)
+            print(f"{name:32s} cold {cold:7.1f} ms  p50 {results[name]['p50_ms']:7.1f}", file=sys.stderr, flush=True)
+        return results
+    finally:
+        orthanc.stop()
+
+
+def _figures(cold: float, totals: list[float]) -> dict[str, float]:
+    return {
+        "cold_ms": round(cold, 1), "p50_ms": round(statistics.median(totals), 1),
+        "p95_ms": round(totals[max(0, int(len(totals) * 0.95) - 1)], 1), "max_ms": round(totals[-1], 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=POSTGRES_URL, help="PostgreSQL URL (without a search_path)")
     parser.add_argument("--schema", default="bench_console")
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--peer-studies", type=int, default=5000,
+                        help="also time Orthanc and the console with this many studies each (0: no peer)")
     parser.add_argument("--seed-only", action="store_true", help="seed (if needed) and stop: measure later, on a quiet machine")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "console.json")
     args = parser.parse_args(argv)
@@ -331,8 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_only:
         return 0
     pages = measure(args.url, args.schema, args.repeat)
-    doc = {"benchmark": "console", "studies": args.studies, "repeat": args.repeat, "seed_seconds": seeding,
-           "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "pages": pages}
+    doc: dict[str, Any] = {"benchmark": "console", "studies": args.studies, "repeat": args.repeat, "seed_seconds": seeding,
+                           "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "pages": pages}
+    if args.peer_studies:
+        # The same number of studies on both sides: the console on its own schema, then Orthanc.
+        peer_schema = f"{args.schema}_{args.peer_studies}"
+        if seeded_count(args.url, peer_schema) != args.peer_studies:
+            seed(args.url, peer_schema, args.peer_studies)
+        doc["peer"] = {"console": measure(args.url, peer_schema, args.repeat)}
+        with tempfile.TemporaryDirectory() as tmp:
+            doc["peer"]["orthanc"] = orthanc_peer(args.peer_studies, args.repeat, Path(tmp))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import math
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ from storage.models import Instance, Series, Study, utcnow
 log = structlog.get_logger(__name__)
 
 PREFIX: Final = "/console"
+MODEL_REPORT_SECONDS: Final = 10.0
 _OIDC_COOKIE: Final = "pneumo_console_oidc"
 _P = ParamSpec("_P")
 
@@ -96,6 +99,25 @@ class ModelSource:
 
     label: str | None
     health: Callable[[], ModelHealth | None]
+
+
+class _Recent:
+    """The Model page's report, recomputed at most every *seconds*: it reads thousands of results
+    (the drift windows), and a window of 500 images does not change in a few seconds."""
+
+    def __init__(self, compute: Callable[[], ModelHealth | None], seconds: float = MODEL_REPORT_SECONDS) -> None:
+        self._compute = compute
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._value: ModelHealth | None = None
+        self._at = -math.inf
+
+    def __call__(self) -> ModelHealth | None:
+        with self._lock:  # one computation at a time; the others wait for its result
+            if time.monotonic() - self._at > self._seconds:
+                self._value = self._compute()
+                self._at = time.monotonic()
+            return self._value
 
 
 def _status_of(exc: PneumoError) -> int:
@@ -168,6 +190,7 @@ class Console:
         self.signer = signer
         self.anchor_file = anchor_file
         self.model = model
+        self.model_health = _Recent(model.health)
         self.token_endpoint = settings.oidc.token_endpoint or token_endpoint
         self.codec = codec or SessionCodec()
         self.templates = Templates()
@@ -687,7 +710,7 @@ def build_console_router(console: Console) -> APIRouter:  # noqa: C901 (one rout
     @pages
     def model_page(request: Request) -> Response:
         user = console.require_user(request)
-        health = console.model.health()
+        health = console.model_health()
         context: dict[str, Any] = {"title": "Model", "health": health}
         if health is not None:
             hist = health.probability_histogram

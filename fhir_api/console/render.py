@@ -63,6 +63,8 @@ class Templates:
         )
         self.env.globals["positive_label"] = POSITIVE_LABEL
         self.env.filters.update(when=_when, age=_age, percent=_percent, dicom_date=_dicom_date, person=_person_name)
+        for name in self.env.list_templates(extensions=["html"]):
+            self.env.get_template(name)  # compiled now: the first user of a page does not wait for it (nor a typo hide)
 
     def page(self, name: str, context: Mapping[str, Any], *, status_code: int = 200) -> HTMLResponse:
         return HTMLResponse(self.env.get_template(name).render(**context), status_code=status_code)
