@@ -257,9 +257,11 @@ class _SignInNeeded(Exception):
     """A page was asked for without a session: the browser is sent to the sign-in page."""
 
 
-def _failed(console: Console, request: Request, exc: Exception) -> Response:
+def _failed(console: Console, request: object, exc: Exception) -> Response:
     """The page for a request that failed: the sign-in page when there is no session (for a
-    GET; a POST without one is refused), else the error page with the error's status."""
+    GET; a POST without one is refused), else the error page with the error's status. Every
+    route names its request ``request`` (FastAPI passes it by keyword)."""
+    assert isinstance(request, Request)
     if isinstance(exc, _SignInNeeded):
         if request.method == "GET":
             return RedirectResponse(f"{PREFIX}/login?" + urlencode({"next": request.url.path}), status_code=303)
@@ -277,9 +279,7 @@ def _pages(console: Console) -> Callable[[Callable[_P, Response]], Callable[_P, 
             try:
                 return handler(*args, **kwargs)
             except (_SignInNeeded, PneumoError) as exc:
-                request = kwargs["request"]
-                assert isinstance(request, Request)
-                return _failed(console, request, exc)
+                return _failed(console, kwargs["request"], exc)
 
         return wrapped
 
@@ -297,9 +297,7 @@ def _async_pages(
             try:
                 return await handler(*args, **kwargs)
             except (_SignInNeeded, PneumoError) as exc:
-                request = kwargs["request"]
-                assert isinstance(request, Request)
-                return _failed(console, request, exc)
+                return _failed(console, kwargs["request"], exc)
 
         return wrapped
 
