@@ -294,7 +294,8 @@ Run the gateway until SIGTERM/SIGINT (in-flight associations finish first):
   DICOM node   [dicom] bind:port (default 0.0.0.0:11112; the shipped pneumo.toml: 127.0.0.1:11112):
                Verification, Storage SCP, Study Root Query/Retrieve (C-FIND/C-MOVE/C-GET), for the
                [[dicom.peers]] only; [dicom] acceptor_processes > 1 adds acceptor processes on the port
-  HTTP         [fhir] bind:port (default 127.0.0.1:8080): /health, /ready and the FHIR R4 API at /fhir
+  HTTP         [fhir] bind:port (default 127.0.0.1:8080): /health, /ready, the FHIR R4 API at /fhir
+               and the operator console at /console ([console]; docs/console.md)
   HL7 MLLP     [hl7] bind:port (default 127.0.0.1:2575), unless [hl7] enabled = false
   workers      inference, study results, FHIR projection and delivery ([worker] enabled = true)
 

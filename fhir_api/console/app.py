@@ -210,7 +210,8 @@ class Console:
     def check_post(self, request: Request, user: ConsoleUser | None, token: str | None) -> None:
         """A state-changing request: from this origin, and (once signed in) with the session's CSRF token."""
         origin = request.headers.get("origin")
-        expected = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        public = urlsplit(self.api.base_url(request))  # [fhir] base_url behind a TLS-terminating proxy
+        expected = f"{public.scheme}://{public.netloc}"
         if origin is not None and origin != expected:
             raise PermissionDeniedError("refused: the form was sent from another site")
         if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
@@ -238,7 +239,8 @@ class Console:
     def page(self, request: Request, user: ConsoleUser | None, name: str, context: dict[str, Any],
              *, status_code: int = 200) -> Response:
         notice = request.query_params.get("done")
-        message = _NOTICES.get(notice or "", "").format(job=request.query_params.get("job", ""))
+        job = request.query_params.get("job", "")
+        message = _NOTICES.get(notice or "", "").format(job=job if job.isascii() and job.isdigit() else "")
         return self.templates.page(name, {
             "user": user, "csrf": self.codec.csrf_token(user) if user else "", "prefix": PREFIX,
             "notice": message or None, "path": request.url.path, **context,

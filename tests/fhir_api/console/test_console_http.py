@@ -474,3 +474,24 @@ def test_verify_names_the_first_broken_record(tmp_path: Path) -> None:
         assert response.status_code == 200
         status = re.search(r'role="status">([^<]+)', response.text)
         assert status is not None and f"Chain broken at record {victim}" in status.group(1), status
+
+
+def test_behind_a_proxy_the_public_origin_is_the_one_expected(tmp_path: Path) -> None:
+    """With ``[fhir] base_url`` (TLS terminated by a reverse proxy) a form is accepted from the public
+    origin the browser sees, and refused from the internal address it was forwarded to."""
+    sections = {"console": {"dev_login": True}, "fhir": {"base_url": "https://pneumo.hospital.example/fhir"}}
+    with running_gateway(tmp_path, sections) as gateway:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{gateway.http.port}", timeout=30)
+        refused = client.post("/console/login", data={"name": "ada", "role": "read"},
+                              headers={"Origin": f"http://127.0.0.1:{gateway.http.port}"})
+        assert refused.status_code == 403
+        accepted = client.post("/console/login", data={"name": "ada", "role": "read"},
+                               headers={"Origin": "https://pneumo.hospital.example"})
+        assert accepted.status_code == 303
+
+
+def test_a_notice_names_only_a_delivery_number(operator: httpx.Client) -> None:
+    """The status line after a retry is built from the query string: it must not carry other text."""
+    page = operator.get("/console/outbox", params={"done": "retried", "job": "1 has been hacked; call 555"})
+    assert "hacked" not in page.text
+    assert "re-queued" in operator.get("/console/outbox", params={"done": "retried", "job": "42"}).text
