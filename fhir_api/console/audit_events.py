@@ -25,8 +25,11 @@ from audit.events import (
     ParticipantObject,
     RoleId,
 )
-from fhir_api.audit_trail import FHIR_RESOURCE
+from audit.export import URI_ID_TYPE
 from fhir_api.console.session import ConsoleUser
+
+#: The query object of a studies-list record: the page (with its filters in the record's query).
+STUDIES_PAGE = "urn:pneumo-gateway:console:studies"
 
 
 def _participants(source: AuditSource, user_id: str, user_name: str | None, address: str | None) -> tuple[ActiveParticipant, ...]:
@@ -81,7 +84,7 @@ def studies_listed(
 ) -> AuditEvent:
     """A.5.3.10 Query, Action E: a studies page (it shows patient names and ids); the patients listed."""
     objects = [ParticipantObject(
-        object_id="console/studies", id_type=FHIR_RESOURCE, type_code=2, role=24,
+        object_id=STUDIES_PAGE, id_type=URI_ID_TYPE, type_code=2, role=24,
         query=base64.b64encode(query.encode("utf-8")).decode("ascii"),
     )]
     objects.extend(patient_object(patient, None) for patient in sorted(set(patients))[:100])
