@@ -168,6 +168,8 @@ class Principal:
     scopes: frozenset[str]
     anonymous: bool
     expires_at: datetime | None
+    #: A person's name for display (OIDC ``name``, else ``preferred_username``), when the token carries one.
+    display_name: str | None = None
     _grants: Mapping[str, frozenset[Interaction]] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -349,6 +351,15 @@ def _optional_string(claims: Mapping[str, Any], name: str) -> str | None:
     if not isinstance(value, str) or not value:
         raise AuthenticationError(f"bearer token rejected: its {name} claim is not a non-empty string")
     return value
+
+
+def _display_name(claims: Mapping[str, Any]) -> str | None:
+    """OIDC ``name`` or ``preferred_username`` for display only: anything else is ignored, never refused."""
+    for key in ("name", "preferred_username"):
+        value = claims.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:128]
+    return None
 
 
 _JWT_ERRORS: Final[Sequence[tuple[type[jwt.PyJWTError], str]]] = (
@@ -537,6 +548,7 @@ class TokenVerifier:
             scopes=_scopes(claims),
             anonymous=False,
             expires_at=datetime.fromtimestamp(exp, tz=UTC),
+            display_name=_display_name(claims),
         )
         return principal, exp + self._leeway
 

@@ -382,7 +382,8 @@ def build_console_router(console: Console) -> APIRouter:  # noqa: C901 (one rout
             lifetime = min(lifetime, principal.expires_at.timestamp() - time.time())
         if lifetime <= 0:
             raise AuthenticationError("sign-in refused: the token has already expired")
-        response = console.start_session(request, name=subject, subject=subject, role=role, via="oidc",
+        name = (principal.display_name or subject)[:64]
+        response = console.start_session(request, name=name, subject=subject, role=role, via="oidc",
                                          lifetime=lifetime, target=pending.return_to)
         response.delete_cookie(_OIDC_COOKIE, path=f"{PREFIX}/auth")
         return response

@@ -58,7 +58,7 @@ class IdentityProvider:
     server: http.server.ThreadingHTTPServer | None = None
 
     def reset(self) -> None:
-        self.issue = lambda: self.tokens.token(scope=OPERATE, client_id=CLIENT_ID, sub="jdoe")
+        self.issue = lambda: self.tokens.token(scope=OPERATE, client_id=CLIENT_ID, sub="jdoe", name="Jane Doe")
         self.error = None
         self.refusals.clear()
 
@@ -269,12 +269,13 @@ def test_sign_in_with_the_operator_scope(env: Setup) -> None:
         assert 0 < max_age <= 300  # never longer than the access token
         assert any(c.startswith("pneumo_console_oidc=") and "max-age=0" in c.lower() for c in cookies)  # spent
         overview = browser.get(f"{env.base}/console/")
-        assert overview.status_code == 200 and "jdoe" in overview.text and "(operator)" in overview.text
+        assert overview.status_code == 200 and "Jane Doe" in overview.text and "(operator)" in overview.text
         assert browser.get(f"{env.base}/console/outbox").status_code == 200
     assert env.idp.refusals == []
 
     def signed_in() -> list[dict[str, Any]]:
-        return [e for o, e in _auth_records(env) if o == 0 and any(p.get("user_id") == "jdoe" for p in e["participants"])
+        return [e for o, e in _auth_records(env) if o == 0
+                and any(p.get("user_id") == "jdoe" and p.get("user_name") == "Jane Doe" for p in e["participants"])
                 and "oidc, role operate" in e["outcome_description"]]
 
     assert wait_until(signed_in, 10, "the sign-in audit record")
