@@ -10,7 +10,9 @@ readers never queue behind writers. PostgreSQL (psycopg 3) needs none of this.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,31 @@ SCHEMA_MARKER_TABLE = "alembic_version"
 class StoreNotFoundError(NotFoundError):
     """There is no Pneumo store where the settings point: no SQLite file, or a database without
     our schema. Raised instead of creating an empty one (``pneumo instances`` in the wrong folder)."""
+
+
+_WAL_SWITCH_SECONDS = 60.0
+
+
+def _use_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode (a property of the file: once set, every later connection
+    finds it so). Switching needs the file to itself, and SQLite answers "database is locked" at
+    once, without its busy handler, while another process holds a lock: so the switch is asked for
+    only when the file is not in WAL mode yet, and retried while processes start together on a new
+    file (seen: 4 processes migrating a new database at once)."""
+    deadline = time.monotonic() + _WAL_SWITCH_SECONDS
+    delay = 0.01
+    while True:
+        mode = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        if mode == "wal" or mode == "memory":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class Database:
@@ -86,7 +113,7 @@ class Database:
             # Hand transaction control to SQLAlchemy's BEGIN below (pysqlite's own is broken).
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")

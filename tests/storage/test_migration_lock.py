@@ -10,13 +10,14 @@ create the tables and all but one fail with duplicate-object errors.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 from sqlalchemy import inspect, text
 
-from storage.db import Database
+from storage.db import Database, _use_wal
 from storage.migrate import current_revision, head_revision
 
 PROCESSES = 4
@@ -71,3 +72,36 @@ def test_processes_starting_together_migrate_once_each_after_the_other(database_
             assert {"job", "instance", "audit_record"} <= set(inspect(connection).get_table_names())
     finally:
         database.dispose()
+
+
+class _StartingTogether:
+    """A cursor of a new SQLite file that other processes lock while they start: the switch to WAL
+    is refused (SQLite's immediate "database is locked" when two would wait on each other) *refusals*
+    times, then made."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.mode = "delete"
+        self.switches = 0
+
+    def execute(self, sql: str) -> _StartingTogether:
+        if sql == "PRAGMA journal_mode=WAL":
+            self.switches += 1
+            if self.refusals:
+                self.refusals -= 1
+                raise sqlite3.OperationalError("database is locked")
+            self.mode = "wal"
+        return self
+
+    def fetchone(self) -> tuple[str]:
+        return (self.mode,)
+
+
+def test_the_switch_to_wal_is_retried_while_the_file_is_locked() -> None:
+    cursor = _StartingTogether(refusals=3)
+    _use_wal(cursor)
+    assert cursor.mode == "wal" and cursor.switches == 4
+    already = _StartingTogether(refusals=0)
+    already.mode = "wal"
+    _use_wal(already)
+    assert already.switches == 0  # a file in WAL mode is not switched again (no lock needed)
