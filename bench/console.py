@@ -161,8 +161,8 @@ def seed(base: str, schema: str, studies: int) -> float:
                 })
             analysed = rng.random() >= 0.05
             probability = rng.betavariate(2, 5) if analysed else None
-            negative = next(label for label in manifest.labels if label != manifest.positive_label)
-            label = None if probability is None else (manifest.positive_label if probability >= manifest.threshold else negative)
+            positive = probability is not None and probability >= manifest.threshold
+            label = None if probability is None else (manifest.positive_label if positive else manifest.negative_label)
             rows["result"].append({
                 "id": study_pk, "instance_pk": image, "model_id": manifest.id, "model_version": manifest.version,
                 "status": "ok" if analysed else "not-applicable", "reason": None if analysed else "view-position:LL",

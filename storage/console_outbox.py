@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from conf.errors import InvalidInputError
 from storage.job_kinds import DELIVER_JOB
 from storage.models import DeliveryAttempt, DeliveryOutcome, Instance, Job, Series, Study, StudyResult
-from storage.study_browser import MAX_PAGE, STUDY_RESULT_SUBJECT_PREFIX
+from storage.outbox import STUDY_RESULT_SUBJECT_PREFIX
+from storage.study_browser import MAX_PAGE
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import InferenceResult, ResultStatus
-from storage.monitoring import WindowSample, clean_input_stats
+from storage.models import InferenceResult
+from storage.monitoring import WindowSample, analysed, clean_input_stats
 
 #: ``CurrentDrift.state`` values (the same strings as inference/drift.py's ``DriftReport.state``).
 NO_REFERENCE = "no reference"
@@ -131,7 +131,7 @@ def probability_histogram(
     bin the edge opens, as in inference/drift.py's ``bin_fractions``. *threshold* (reported scale)
     defaults to the one stored with the newest such result."""
     edges = histogram_edges(bins)
-    conditions = _analysed(model_id, version)
+    conditions = analysed(model_id, version)
     if threshold is None:
         threshold = session.scalar(
             select(InferenceResult.threshold).where(*conditions, InferenceResult.threshold.is_not(None))
@@ -170,7 +170,7 @@ def dated_results(session: Session, model_id: str, version: str, limit: int) -> 
         return []
     query = (
         select(InferenceResult.probability, InferenceResult.input_stats, InferenceResult.created_at, InferenceResult.label)
-        .where(*_analysed(model_id, version))
+        .where(*analysed(model_id, version))
         .order_by(InferenceResult.created_at.desc(), InferenceResult.id.desc())
         .limit(limit)
     )
@@ -180,12 +180,3 @@ def dated_results(session: Session, model_id: str, version: str, limit: int) -> 
             continue
         samples.append(DatedSample(float(probability), clean_input_stats(stats), created_at=created_at, label=label))
     return samples
-
-
-def _analysed(model_id: str, version: str) -> list[Any]:
-    return [
-        InferenceResult.model_id == model_id,
-        InferenceResult.model_version == version,
-        InferenceResult.status == ResultStatus.OK,
-        InferenceResult.probability.is_not(None),
-    ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from storage.models import InferenceResult, ResultStatus
@@ -30,12 +30,7 @@ def recent_results(session: Session, model_id: str, version: str, limit: int) ->
         return []
     query = (
         select(InferenceResult.probability, InferenceResult.input_stats)
-        .where(
-            InferenceResult.model_id == model_id,
-            InferenceResult.model_version == version,
-            InferenceResult.status == ResultStatus.OK,
-            InferenceResult.probability.is_not(None),
-        )
+        .where(*analysed(model_id, version))
         .order_by(InferenceResult.created_at.desc(), InferenceResult.id.desc())
         .limit(limit)
     )
@@ -52,3 +47,13 @@ def clean_input_stats(stats: object) -> dict[str, float]:
     if not isinstance(stats, dict):
         return {}
     return {str(k): float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+
+
+def analysed(model_id: str, version: str) -> list[ColumnElement[bool]]:
+    """The conditions of "an analysed result of *model_id* *version*" (status ``ok``, a probability)."""
+    return [
+        InferenceResult.model_id == model_id,
+        InferenceResult.model_version == version,
+        InferenceResult.status == ResultStatus.OK,
+        InferenceResult.probability.is_not(None),
+    ]

@@ -86,6 +86,10 @@ def enqueue_delivery(
     )
 
 
+#: The subject of a study result's deliveries (the HL7 and FHIR channels): ``study-result/<pk>``.
+STUDY_RESULT_SUBJECT_PREFIX = "study-result/"
+
+
 class Fanout:
     """Where each kind of result goes, wired by the composition root from settings.
 
@@ -114,7 +118,7 @@ class Fanout:
     def study_result(self, session: Session, study_result_pk: int) -> int:
         """Queue study result *study_result_pk* on every study-result route."""
         for route in self.study_result_routes:
-            enqueue_delivery(session, route, f"study-result/{study_result_pk}")
+            enqueue_delivery(session, route, f"{STUDY_RESULT_SUBJECT_PREFIX}{study_result_pk}")
         return len(self.study_result_routes)
 
 

@@ -44,14 +44,10 @@ from storage.models import (
     StudyResult,
     StudyStatus,
 )
+from storage.outbox import STUDY_RESULT_SUBJECT_PREFIX
 from storage.payload_subject import DeliverySubject
-from storage.study_results import image_outcomes
+from storage.study_results import NEGATIVE_LABEL, POSITIVE_LABEL, image_outcomes
 
-#: The labels :func:`storage.study_results.aggregate` gives a study result.
-POSITIVE_LABEL = "PNEUMONIA"
-NEGATIVE_LABEL = "NORMAL"
-#: The subject of a study result's deliveries on the HL7 and FHIR channels (storage.outbox.Fanout).
-STUDY_RESULT_SUBJECT_PREFIX = "study-result/"
 #: The SOP classes of our generated SR (every Structured Report class is under this root, PS3.4 Annex O).
 SR_CLASS_ROOT = "1.2.840.10008.5.1.4.1.1.88."
 #: The largest page :func:`list_studies` returns.

@@ -58,6 +58,10 @@ from storage.models import (
 from storage.outbox import Fanout
 from storage.runtime import Waker
 
+#: The labels of a study result (the study's verdict, whatever the image model calls its classes).
+POSITIVE_LABEL = "PNEUMONIA"
+NEGATIVE_LABEL = "NORMAL"
+
 log = structlog.get_logger(__name__)
 
 #: The aggregation rule, named in every study result's audit record and in docs/sr.md.
@@ -193,7 +197,7 @@ def aggregate(images: Sequence[ImageOutcome], *, amends: bool) -> StudyAggregate
         status=StudyStatus.AMENDED if amends else StudyStatus.FINAL,
         images=len(images),
         analysed=len(analysed),
-        label="PNEUMONIA" if positives else "NORMAL",
+        label=POSITIVE_LABEL if positives else NEGATIVE_LABEL,
         probability=deciding.probability,
         threshold=deciding.threshold,
         deciding_result_pk=deciding.result_pk,

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from audit.anchor import AnchorFile, verify_anchored
-from audit.events import Outcome
+from audit.events import AuditEvent, Code, EventId, Outcome
 from audit.export import FORMATS, audit_log_used, export
 from audit.search_index import AuditQuery, DateBound, search
 from audit.store import AuditSigner
@@ -69,12 +69,9 @@ MODEL_REPORT_SECONDS: Final = 10.0
 _OIDC_COOKIE: Final = "pneumo_console_oidc"
 _P = ParamSpec("_P")
 
-#: The audit actions an operator filters by (DICOM Event ID, CID 400).
-AUDIT_ACTIONS: Final[tuple[tuple[str, str], ...]] = (
-    ("110100", "Application Activity"), ("110101", "Audit Log Used"), ("110103", "DICOM Instances Accessed"),
-    ("110104", "DICOM Instances Transferred"), ("110106", "Export"), ("110107", "Import"),
-    ("110108", "Network Entry"), ("110110", "Patient Record"), ("110112", "Query"),
-    ("110113", "Security Alert"), ("110114", "User Authentication"),
+#: The audit actions an operator filters by: the DICOM Event IDs (CID 400) the gateway records.
+AUDIT_ACTIONS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (code.code, code.display) for code in vars(EventId).values() if isinstance(code, Code)
 )
 _ACTION_NAMES: Final = dict(AUDIT_ACTIONS)
 _OUTCOMES: Final = {0: "success", 4: "minor failure", 8: "serious failure", 12: "major failure"}
@@ -231,7 +228,7 @@ class Console:
         ))
         return response
 
-    def audit(self, event: Any) -> None:
+    def audit(self, event: AuditEvent) -> None:
         self.api.trail.record(event)
 
     # -- rendering -----------------------------------------------------------------------------

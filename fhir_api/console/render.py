@@ -9,7 +9,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from starlette.responses import HTMLResponse
 
-from storage.study_browser import POSITIVE_LABEL
+from storage.study_results import POSITIVE_LABEL
 
 
 def _when(value: dt.datetime | None) -> str:
